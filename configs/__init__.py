@@ -1,0 +1,1 @@
+"""Experiment configs (ml_collections). See `configs/defaults.py`."""

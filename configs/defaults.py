@@ -1,0 +1,126 @@
+"""Shared defaults for every experiment config.
+
+The key names are those of the reference code base (Song et al. 2021), so a
+paper config reads the same here; keys marked "(ours)" are additions. Each
+experiment file starts from one of `cifar10()`, `celeba()`, `lsun()`,
+`digits()` or `toy()` and overrides what differs. Configs are locked by
+`configs.finalize`, so a misspelt override fails with the key's name.
+"""
+import ml_collections
+
+
+def base() -> ml_collections.ConfigDict:
+  """Defaults common to all datasets (the reference's CIFAR-10 defaults)."""
+  config = ml_collections.ConfigDict()
+
+  config.training = training = ml_collections.ConfigDict()
+  training.sde = 'vesde'                # vesde | vpsde | subvpsde
+  training.continuous = True
+  training.batch_size = 128
+  training.n_iters = 1300001
+  training.snapshot_freq = 50000
+  training.log_freq = 50
+  training.eval_freq = 100
+  training.snapshot_freq_for_preemption = 10000
+  training.snapshot_sampling = True
+  training.likelihood_weighting = False
+  training.importance_sampling = False  # (ours) t ~ g^2/sigma^2 with likelihood weighting
+  training.reduce_mean = False
+  training.n_jitted_steps = 5
+  training.loss = 'auto'                # (ours) auto | dsm | smld | ddpm | hybrid
+  training.hybrid_lambda = 0.001        # (ours) weight of L_vlb in the hybrid loss
+  training.ema_warmup = False           # (ours) EMA rate min(ema_rate, (1+step)/(10+step))
+
+  config.sampling = sampling = ml_collections.ConfigDict()
+  sampling.method = 'pc'                # pc | ode | sde | ddim
+  sampling.predictor = 'reverse_diffusion'
+  sampling.corrector = 'langevin'
+  sampling.n_steps_each = 1
+  sampling.noise_removal = True
+  sampling.probability_flow = False
+  sampling.snr = 0.16
+  sampling.num_steps = 0                # (ours) 0: the SDE's N
+  sampling.ode_solver = 'tsit5'         # (ours) tsit5 | dopri5 | heun | euler
+  sampling.sde_solver = 'euler'         # (ours) euler | shark | sra1 (diffrax)
+  sampling.rtol = 1e-5                  # (ours) adaptive ODE tolerances
+  sampling.atol = 1e-5
+  sampling.ddim_eta = 0.0               # (ours)
+
+  config.eval = evaluate = ml_collections.ConfigDict()
+  evaluate.begin_ckpt = 9
+  evaluate.end_ckpt = 26
+  evaluate.batch_size = 1024
+  evaluate.enable_sampling = False
+  evaluate.num_samples = 50000
+  evaluate.enable_loss = True
+  evaluate.enable_bpd = False
+  evaluate.bpd_dataset = 'test'
+  evaluate.rtol = 1e-5                  # (ours) likelihood ODE tolerances
+  evaluate.atol = 1e-5
+  evaluate.num_repeats = 1              # (ours) dequantisation repeats for bpd
+
+  config.data = data = ml_collections.ConfigDict()
+  data.dataset = 'CIFAR10'
+  data.image_size = 32
+  data.random_flip = True
+  data.centered = False
+  data.uniform_dequantization = False
+  data.num_channels = 3
+  data.data_dir = ''                    # (ours) tfds data_dir; '' = tfds default
+
+  config.model = model = ml_collections.ConfigDict()
+  model.name = 'ncsnpp'
+  model.sigma_min = 0.01
+  model.sigma_max = 50.
+  model.num_scales = 1000
+  model.beta_min = 0.1
+  model.beta_max = 20.
+  model.beta_schedule = 'linear'        # (ours) linear | cosine (VP family)
+  model.dropout = 0.1
+  model.embedding_type = 'fourier'
+  model.dtype = 'float32'               # (ours) float32 | bfloat16 (compute dtype)
+
+  config.optim = optim = ml_collections.ConfigDict()
+  optim.weight_decay = 0.
+  optim.optimizer = 'Adam'
+  optim.lr = 2e-4
+  optim.beta1 = 0.9
+  optim.eps = 1e-8
+  optim.warmup = 5000
+  optim.grad_clip = 1.
+
+  config.seed = 42
+  return config
+
+
+def cifar10() -> ml_collections.ConfigDict:
+  return base()
+
+
+def celeba() -> ml_collections.ConfigDict:
+  config = base()
+  config.sampling.snr = 0.17
+  config.eval.begin_ckpt = 1
+  config.eval.enable_sampling = True
+  config.data.dataset = 'CELEBA'
+  config.data.image_size = 64
+  config.model.sigma_max = 90.
+  return config
+
+
+def lsun() -> ml_collections.ConfigDict:
+  config = base()
+  config.training.batch_size = 64
+  config.training.n_iters = 2400001
+  config.training.snapshot_freq_for_preemption = 5000
+  config.sampling.snr = 0.075
+  config.eval.begin_ckpt = 50
+  config.eval.end_ckpt = 96
+  config.eval.batch_size = 512
+  config.eval.enable_sampling = True
+  config.data.dataset = 'LSUN'
+  config.data.image_size = 256
+  config.model.sigma_max = 378.
+  config.model.num_scales = 2000
+  config.model.dropout = 0.
+  return config

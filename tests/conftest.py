@@ -1,0 +1,15 @@
+"""Test-session set-up: 4 simulated CPU devices, float32 as users run it."""
+import os
+
+# Must happen before JAX initialises its backend. Tests that need a given
+# number of devices pick a sub-mesh of these.
+os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=4')
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+
+@pytest.fixture
+def key():
+  return jax.random.PRNGKey(0)
