@@ -124,3 +124,59 @@ def lsun() -> ml_collections.ConfigDict:
   config.model.num_scales = 2000
   config.model.dropout = 0.
   return config
+
+
+def digits() -> ml_collections.ConfigDict:
+  """The embedded 8x8 digits (pixels 0..16): short CPU runs."""
+  config = base()
+  training = config.training
+  training.batch_size = 64
+  training.n_iters = 1700
+  training.snapshot_freq = 1000
+  training.snapshot_freq_for_preemption = 250
+  training.log_freq = 50
+  training.eval_freq = 250
+  training.n_jitted_steps = 1
+  training.ema_warmup = True
+  config.eval.batch_size = 297
+  config.eval.num_samples = 64
+  config.eval.enable_bpd = True
+  data = config.data
+  data.dataset = 'DIGITS'
+  data.image_size = 8
+  data.num_channels = 1
+  data.random_flip = False      # flipped digits are not digits
+  data.centered = True
+  config.model.dropout = 0.
+  config.model.sigma_max = 8.   # ~ largest pairwise distance of the digits in [-1, 1]
+  config.optim.lr = 2e-3
+  config.optim.warmup = 100
+  return config
+
+
+def toy() -> ml_collections.ConfigDict:
+  """Low-dimensional toy data (MLP score networks)."""
+  config = base()
+  training = config.training
+  training.batch_size = 512
+  training.n_iters = 5000
+  training.snapshot_freq = 2500
+  training.snapshot_freq_for_preemption = 1000
+  training.eval_freq = 500
+  training.n_jitted_steps = 1
+  training.snapshot_sampling = False
+  training.ema_warmup = True
+  config.eval.batch_size = 1000
+  config.eval.num_samples = 1000
+  data = config.data
+  data.dataset = 'TOY_MIXTURE'
+  data.dim = 2
+  data.image_size = 0
+  data.num_channels = 0
+  data.random_flip = False
+  data.centered = True
+  config.model.dropout = 0.
+  config.model.sigma_max = 6.
+  config.optim.lr = 1e-3
+  config.optim.warmup = 100
+  return config

@@ -135,11 +135,12 @@ def _cosine_beta_and_integral(t, T: float, N: int, s: float = COSINE_S):
   u_cap = math.atan(cap / (2 * float(scale)))
   t_cap = (u_cap - float(u0)) / float(scale)
   t = jnp.asarray(t, jnp.float32)
-  u = jnp.minimum(u0 + scale * t, u_cap)
-  beta = jnp.where(t < t_cap, 2 * scale * jnp.tan(u), cap)
-  # int 2 scale tan(u) dt = -2 log cos(u) + 2 log cos(u0)
-  integral = -2 * jnp.log(jnp.cos(u)) + 2 * jnp.log(jnp.cos(u0))
-  integral = integral + cap * jnp.maximum(t - t_cap, 0.0)
+  delta = jnp.minimum(scale * t, u_cap - float(u0))       # u - u0
+  beta = jnp.where(t < t_cap, 2 * scale * jnp.tan(u0 + delta), cap)
+  # int 2 scale tan(u) dt = -2 log(cos(u) / cos(u0)), and
+  # cos(u0 + d) / cos(u0) = 1 - 2 sin^2(d / 2) - tan(u0) sin(d): no cancellation at small t.
+  ratio_minus_one = -2 * jnp.sin(delta / 2) ** 2 - math.tan(float(u0)) * jnp.sin(delta)
+  integral = -2 * jnp.log1p(ratio_minus_one) + cap * jnp.maximum(t - t_cap, 0.0)
   return beta, integral
 
 
