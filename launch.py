@@ -81,7 +81,14 @@ def main(argv):
     given = argv[1] if len(argv) > 1 else '(none)'
     raise app.UsageError(f'unknown command {given}; valid commands: {sorted(COMMANDS)}.\n'
                          + __doc__)
-  COMMANDS[argv[1]](argv[2:])
+  from score_sde import checkpoints, data, train
+  user_errors = (ValueError, FileNotFoundError, data.DatasetNotFoundError,
+                 checkpoints.NoCheckpointError, train.NonFiniteLossError)
+  try:
+    COMMANDS[argv[1]](argv[2:])
+  except user_errors as error:   # a clear message, not a stack trace
+    sys.stderr.write(f'error: {error}\n')
+    sys.exit(1)
 
 
 def _unknown_override(argv) -> str | None:

@@ -29,3 +29,39 @@ def all_config_paths() -> list[str]:
   paths = glob.glob(os.path.join(CONFIG_DIR, '**', '*.py'), recursive=True)
   return sorted(p for p in paths
                 if os.path.basename(p) not in ('__init__.py', 'defaults.py'))
+
+
+# Hyper-parameters a network may read from config.model (beyond configs/defaults.py).
+MODEL_KEYS = frozenset({
+    'attention_type', 'attn_resolutions', 'ch_mult', 'conditional', 'conv_size',
+    'embedding_type', 'fir', 'fir_kernel', 'fourier_scale', 'init_scale', 'interpolation',
+    'learned_variance', 'nf', 'nonlinearity', 'normalization', 'num_layers',
+    'num_res_blocks', 'progressive', 'progressive_combine', 'progressive_input',
+    'resamp_with_conv', 'resblock_type', 'scale_by_sigma', 'skip_rescale', 'ema_rate',
+})
+OTHER_KEYS = frozenset({'optim.amsgrad', 'data.category', 'data.dim'})
+
+
+def _flat_keys(config, prefix=''):
+  keys = set()
+  for name, value in config.items():
+    if isinstance(value, ml_collections.ConfigDict):
+      keys |= _flat_keys(value, f'{prefix}{name}.')
+    else:
+      keys.add(f'{prefix}{name}')
+  return keys
+
+
+def known_keys() -> frozenset:
+  from configs import defaults
+  keys = _flat_keys(defaults.base()) | _flat_keys(defaults.toy()) | _flat_keys(defaults.digits())
+  return frozenset(keys | {f'model.{k}' for k in MODEL_KEYS} | OTHER_KEYS)
+
+
+def validate(config) -> None:
+  """Raises on a key no part of score_sde reads (a misspelt key would be ignored)."""
+  unknown = sorted(_flat_keys(config) - known_keys())
+  if unknown:
+    raise ValueError(f'unknown config key(s) {unknown}: no part of score_sde reads them. '
+                     f'Check the spelling against configs/defaults.py and the model\'s '
+                     f'hyper-parameters.')

@@ -147,6 +147,7 @@ def digits() -> ml_collections.ConfigDict:
   data.num_channels = 1
   data.random_flip = False      # flipped digits are not digits
   data.centered = True
+  data.uniform_dequantization = True   # train on the density that bits/dim measure
   config.model.dropout = 0.
   config.model.sigma_max = 8.   # ~ largest pairwise distance of the digits in [-1, 1]
   config.optim.lr = 2e-3

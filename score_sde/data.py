@@ -270,12 +270,10 @@ def get_data_inverse_scaler(config):
   return lambda x: x
 
 
-def _example_transform(config, *, train: bool):
-  """(example, rng) -> float32 model-space array; flips and dequantises when training."""
+def _example_transform(config, *, flip: bool, dequantize: bool):
+  """(example, rng) -> float32 model-space array, optionally flipped / dequantised."""
   scaler = get_data_scaler(config)
   levels = num_levels(config)
-  flip = train and config.data.random_flip
-  dequantize = train and config.data.uniform_dequantization
 
   def transform(example, rng: np.random.Generator):
     if levels == 0:                         # continuous toy data: already in model space
@@ -355,11 +353,13 @@ class _GlobalStream:
   Picklable, so grain may read it from worker processes.
   """
 
-  def __init__(self, config, source, seed: int):
+  def __init__(self, config, source, seed: int, augment: bool = True):
     self._config = config
     self._source = source
     self._seed = seed
-    self._transform = _example_transform(config, train=True)
+    self._transform = _example_transform(
+        config, flip=augment and config.data.random_flip,
+        dequantize=config.data.uniform_dequantization)
     self._order = grain.MapDataset.range(len(source)).shuffle(seed=seed).repeat()
 
   def __len__(self):
@@ -395,14 +395,17 @@ def _check_batch(global_batch: int, process_count: int):
 
 
 def train_iterator(config, *, global_batch_size: int, seed: int, split: str = 'train',
-                   process_index: int = 0, process_count: int = 1, worker_count: int = 0):
+                   process_index: int = 0, process_count: int = 1, worker_count: int = 0,
+                   augment: bool = True):
   """Endless iterator of this process's [b, ...] float32 slices of global batches.
 
-  The returned grain iterator has get_state() / set_state() for checkpoints.
+  Shuffled anew each epoch; random flips when `augment` and config.data.random_flip;
+  dequantised when config.data.uniform_dequantization. The returned grain
+  iterator has get_state() / set_state() for checkpoints.
   """
   _check_batch(global_batch_size, process_count)
   source = get_data_source(config, split)
-  stream = _GlobalStream(config, source, seed)
+  stream = _GlobalStream(config, source, seed, augment)
   local = _ProcessSlice(stream, global_batch_size, process_index, process_count)
   dataset = grain.MapDataset.source(local).batch(global_batch_size // process_count,
                                                  drop_remainder=True)
@@ -420,7 +423,7 @@ def eval_batches(config, split: str, *, batch_size: int, start: int = 0,
   """
   source = get_data_source(config, split)
   stop = len(source) if stop is None else min(stop, len(source))
-  transform = _example_transform(config, train=False)
+  transform = _example_transform(config, flip=False, dequantize=False)
   for begin in range(start, stop, batch_size):
     rows = [transform(source[i], None) for i in range(begin, min(begin + batch_size, stop))]
     valid = np.zeros(batch_size, bool)
@@ -444,5 +447,5 @@ def load_split(config, split: str, max_examples: int | None = None) -> np.ndarra
   """All examples of a split in model space, float32 (no flip, no dequantisation)."""
   source = get_data_source(config, split)
   n = len(source) if max_examples is None else min(max_examples, len(source))
-  transform = _example_transform(config, train=False)
+  transform = _example_transform(config, flip=False, dequantize=False)
   return np.stack([transform(source[i], None) for i in range(n)])

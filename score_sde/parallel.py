@@ -36,3 +36,42 @@ def check_batch_divisible(batch_size: int, mesh: Mesh, what: str = 'batch size')
     raise ValueError(
         f'the global {what} {batch_size} does not divide by the number of '
         f'devices {n}; choose a multiple of {n} (e.g. {max(n, batch_size // n * n)}).')
+
+
+def initialize_distributed(coordinator_address: str | None = None,
+                           num_processes: int | None = None,
+                           process_id: int | None = None,
+                           cpu_collectives: str | None = None) -> None:
+  """Starts multi-process JAX if asked to; a no-op for a single process.
+
+  On TPU pods and SLURM/GKE clusters `jax.distributed.initialize()` finds its
+  settings itself (pass nothing and set JAX_COORDINATOR_ADDRESS or run on a
+  pod). Elsewhere give the coordinator 'host:port', the process count and this
+  process's id (flags or the environment variables JAX_COORDINATOR_ADDRESS,
+  JAX_NUM_PROCESSES, JAX_PROCESS_ID). CPU processes need collectives: 'gloo'.
+  """
+  import os
+  coordinator_address = coordinator_address or os.environ.get('JAX_COORDINATOR_ADDRESS')
+  if num_processes is None and os.environ.get('JAX_NUM_PROCESSES'):
+    num_processes = int(os.environ['JAX_NUM_PROCESSES'])
+  if process_id is None and os.environ.get('JAX_PROCESS_ID'):
+    process_id = int(os.environ['JAX_PROCESS_ID'])
+  on_tpu_pod = os.environ.get('TPU_WORKER_HOSTNAMES') or os.environ.get('CLOUD_TPU_TASK_ID')
+  if not coordinator_address and not on_tpu_pod:
+    return
+  if cpu_collectives:
+    jax.config.update('jax_cpu_collectives_implementation', cpu_collectives)
+  jax.distributed.initialize(coordinator_address=coordinator_address,
+                             num_processes=num_processes, process_id=process_id)
+
+
+def global_batch(local_batch: np.ndarray, mesh: Mesh, batch_axis: int = 0) -> jax.Array:
+  """The global array whose rows on this process's devices are `local_batch`.
+
+  Each process passes its own consecutive slice of the global batch (process
+  p holds rows [p b, (p + 1) b)); axis `batch_axis` is split over 'data'.
+  """
+  spec = [None] * local_batch.ndim
+  spec[batch_axis] = DATA_AXIS
+  sharding = NamedSharding(mesh, P(*spec))
+  return jax.make_array_from_process_local_data(sharding, local_batch)
