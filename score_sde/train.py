@@ -1,6 +1,439 @@
-"""Training loop (placeholder until the training issue lands)."""
+"""Training: the train state, pure train / eval steps, and the training loop.
+
+`train_step(state, batch) -> (state, metrics)` is pure and jitted once, with
+the state replicated and the batch sharded over the mesh's 'data' axis (one
+SPMD program from 1 CPU to a pod; the mean over a sharded batch already
+averages across devices). Randomness: the root key in the state is folded with
+the step inside the step, so a resumed run draws exactly the same noise.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import os
+import time
+from typing import Any, Callable
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from score_sde import checkpoints
+from score_sde import data as data_lib
+from score_sde import losses
+from score_sde import models
+from score_sde import parallel
+from score_sde import sde as sde_lib
+from score_sde.models import utils as model_utils
+
+LOSS_EPS = 1e-5  # smallest training time of the continuous loss (the reference's)
 
 
-def train_and_evaluate(config, workdir: str) -> None:
-  print(f'score_sde train: the training loop is not implemented yet; nothing was written to '
-        f'{workdir}. Config: {config.data.dataset} / {config.model.name}.')
+@flax.struct.dataclass
+class TrainState:
+  """Arrays only: step [], params, opt_state, ema_params, key (root PRNG key)."""
+  step: jax.Array
+  params: Any
+  opt_state: Any
+  ema_params: Any
+  key: jax.Array
+
+
+class NonFiniteLossError(FloatingPointError):
+  """Training produced a NaN / inf loss or gradient."""
+
+
+# ----------------------------------------------------------------------------
+# Optimiser and EMA
+# ----------------------------------------------------------------------------
+
+def learning_rate_schedule(config) -> optax.Schedule:
+  """lr * min((count + 1) / warmup, 1): linear warm-up as in the reference."""
+  lr, warmup = float(config.optim.lr), int(config.optim.warmup)
+  if warmup > 0:
+    return lambda count: lr * jnp.minimum((count + 1.0) / warmup, 1.0)
+  return lambda count: lr * jnp.ones_like(count, jnp.float32)
+
+
+def get_optimizer(config) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  """Adam (AdamW when weight_decay > 0) after global-norm clipping (grad_clip >= 0)."""
+  optim = config.optim
+  if str(optim.optimizer).lower() != 'adam':
+    raise ValueError(f'unknown optimizer {optim.optimizer!r} (config.optim.optimizer); '
+                     f"valid: ['Adam'].")
+  schedule = learning_rate_schedule(config)
+  parts = []
+  if optim.grad_clip >= 0:
+    parts.append(optax.clip_by_global_norm(float(optim.grad_clip)))
+  if optim.weight_decay:
+    parts.append(optax.adamw(schedule, b1=optim.beta1, b2=0.999, eps=optim.eps,
+                             weight_decay=optim.weight_decay))
+  else:
+    parts.append(optax.adam(schedule, b1=optim.beta1, b2=0.999, eps=optim.eps))
+  return optax.chain(*parts), schedule
+
+
+def ema_decay(step, ema_rate: float, warmup: bool):
+  """EMA decay at `step`: ema_rate, or min(ema_rate, (1 + step) / (10 + step)).
+
+  The warm-up form forgets the untrained initial weights in short runs: at
+  step 1700 its window is ~190 steps instead of 1000.
+  """
+  if not warmup:
+    return jnp.asarray(ema_rate, jnp.float32)
+  step = jnp.asarray(step, jnp.float32)
+  return jnp.minimum(ema_rate, (1.0 + step) / (10.0 + step))
+
+
+# ----------------------------------------------------------------------------
+# Pure steps
+# ----------------------------------------------------------------------------
+
+def init_train_state(key, *, model, config, optimizer) -> TrainState:
+  k_init, k_train = jax.random.split(key)
+  params = model_utils.init_params(k_init, model, config)
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                    opt_state=optimizer.init(params), ema_params=params, key=k_train)
+
+
+def make_train_step(loss_fn, optimizer, schedule, *, ema_rate: float,
+                    ema_warmup: bool = False) -> Callable:
+  """train_step(state, batch [B, ...]) -> (state, metrics) for one optimiser step."""
+
+  def train_step(state: TrainState, batch):
+    key = jax.random.fold_in(state.key, state.step)
+    loss, grads = jax.value_and_grad(loss_fn)(state.params, key, batch)
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    decay = ema_decay(state.step, ema_rate, ema_warmup)
+    ema_params = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p,
+                              state.ema_params, params)
+    metrics = {'loss': loss, 'grad_norm': optax.global_norm(grads),
+               'learning_rate': schedule(state.step)}
+    new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state,
+                           ema_params=ema_params, key=state.key)
+    return new_state, metrics
+
+  return train_step
+
+
+def make_multi_step(train_step) -> Callable:
+  """steps(state, batches [n, B, ...]) -> (state, metrics [n]): n steps in one call."""
+
+  def steps(state, batches):
+    return jax.lax.scan(train_step, state, batches)
+
+  return steps
+
+
+def make_eval_step(eval_loss_fn) -> Callable:
+  """eval_step(state, batch) -> loss of the EMA parameters (no dropout)."""
+
+  def eval_step(state: TrainState, batch):
+    key = jax.random.fold_in(jax.random.fold_in(state.key, 1 << 30), state.step)
+    return eval_loss_fn(state.ema_params, key, batch)
+
+  return eval_step
+
+
+# ----------------------------------------------------------------------------
+# Configs and workdirs
+# ----------------------------------------------------------------------------
+
+# Keys a resumed run may change (schedules of the loop, not the maths).
+RESUMABLE_CHANGES = ('training.n_iters', 'training.log_freq', 'training.eval_freq',
+                     'training.snapshot_freq', 'training.snapshot_freq_for_preemption',
+                     'training.snapshot_sampling', 'eval.', 'sampling.', 'data.data_dir')
+
+
+def _flatten(tree: dict, prefix: str = '') -> dict:
+  flat = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      flat.update(_flatten(value, f'{prefix}{key}.'))
+    else:
+      flat[f'{prefix}{key}'] = value
+  return flat
+
+
+def config_to_dict(config) -> dict:
+  """JSON-ready dict of a ConfigDict (tuples become lists)."""
+  return json.loads(config.to_json())
+
+
+def write_or_check_config(config, workdir: str) -> None:
+  """Writes <workdir>/config.json, or checks a resumed run's config against it."""
+  path = os.path.join(workdir, 'config.json')
+  current = config_to_dict(config)
+  if os.path.exists(path):
+    with open(path) as f:
+      stored = json.load(f)
+    old, new = _flatten(stored), _flatten(current)
+    changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k)
+                     and not any(k == p or (p.endswith('.') and k.startswith(p))
+                                 for p in RESUMABLE_CHANGES))
+    if changed:
+      details = ', '.join(f'{k}: {old.get(k)!r} -> {new.get(k)!r}' for k in changed[:8])
+      raise ValueError(f'{workdir} holds a run with a different config ({details}); '
+                       f'resuming would not be exact. Use a new --workdir.')
+  if jax.process_index() == 0:
+    tmp = path + '.tmp'
+    with open(tmp, 'w') as f:
+      json.dump(current, f, indent=2, sort_keys=True)
+    os.replace(tmp, path)
+
+
+def check_config(config, mesh=None) -> None:
+  """Everything that can be checked before compiling anything."""
+  import configs
+  configs.validate(config)
+  data_lib.check_config_matches_dataset(config)
+  models.get_model(config)        # validates the network's hyper-parameters
+  sde_lib.sde_from_config(config)
+  losses.loss_name_from_config(config)
+  get_optimizer(config)
+  if mesh is not None:
+    parallel.check_batch_divisible(config.training.batch_size, mesh, 'batch size')
+  n_jit = config.training.n_jitted_steps
+  if n_jit < 1:
+    raise ValueError(f'config.training.n_jitted_steps must be >= 1; got {n_jit}.')
+
+
+# ----------------------------------------------------------------------------
+# Metrics
+# ----------------------------------------------------------------------------
+
+class MetricWriter:
+  """Scalars to <workdir>/logs/metrics.jsonl and TensorBoard event files (process 0)."""
+
+  def __init__(self, workdir: str):
+    self._active = jax.process_index() == 0
+    self._dir = os.path.join(workdir, 'logs')
+    self._tb = None
+    if self._active:
+      os.makedirs(self._dir, exist_ok=True)
+      from tensorboardX import SummaryWriter
+      self._tb = SummaryWriter(self._dir)
+
+  def write(self, step: int, scalars: dict) -> None:
+    if not self._active:
+      return
+    with open(os.path.join(self._dir, 'metrics.jsonl'), 'a') as f:
+      f.write(json.dumps({'step': int(step), **{k: float(v) for k, v in scalars.items()}})
+              + '\n')
+    for name, value in scalars.items():
+      self._tb.add_scalar(name, float(value), int(step))
+
+  def close(self):
+    if self._tb is not None:
+      self._tb.close()
+
+
+def _crossed(previous: int, current: int, every: int) -> bool:
+  """Whether a multiple of `every` lies in (previous, current]."""
+  return every > 0 and current // every > previous // every
+
+
+def _format_seconds(seconds: float) -> str:
+  seconds = int(max(seconds, 0))
+  return f'{seconds // 3600}h{seconds % 3600 // 60:02d}m' if seconds >= 3600 else \
+      f'{seconds // 60}m{seconds % 60:02d}s'
+
+
+# ----------------------------------------------------------------------------
+# The experiment: everything built from a config
+# ----------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Experiment:
+  """The pieces a config defines, shared by training and the evaluation jobs."""
+  config: Any
+  sde: Any
+  sampling_eps: float
+  model: Any
+  model_fn: Callable
+  score_model_fn: Callable      # (params, x, t) -> score, eval mode
+  num_levels: int
+
+  @property
+  def continuous(self) -> bool:
+    return bool(self.config.training.continuous)
+
+
+def build_experiment(config) -> Experiment:
+  sde, sampling_eps = sde_lib.sde_from_config(config)
+  model = models.get_model(config)
+  model_fn = model_utils.get_model_fn(model)
+  score4 = model_utils.get_score_model_fn(sde, model_fn, continuous=config.training.continuous)
+  return Experiment(config=config, sde=sde, sampling_eps=sampling_eps, model=model,
+                    model_fn=model_fn,
+                    score_model_fn=lambda params, x, t: score4(params, x, t, False, None),
+                    num_levels=data_lib.num_levels(config))
+
+
+def abstract_train_state(experiment: Experiment, optimizer, mesh):
+  """Shapes, dtypes and (replicated) shardings of the train state."""
+  init = functools.partial(init_train_state, model=experiment.model,
+                           config=experiment.config, optimizer=optimizer)
+  shapes = jax.eval_shape(init, jax.random.PRNGKey(0))
+  replicated = parallel.replicated(mesh)
+  return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated),
+                      shapes), init
+
+
+# ----------------------------------------------------------------------------
+# The training loop
+# ----------------------------------------------------------------------------
+
+def train_and_evaluate(config, workdir: str, *, final_evaluation: bool = True) -> TrainState:
+  """Trains (resuming from the newest checkpoint in `workdir`) and evaluates at the end."""
+  # ---- mesh and checks (before any compilation) -------------------------
+  mesh = parallel.make_mesh()
+  check_config(config, mesh)
+  os.makedirs(workdir, exist_ok=True)
+  write_or_check_config(config, workdir)
+  training = config.training
+  n_jit = int(training.n_jitted_steps)
+  global_batch = int(training.batch_size)
+  process_count, process_index = jax.process_count(), jax.process_index()
+  is_main = process_index == 0
+
+  # ---- input ---------------------------------------------------------------
+  train_iter = data_lib.train_iterator(
+      config, global_batch_size=global_batch, seed=config.seed, split='train',
+      process_index=process_index, process_count=process_count)
+  eval_iter = data_lib.train_iterator(
+      config, global_batch_size=global_batch, seed=config.seed + 1, split='test',
+      process_index=process_index, process_count=process_count, augment=False)
+
+  # ---- model, loss, optimiser ------------------------------------------------
+  experiment = build_experiment(config)
+  loss_kwargs = dict(eps=LOSS_EPS, num_levels=max(experiment.num_levels, 2))
+  loss_fn = losses.get_loss_fn(config, experiment.sde, experiment.model_fn, train=True,
+                               **loss_kwargs)
+  eval_loss_fn = losses.get_loss_fn(config, experiment.sde, experiment.model_fn,
+                                    train=False, **loss_kwargs)
+  optimizer, schedule = get_optimizer(config)
+
+  # ---- state: restore or initialise, replicated on the mesh -----------------
+  abstract_state, init = abstract_train_state(experiment, optimizer, mesh)
+  replicated = parallel.replicated(mesh)
+  manager = checkpoints.make_manager(workdir, keep_period=training.snapshot_freq or None)
+  if manager.all_steps():
+    state, step = checkpoints.restore(manager, abstract_state, train_iter)
+    if is_main:
+      print(f'Resumed from the checkpoint at step {step} in {checkpoints.checkpoint_dir(workdir)}.',
+            flush=True)
+  else:
+    state = jax.jit(init, out_shardings=replicated)(jax.random.PRNGKey(config.seed))
+    step = 0
+  if is_main:
+    print(f'{config.model.name} on {config.data.dataset}: '
+          f'{model_utils.param_count(state.params):,} parameters, '
+          f'{mesh.devices.size} device(s) in {process_count} process(es), '
+          f'global batch {global_batch}.', flush=True)
+
+  # ---- compiled steps ------------------------------------------------------
+  train_step = make_train_step(loss_fn, optimizer, schedule,
+                               ema_rate=float(config.model.ema_rate),
+                               ema_warmup=bool(training.get('ema_warmup', False)))
+  multi_batch_sharding = jax.sharding.NamedSharding(
+      mesh, jax.sharding.PartitionSpec(None, parallel.DATA_AXIS))
+  p_train = jax.jit(make_multi_step(train_step),
+                    in_shardings=(replicated, multi_batch_sharding),
+                    out_shardings=(replicated, replicated), donate_argnums=(0,))
+  p_eval = jax.jit(make_eval_step(eval_loss_fn),
+                   in_shardings=(replicated, parallel.batch_sharding(mesh)),
+                   out_shardings=replicated)
+  snapshot_sampler = None
+
+  # ---- loop ----------------------------------------------------------------
+  writer = MetricWriter(workdir)
+  n_iters = int(training.n_iters)
+  t_start, step_start, last_log = time.time(), step, (time.time(), step)
+  try:
+    while step < n_iters:
+      local = np.stack([next(train_iter) for _ in range(n_jit)])
+      batches = parallel.global_batch(local, mesh, batch_axis=1)
+      state, metrics = p_train(state, batches)
+      previous, step = step, step + n_jit
+      metrics = jax.device_get(metrics)
+      bad = ~(np.isfinite(metrics['loss']) & np.isfinite(metrics['grad_norm']))
+      if bad.any():
+        first = previous + 1 + int(np.argmax(bad))
+        good = manager.latest_step()
+        raise NonFiniteLossError(
+            f'non-finite loss or gradient at step {first} (loss '
+            f'{metrics["loss"][bad][0]}, grad norm {metrics["grad_norm"][bad][0]}); '
+            f'training stopped. The last good checkpoint is '
+            + (f'step {good} in {checkpoints.checkpoint_dir(workdir)}.' if good is not None
+               else 'none (no checkpoint was written yet).')
+            + ' Lower config.optim.lr or check the data.')
+
+      if _crossed(previous, step, training.log_freq) or step >= n_iters:
+        now = time.time()
+        steps_per_s = (step - last_log[1]) / max(now - last_log[0], 1e-9)
+        last_log = (now, step)
+        scalars = {k: float(np.mean(v)) for k, v in metrics.items()}
+        scalars.update(steps_per_s=steps_per_s, examples_per_s=steps_per_s * global_batch)
+        writer.write(step, scalars)
+        if is_main:
+          eta = (n_iters - step) / max(steps_per_s, 1e-9)
+          print(f'step {step}/{n_iters} | loss {scalars["loss"]:.5g} | grad norm '
+                f'{scalars["grad_norm"]:.3g} | lr {scalars["learning_rate"]:.2e} | '
+                f'{steps_per_s:.2f} steps/s, {steps_per_s * global_batch:.0f} examples/s | '
+                f'eta {_format_seconds(eta)}', flush=True)
+
+      if _crossed(previous, step, training.eval_freq):
+        eval_batch = parallel.global_batch(next(eval_iter), mesh)
+        eval_loss = float(p_eval(state, eval_batch))
+        writer.write(step, {'eval_loss': eval_loss})
+        if is_main:
+          print(f'step {step}: eval loss (EMA, test split) {eval_loss:.5g}', flush=True)
+
+      if (_crossed(previous, step, training.snapshot_freq_for_preemption)
+          or _crossed(previous, step, training.snapshot_freq) or step >= n_iters):
+        checkpoints.save(manager, step, state, train_iter)
+
+      if training.snapshot_sampling and _crossed(previous, step, training.snapshot_freq):
+        snapshot_sampler = snapshot_sampler or _snapshot_sampler(experiment, mesh)
+        _write_samples(experiment, snapshot_sampler, state, step, workdir, mesh)
+  finally:
+    manager.wait_until_finished()
+    writer.close()
+  if is_main:
+    elapsed = time.time() - t_start
+    print(f'Training done at step {step} ({_format_seconds(elapsed)} this run).', flush=True)
+
+  if final_evaluation and config.eval.get('enable_bpd', False):
+    from score_sde import jobs
+    jobs.final_evaluation(experiment, state, workdir, mesh)
+  return state
+
+
+def _snapshot_sampler(experiment: Experiment, mesh):
+  from score_sde import sampling
+  config = experiment.config
+  n = min(int(config.training.batch_size), 64)
+  n = max(n // mesh.devices.size, 1) * mesh.devices.size
+  shape = model_utils.input_shape(config, n)
+  return sampling.get_sampling_fn(config, experiment.sde, experiment.score_model_fn, shape,
+                                  experiment.sampling_eps, mesh=mesh)
+
+
+def _write_samples(experiment: Experiment, sampler, state, step: int, workdir: str, mesh):
+  from score_sde import evaluation
+  key = jax.random.fold_in(jax.random.PRNGKey(experiment.config.seed + 2), step)
+  samples, info = sampler(key, state.ema_params)
+  images = np.asarray(jax.device_get(
+      data_lib.get_data_inverse_scaler(experiment.config)(samples)))
+  if jax.process_index() == 0 and images.ndim == 4:
+    path = os.path.join(workdir, 'samples', f'step_{step}.png')
+    evaluation.save_image_grid(path, images, scale=max(1, 64 // images.shape[1]))
+    print(f'step {step}: wrote {len(images)} samples ({int(info["nfe"])} score '
+          f'evaluations) to {path}', flush=True)
+  return images

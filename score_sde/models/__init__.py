@@ -14,6 +14,7 @@ MODELS = {
     'ddpm': ('score_sde.models.ddpm', 'DDPM'),
     'ncsn': ('score_sde.models.ncsnv2', 'NCSN'),
     'ncsnv2': ('score_sde.models.ncsnv2', 'NCSNv2'),
+    'ncsnv2_64': ('score_sde.models.ncsnv2', 'NCSNv2'),   # the reference's name
     'ncsnv2_128': ('score_sde.models.ncsnv2', 'NCSNv2_128'),
     'ncsnv2_256': ('score_sde.models.ncsnv2', 'NCSNv2_256'),
     'mlp': ('score_sde.models.mlp', 'MLP'),

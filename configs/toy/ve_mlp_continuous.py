@@ -1,0 +1,24 @@
+"""VE SDE + MLP score network on 2-D toy data (8 Gaussians on a circle by default)."""
+from configs import defaults
+
+
+def get_config():
+  config = defaults.toy()
+  config.training.sde = 'vesde'
+  config.training.continuous = True
+  config.training.reduce_mean = True
+  config.sampling.method = 'pc'
+  config.sampling.predictor = 'reverse_diffusion'
+  config.sampling.corrector = 'langevin'
+  config.sampling.snr = 0.16
+  model = config.model
+  model.name = 'mlp'
+  model.nf = 128
+  model.num_layers = 3
+  model.embedding_type = 'fourier'
+  model.fourier_scale = 16.
+  model.nonlinearity = 'swish'
+  model.scale_by_sigma = True
+  model.init_scale = 0.
+  model.ema_rate = 0.999
+  return config

@@ -1,0 +1,1 @@
+"""Configs for the variance-exploding SDE (SMLD / NCSN, NCSN++)."""

@@ -1,0 +1,1 @@
+"""Configs for the variance-preserving SDE (DDPM family)."""

@@ -1,0 +1,240 @@
+"""Training: sharding equivalence, multi-process, exact resume, checkpoint fallback, NaN guard."""
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import portpicker
+import pytest
+
+from score_sde import checkpoints
+from score_sde import data as data_lib
+from score_sde import losses
+from score_sde import parallel
+from score_sde import train
+from tests.train_worker import small_toy_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+WORKER = os.path.join(ROOT, 'tests', 'train_worker.py')
+
+
+def _env(devices: int) -> dict:
+  env = dict(os.environ)
+  env['XLA_FLAGS'] = f'--xla_force_host_platform_device_count={devices}'
+  env['JAX_PLATFORMS'] = 'cpu'
+  env['PYTHONPATH'] = ROOT
+  return env
+
+
+def _run_worker(workdir, n_iters, devices=1, extra=()):
+  return subprocess.Popen([sys.executable, WORKER, str(workdir), str(n_iters), *extra],
+                          env=_env(devices), stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True)
+
+
+def _load(workdir, config, step=None, with_data=False):
+  """(state, step, next batch or None) of a workdir's checkpoint."""
+  mesh = parallel.make_mesh()
+  experiment = train.build_experiment(config)
+  optimizer, _ = train.get_optimizer(config)
+  abstract, _ = train.abstract_train_state(experiment, optimizer, mesh)
+  manager = checkpoints.make_manager(str(workdir), read_only=True)
+  iterator = None
+  if with_data:
+    iterator = data_lib.train_iterator(config, global_batch_size=config.training.batch_size,
+                                       seed=config.seed)
+  state, restored_step = checkpoints.restore(manager, abstract, iterator, step=step)
+  return state, restored_step, (next(iterator) if with_data else None)
+
+
+def _assert_trees_equal(a, b, exact=True):
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    if exact:
+      np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    else:
+      np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=2e-5, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------
+# One step on 1 vs 4 devices
+# ----------------------------------------------------------------------------
+
+def _steps_on(devices, config, batches):
+  mesh = parallel.make_mesh(jax.devices()[:devices])
+  experiment = train.build_experiment(config)
+  optimizer, schedule = train.get_optimizer(config)
+  loss_fn = losses.get_loss_fn(config, experiment.sde, experiment.model_fn)
+  step = train.make_train_step(loss_fn, optimizer, schedule, ema_rate=0.99)
+  _, init = train.abstract_train_state(experiment, optimizer, mesh)
+  replicated = parallel.replicated(mesh)
+  state = jax.jit(init, out_shardings=replicated)(jax.random.PRNGKey(0))
+  p_step = jax.jit(step, in_shardings=(replicated, parallel.batch_sharding(mesh)),
+                   out_shardings=(replicated, replicated))
+  losses_seen = []
+  for batch in batches:
+    state, metrics = p_step(state, parallel.global_batch(batch, mesh))
+    losses_seen.append(float(metrics['loss']))
+  return state, losses_seen
+
+
+def test_train_step_on_one_and_four_devices_agree():
+  config = small_toy_config(2)
+  it = data_lib.train_iterator(config, global_batch_size=16, seed=0)
+  batches = [next(it) for _ in range(3)]
+  state1, losses1 = _steps_on(1, config, batches)
+  state4, losses4 = _steps_on(4, config, batches)
+  np.testing.assert_allclose(losses1, losses4, rtol=1e-5)
+  _assert_trees_equal(state1.params, state4.params, exact=False)
+  _assert_trees_equal(state1.ema_params, state4.ema_params, exact=False)
+  assert int(state1.step) == int(state4.step) == 3
+
+
+def test_batch_not_divisible_by_devices_is_a_clear_error(tmp_path):
+  config = small_toy_config(2)
+  config.training.batch_size = 6
+  with pytest.raises(ValueError, match='batch size 6 does not divide by the number of '
+                                       'devices 4'):
+    train.train_and_evaluate(config, str(tmp_path))
+
+
+def test_unknown_config_key_fails_before_compiling(tmp_path):
+  config = small_toy_config(2)
+  config.model.nff = 32
+  with pytest.raises(ValueError, match=r"unknown config key\(s\) \['model.nff'\]"):
+    train.train_and_evaluate(config, str(tmp_path))
+
+
+# ----------------------------------------------------------------------------
+# Multi-process: 2 processes x 2 devices == 1 process x 4 devices
+# ----------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_two_processes_match_one_process(tmp_path):
+  single = _run_worker(tmp_path / 'single', 6, devices=4)
+  assert single.wait(timeout=300) == 0, single.stdout.read()
+  address = f'127.0.0.1:{portpicker.pick_unused_port()}'
+  procs = [_run_worker(tmp_path / 'multi', 6, devices=2, extra=(address, '2', str(i)))
+           for i in range(2)]
+  outputs = [p.communicate(timeout=300)[0] for p in procs]
+  assert all(p.returncode == 0 for p in procs), outputs
+  assert '4 device(s) in 2 process(es)' in outputs[0]
+  config = small_toy_config(6)
+  state_single, step_single, _ = _load(tmp_path / 'single', config)
+  state_multi, step_multi, _ = _load(tmp_path / 'multi', config)
+  assert step_single == step_multi == 6
+  _assert_trees_equal(state_single.params, state_multi.params, exact=False)
+  _assert_trees_equal(state_single.ema_params, state_multi.ema_params, exact=False)
+
+
+# ----------------------------------------------------------------------------
+# Exact resume after SIGKILL
+# ----------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_sigkill_and_resume_is_bitwise_exact(tmp_path):
+  n_iters = 120
+  reference = _run_worker(tmp_path / 'reference', n_iters)
+  assert reference.wait(timeout=300) == 0, reference.stdout.read()
+
+  victim = _run_worker(tmp_path / 'resumed', n_iters)
+  killed_after = None
+  for line in victim.stdout:                 # kill between checkpoints (every 10 steps)
+    if line.startswith('step ') and '/' in line:
+      step = int(line.split()[1].split('/')[0])
+      if step >= 67:
+        victim.send_signal(signal.SIGKILL)
+        killed_after = step
+        break
+  victim.wait(timeout=60)
+  assert killed_after is not None and victim.returncode == -signal.SIGKILL
+  resumed = _run_worker(tmp_path / 'resumed', n_iters)
+  output = resumed.communicate(timeout=300)[0]
+  assert resumed.returncode == 0, output
+  assert 'Resumed from the checkpoint at step' in output
+
+  config = small_toy_config(n_iters)
+  ref_state, ref_step, ref_next = _load(tmp_path / 'reference', config, with_data=True)
+  new_state, new_step, new_next = _load(tmp_path / 'resumed', config, with_data=True)
+  assert ref_step == new_step == n_iters
+  _assert_trees_equal(ref_state, new_state, exact=True)   # params, EMA, opt state, step, key
+  np.testing.assert_array_equal(ref_next, new_next)
+
+
+# ----------------------------------------------------------------------------
+# Corrupt checkpoints and NaN
+# ----------------------------------------------------------------------------
+
+def test_corrupt_newest_checkpoint_falls_back_to_previous(tmp_path, capsys):
+  config = small_toy_config(25)
+  config.training.snapshot_freq = 10           # kept: 10, 20; preemption-only 25 replaced
+  config.training.snapshot_freq_for_preemption = 5
+  train.train_and_evaluate(config, str(tmp_path))
+  manager = checkpoints.make_manager(str(tmp_path), read_only=True)
+  assert sorted(manager.all_steps()) == [10, 20, 25]
+  config.training.n_iters = 20
+  shutil.rmtree(os.path.join(checkpoints.checkpoint_dir(str(tmp_path)), '25'))
+  good, _, _ = _load(tmp_path, config, step=10)
+  newest = os.path.join(checkpoints.checkpoint_dir(str(tmp_path)), '20', 'state')
+  assert _load(tmp_path, config)[1] == 20
+  files = [os.path.join(d, f) for d, _, fs in os.walk(newest) for f in fs]
+  for path in files:                          # truncate every file of the newest step
+    with open(path, 'wb') as f:
+      f.write(b'garbage')
+  state, step, _ = _load(tmp_path, config)
+  assert step == 10
+  assert 'checkpoint at step 20' in capsys.readouterr().out
+  _assert_trees_equal(state, good)
+
+
+def test_nan_loss_stops_with_step_and_leaves_a_loadable_checkpoint(tmp_path):
+  config = small_toy_config(50)
+  config.training.snapshot_freq_for_preemption = 1
+  config.optim.lr = 30.0                      # diverges at step 2
+  config.optim.grad_clip = -1.
+  config.optim.warmup = 0
+  with pytest.raises(train.NonFiniteLossError, match=r'non-finite loss or gradient at '
+                                                      r'step \d+') as info:
+    train.train_and_evaluate(config, str(tmp_path))
+  assert 'last good checkpoint is step' in str(info.value)
+  state, step, _ = _load(tmp_path, config)
+  assert step >= 1 and str(step) in str(info.value)
+  assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state.params))
+
+
+def test_resume_with_a_different_config_is_refused(tmp_path):
+  config = small_toy_config(2)
+  train.train_and_evaluate(config, str(tmp_path))
+  config.model.nf = 16
+  with pytest.raises(ValueError, match=r'different config \(model.nf: 32 -> 16\)'):
+    train.train_and_evaluate(config, str(tmp_path))
+  config.model.nf = 32
+  config.training.n_iters = 4                 # extending a run is fine
+  state = train.train_and_evaluate(config, str(tmp_path))
+  assert int(state.step) == 4
+
+
+def test_ema_warmup_and_learning_rate_schedule():
+  assert float(train.ema_decay(0, 0.999, True)) == pytest.approx(0.1)
+  assert float(train.ema_decay(1700, 0.999, True)) == pytest.approx(1701 / 1710)
+  assert float(train.ema_decay(10 ** 6, 0.999, True)) == pytest.approx(0.999)
+  assert float(train.ema_decay(5, 0.999, False)) == pytest.approx(0.999)
+  config = small_toy_config(2)
+  config.optim.lr, config.optim.warmup = 2e-4, 100
+  schedule = train.learning_rate_schedule(config)
+  np.testing.assert_allclose([schedule(0), schedule(49), schedule(99), schedule(500)],
+                             [2e-6, 1e-4, 2e-4, 2e-4], rtol=1e-6)
+
+
+def test_metrics_logs_written(tmp_path):
+  config = small_toy_config(3)
+  train.train_and_evaluate(config, str(tmp_path))
+  with open(tmp_path / 'logs' / 'metrics.jsonl') as f:
+    lines = [l for l in f if '"loss"' in l]
+  assert len(lines) == 3
+  assert any(name.startswith('events.out.tfevents') for name in os.listdir(tmp_path / 'logs'))
+  assert os.path.exists(tmp_path / 'config.json')

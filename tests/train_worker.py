@@ -1,0 +1,39 @@
+"""Runs `train_and_evaluate` in its own process (multi-process and kill/resume tests).
+
+python tests/train_worker.py <workdir> <n_iters> [<coordinator> <num_processes> <process_id>]
+
+Devices per process come from XLA_FLAGS (set by the test). With a coordinator,
+the processes form one JAX cluster over gloo CPU collectives.
+"""
+import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'))
+
+
+def small_toy_config(n_iters: int):
+  from configs.toy import vp_mlp_continuous
+  config = vp_mlp_continuous.get_config()
+  config.training.batch_size = 16
+  config.training.n_iters = n_iters
+  config.training.log_freq = 1
+  config.training.eval_freq = 0
+  config.training.snapshot_freq = 50
+  config.training.snapshot_freq_for_preemption = 10
+  config.model.nf = 32
+  config.model.num_layers = 2
+  config.eval.enable_bpd = False
+  return config
+
+
+def main(argv):
+  workdir, n_iters = argv[1], int(argv[2])
+  if len(argv) > 3:
+    from score_sde import parallel
+    parallel.initialize_distributed(argv[3], int(argv[4]), int(argv[5]), cpu_collectives='gloo')
+  from score_sde import train
+  train.train_and_evaluate(small_toy_config(n_iters), workdir)
+
+
+if __name__ == '__main__':
+  main(sys.argv)
