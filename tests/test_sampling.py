@@ -1,0 +1,386 @@
+"""Samplers against the exact Gaussian-mixture scores of score_sde.analytic.
+
+Distribution check: samples are assigned to mixture components by the exact
+posterior p(k | x) (the components are > 8 standard deviations apart, so
+assignment is essentially exact), and
+
+  stat = sum_k [ (w_k_hat - w_k)^2 / (w_k (1 - w_k) / n)
+               + sum_d (mu_kd_hat - mu_kd)^2 / (var_kd / n_k)
+               + sum_d (var_kd_hat / var_kd - 1)^2 / (2 / (n_k - 1)) ]
+
+is approximately chi^2 with K + 2 K D degrees of freedom for true samples. The
+threshold df + 6 sqrt(2 df) is calibrated on true samples below (false alarm
+rate ~ 1e-5); with 2000 samples a 15 % error in the variances, or a shift of
+0.08 (a quarter of the smallest standard deviation), exceeds it.
+"""
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from score_sde import analytic
+from score_sde import parallel
+from score_sde import sampling
+from score_sde import sde as sde_lib
+
+NUM_SAMPLES = 2000
+MIX = analytic.GaussianMixture.create(
+    [0.5, 0.3, 0.2], [[-3.0, 0.0], [3.0, 0.0], [0.0, 3.0]],
+    [[0.25, 0.16], [0.09, 0.25], [0.16, 0.16]])
+SDES = {'ve': sde_lib.VESDE(), 'vp': sde_lib.VPSDE(), 'subvp': sde_lib.SubVPSDE()}
+# One score function object per SDE, so compiled samplers are reused.
+SCORES = {name: MIX.score_fn(sde) for name, sde in SDES.items()}
+KEY = jax.random.PRNGKey(0)
+
+
+def threshold(mix) -> float:
+  df = mix.num_components * (1 + 2 * mix.dim)
+  return df + 6 * np.sqrt(2 * df)
+
+
+def mixture_stat(mix, x) -> float:
+  """The chi^2-like discrepancy of the module docstring."""
+  x = np.asarray(x, np.float64).reshape(len(x), -1)
+  n = len(x)
+  if not np.all(np.isfinite(x)):
+    return np.inf
+  labels = np.asarray(jnp.argmax(mix.log_posterior_t(jnp.asarray(x, jnp.float32), 0.0,
+                                                     SDES['vp']), -1))
+  w = np.asarray(mix.weights, np.float64)
+  mu = np.asarray(mix.means, np.float64)
+  var = np.asarray(mix.covs, np.float64)
+  stat = 0.0
+  for k in range(len(w)):
+    xk = x[labels == k]
+    nk = len(xk)
+    if nk < 3:
+      return np.inf
+    stat += (nk / n - w[k]) ** 2 / (w[k] * (1 - w[k]) / n)
+    stat += np.sum((xk.mean(0) - mu[k]) ** 2 / (var[k] / nk))
+    stat += np.sum((xk.var(0, ddof=1) / var[k] - 1) ** 2 / (2 / (nk - 1)))
+  return float(stat)
+
+
+def run(sde_name, method, num_samples=NUM_SAMPLES, key=KEY, **options):
+  return sampling.sample(key, SCORES[sde_name], SDES[sde_name], (num_samples, 2), method,
+                         **options)
+
+
+# ----------------------------------------------------------------------------
+# The test statistic itself
+# ----------------------------------------------------------------------------
+
+def test_statistic_is_calibrated_on_true_samples_and_detects_errors():
+  stats = [mixture_stat(MIX, MIX.sample(jax.random.PRNGKey(i), NUM_SAMPLES))
+           for i in range(10)]
+  df = 3 * (1 + 2 * 2)
+  assert max(stats) < threshold(MIX)
+  assert abs(np.mean(stats) - df) < 3 * np.sqrt(2 * df / 10)   # mean of chi^2_df
+  x, labels = MIX.sample(jax.random.PRNGKey(0), NUM_SAMPLES, return_labels=True)
+  means = MIX.means[labels]
+  too_wide = means + (x - means) * np.sqrt(1.15)
+  assert mixture_stat(MIX, too_wide) > threshold(MIX)
+  shifted = x + jnp.array([0.08, 0.0])
+  assert mixture_stat(MIX, shifted) > threshold(MIX)
+
+
+# ----------------------------------------------------------------------------
+# Every sampler matches the mixture at its documented step count
+# ----------------------------------------------------------------------------
+
+# (sde, predictor, corrector, extra options). Documented step counts: 500
+# predictor steps (snr_norm='batch' in 2-D, see sampling.langevin_corrector);
+# corrector-only sampling: 100 noise levels x 20 corrector steps.
+PC_CASES = [
+    ('vp', 'euler_maruyama', 'langevin', {}),
+    ('vp', 'reverse_diffusion', 'langevin', {}),
+    ('vp', 'ancestral_sampling', 'langevin', {}),
+    ('vp', 'euler_maruyama', 'ald', {}),
+    ('vp', 'reverse_diffusion', 'ald', {}),
+    ('vp', 'ancestral_sampling', 'ald', {}),
+    ('vp', 'euler_maruyama', 'none', {}),
+    ('vp', 'reverse_diffusion', 'none', {}),
+    ('vp', 'ancestral_sampling', 'none', {}),
+    ('ve', 'reverse_diffusion', 'langevin', {}),
+    ('ve', 'ancestral_sampling', 'none', {}),
+    ('ve', 'euler_maruyama', 'ald', {}),
+    ('subvp', 'reverse_diffusion', 'langevin', {}),
+    ('subvp', 'ancestral_sampling', 'none', {}),
+    ('ve', 'none', 'langevin', dict(num_steps=100, n_steps_each=20)),
+    ('ve', 'none', 'ald', dict(num_steps=100, n_steps_each=20)),
+    ('vp', 'none', 'langevin', dict(num_steps=100, n_steps_each=20)),
+    ('vp', 'reverse_diffusion', 'none', dict(probability_flow=True)),
+    ('ve', 'euler_maruyama', 'none', dict(probability_flow=True)),
+]
+# The default run keeps one case per predictor, corrector, SDE and the
+# probability flow; the rest run with the slow tests.
+FAST_PC = {1, 2, 7, 10, 12, 14, 17}
+SLOW_PC = set(range(len(PC_CASES))) - FAST_PC
+
+
+@pytest.mark.parametrize(
+    'case', [pytest.param(c, marks=pytest.mark.slow) if i in SLOW_PC else c
+             for i, c in enumerate(PC_CASES)],
+    ids=[f'{s}-{p}-{c}' + ('-pf' if o.get('probability_flow') else '')
+         for s, p, c, o in PC_CASES])
+def test_pc_sampler_matches_mixture(case):
+  sde_name, predictor, corrector, extra = case
+  options = {'num_steps': 500, 'snr_norm': 'batch', **extra}
+  x, info = run(sde_name, 'pc', predictor=predictor, corrector=corrector, **options)
+  assert mixture_stat(MIX, x) < threshold(MIX)
+  evals = ((predictor != 'none') + (corrector != 'none') * options.get('n_steps_each', 1))
+  assert int(info['nfe']) == options['num_steps'] * evals
+
+
+@pytest.mark.parametrize('sde_name', ['ve', 'vp', 'subvp'])
+def test_ode_sampler_adaptive_matches_mixture(sde_name):
+  x, info = run(sde_name, 'ode', rtol=1e-4, atol=1e-4)
+  assert mixture_stat(MIX, x) < threshold(MIX)
+  assert 20 < int(info['nfe']) < 500
+  assert int(info['nfe']) == int(jnp.max(info['nfe_per_example']))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('solver,options', [('dopri5', dict(rtol=1e-4, atol=1e-4)),
+                                            ('heun', dict(num_steps=100))])
+def test_ode_sampler_other_solvers_match_mixture(solver, options):
+  x, info = run('vp', 'ode', ode_solver=solver, **options)
+  assert mixture_stat(MIX, x) < threshold(MIX)
+  if 'num_steps' in options:
+    assert int(info['nfe']) == 2 * options['num_steps'] + 1   # Heun: 2 per step, + Tweedie
+
+
+@pytest.mark.parametrize('solver', ['euler', 'shark',
+                                    pytest.param('sra1', marks=pytest.mark.slow)])
+def test_reverse_sde_sampler_matches_mixture(solver):
+  num_steps = 200 if solver == 'euler' else 50
+  x, info = run('vp', 'sde', sde_solver=solver, num_steps=num_steps)
+  assert mixture_stat(MIX, x) < threshold(MIX)
+  per_step = 1 if solver == 'euler' else 2
+  assert int(info['nfe']) == per_step * num_steps + 1
+
+
+@pytest.mark.parametrize('sde_name,eta', [('vp', 0.0), ('vp', 1.0), ('subvp', 0.0),
+                                          pytest.param('ve', 0.5, marks=pytest.mark.slow)])
+def test_ddim_sampler_matches_mixture(sde_name, eta):
+  x, info = run(sde_name, 'ddim', ddim_eta=eta, num_steps=100)
+  assert mixture_stat(MIX, x) < threshold(MIX)
+  assert int(info['nfe']) == 101
+
+
+def test_langevin_with_per_example_norms_in_high_dimension():
+  """The default snr_norm='example' is meant for high-dimensional data."""
+  mix = analytic.random_mixture(jax.random.PRNGKey(3), 64, 2, spread=3.0, scale=0.5)
+  sde = SDES['vp']
+  x, _ = sampling.sample(KEY, mix.score_fn(sde), sde, (600, 64), 'pc', num_steps=200,
+                         predictor='reverse_diffusion', corrector='langevin', snr=0.16)
+  assert mixture_stat(mix, x) < threshold(mix)
+
+
+# ----------------------------------------------------------------------------
+# Errors shrink as steps grow (same keys, so the comparison is not noisy)
+# ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize('sde_name,method,options,coarse,fine', [
+    ('ve', 'pc', dict(predictor='reverse_diffusion', corrector='none'), 20, 500),
+    ('vp', 'ddim', {}, 3, 100),
+    ('vp', 'ode', dict(ode_solver='euler'), 5, 200),
+    pytest.param('vp', 'sde', dict(sde_solver='euler'), 10, 200, marks=pytest.mark.slow),
+])
+def test_error_shrinks_with_steps(sde_name, method, options, coarse, fine):
+  stats = [mixture_stat(MIX, run(sde_name, method, num_steps=n, **options)[0])
+           for n in (coarse, fine)]
+  assert stats[0] > 3 * threshold(MIX) > 3 * stats[1]
+
+
+# ----------------------------------------------------------------------------
+# Interface-level formulas reduce to the reference's
+# ----------------------------------------------------------------------------
+
+def test_ancestral_step_is_the_ddpm_step_for_vp():
+  sde = sde_lib.VPSDE(N=50)
+  x = jax.random.normal(jax.random.PRNGKey(1), (4, 3))
+  t = jnp.full((4,), 0.6)
+  score_fn = lambda y, tt: -y   # noqa: E731
+  noise = jax.random.normal(jax.random.PRNGKey(2), (4, 3))
+  step = jax.jit(lambda *a: sampling.ancestral_sampling_predictor(sde, score_fn, *a, False))
+  out, mean = step(x, t, noise)
+  beta = sde.discrete_betas[int(0.6 * 49)]
+  expected_mean = (x + beta * score_fn(x, t)) / jnp.sqrt(1 - beta)
+  np.testing.assert_allclose(mean, expected_mean, rtol=1e-5)
+  np.testing.assert_allclose(out, expected_mean + jnp.sqrt(beta) * noise, rtol=1e-4, atol=1e-6)
+
+
+def test_langevin_alpha_is_one_minus_beta_for_vp_and_one_for_ve():
+  x = jnp.ones((2, 3))
+  t = jnp.full((2,), 0.3)
+  vp = sde_lib.VPSDE(N=100)
+  alpha = jax.jit(lambda sde: sampling.chain_signal_factor(sde, x, t) ** 2, static_argnums=0)
+  np.testing.assert_allclose(alpha(vp), 1 - vp.discrete_betas[int(0.3 * 99)], rtol=1e-6)
+  alpha_ve = alpha(sde_lib.VESDE())
+  np.testing.assert_allclose(alpha_ve, 1.0)
+
+
+def test_expected_normal_norm_matches_monte_carlo():
+  for dim in (1, 2, 64):
+    z = np.random.default_rng(0).standard_normal((200000, dim))
+    np.testing.assert_allclose(sampling.expected_normal_norm(dim),
+                               np.linalg.norm(z, axis=1).mean(), rtol=5e-3)
+
+
+# ----------------------------------------------------------------------------
+# NFE is what the samplers really evaluate
+# ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize('method,options', [
+    ('pc', dict(num_steps=10, n_steps_each=2)),
+    ('ode', dict(rtol=1e-3, atol=1e-3)),
+    pytest.param('sde', dict(sde_solver='shark', num_steps=10), marks=pytest.mark.slow),
+    ('ddim', dict(num_steps=10)),
+])
+def test_reported_nfe_counts_score_calls(method, options):
+  calls = []
+  sde = SDES['vp']
+
+  def counting_score(x, t):
+    jax.debug.callback(lambda _: calls.append(1), t)
+    return MIX.score(x, t, sde)
+
+  _, info = sampling.sample(KEY, counting_score, sde, (1, 2), method, **options)
+  jax.effects_barrier()
+  calls.clear()
+  _, info = sampling.sample(KEY, counting_score, sde, (1, 2), method, **options)
+  jax.effects_barrier()
+  assert len(calls) == int(info['nfe'])
+
+
+# ----------------------------------------------------------------------------
+# Determinism, batch and device independence
+# ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize('method,options', [
+    ('pc', dict(num_steps=30)), ('ode', dict(rtol=1e-3, atol=1e-3)),
+    pytest.param('sde', dict(num_steps=20), marks=pytest.mark.slow),
+    ('ddim', dict(num_steps=10, ddim_eta=1.0))])
+def test_same_key_same_samples_and_examples_independent_of_batch(method, options):
+  x1, _ = run('vp', method, 16, **options)
+  x2, _ = run('vp', method, 16, **options)
+  np.testing.assert_array_equal(x1, x2)
+  x_small, _ = run('vp', method, 8, **options)
+  np.testing.assert_allclose(x_small, x1[:8], rtol=1e-6, atol=1e-6)
+  x_other, _ = run('vp', method, 16, key=jax.random.PRNGKey(1), **options)
+  assert np.all(np.abs(np.asarray(x_other - x1)) > 1e-6)
+
+
+def test_image_shaped_samples_equal_flat_samples():
+  sde = SDES['vp']
+  mix = analytic.random_mixture(jax.random.PRNGKey(0), 8, 2)
+  flat_score = mix.score_fn(sde)
+  image_score = lambda x, t: flat_score(x.reshape(x.shape[0], -1), t).reshape(x.shape)  # noqa
+  options = dict(num_steps=10, ddim_eta=1.0)
+  flat, _ = sampling.sample(KEY, flat_score, sde, (4, 8), 'ddim', **options)
+  image, _ = sampling.sample(KEY, image_score, sde, (4, 2, 2, 2), 'ddim', **options)
+  np.testing.assert_allclose(image.reshape(4, 8), flat, atol=1e-6)
+
+
+def _config(method, **sampling_options):
+  config = ml_collections.ConfigDict()
+  config.sampling = ml_collections.ConfigDict(dict(
+      method=method, predictor='reverse_diffusion', corrector='langevin', snr=0.16,
+      n_steps_each=1, noise_removal=True, probability_flow=False, num_steps=20,
+      ode_solver='tsit5', sde_solver='euler', rtol=1e-3, atol=1e-3, ddim_eta=0.0))
+  config.sampling.update(sampling_options)
+  return config
+
+
+def _mixture_score_model(sde):
+  return lambda mix, x, t: mix.score(x, t, sde)
+
+
+@pytest.mark.parametrize('method,options', [
+    ('pc', {}), ('ode', {}), pytest.param('sde', {}, marks=pytest.mark.slow),
+    pytest.param('pc', dict(snr_norm='batch'), marks=pytest.mark.slow)])
+def test_samples_do_not_depend_on_device_count(method, options):
+  """Batch means ('batch' snr norms) are global means: only rounding may differ."""
+  if len(jax.devices()) < 4:
+    pytest.skip('needs 4 (simulated) devices')
+  sde = SDES['vp']
+  config = _config(method, **options)
+  shape = (8, 2)
+  outputs = []
+  for num_devices in (1, 4):
+    mesh = parallel.make_mesh(jax.devices()[:num_devices])
+    fn = sampling.get_sampling_fn(config, sde, _mixture_score_model(sde), shape, 1e-3, mesh)
+    x, _ = fn(KEY, MIX)
+    assert len(x.sharding.device_set) == num_devices
+    outputs.append(np.asarray(x))
+  np.testing.assert_allclose(outputs[0], outputs[1], rtol=1e-5, atol=1e-6)
+
+
+def test_sampling_fn_takes_params_without_recompiling():
+  sde = SDES['vp']
+  fn = sampling.get_sampling_fn(_config('ddim', num_steps=50), sde, _mixture_score_model(sde),
+                                (500, 2), 1e-3)
+  x, info = fn(KEY, MIX)
+  shifted = MIX.replace(means=MIX.means + 10.0)
+  y, _ = fn(KEY, shifted)
+  assert fn._cache_size() == 1   # noqa: SLF001 - one compilation for both mixtures
+  assert int(info['nfe']) == 51
+  # Same noise, means moved by 10: DDIM (eta = 0) maps the prior draw to the shifted data.
+  assert mixture_stat(MIX, x) < threshold(MIX)
+  assert mixture_stat(MIX, y - 10.0) < threshold(MIX)
+  # The same sampler through `sample` gives the same samples.
+  x_direct, _ = run('vp', 'ddim', 500, num_steps=50)
+  np.testing.assert_allclose(x, x_direct, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------
+# Bad input
+# ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize('method,options,match', [
+    ('pc', dict(predictor='heun'), r"unknown predictor 'heun'; valid: \['ancestral_sampling'"),
+    ('pc', dict(corrector='mala'), r"unknown corrector 'mala'; valid: \['ald', 'langevin'"),
+    ('pc', dict(snr_norm='median'), r"unknown snr_norm 'median'; valid: \['batch', 'example'"),
+    ('ode', dict(ode_solver='rk45'), r"unknown ODE solver 'rk45'; valid: \['dopri5', 'euler'"),
+    ('sde', dict(sde_solver='milstein'), r"unknown SDE solver 'milstein'; valid: \['euler'"),
+    ('langevin', {}, r"unknown sampling method 'langevin'; valid: \['ddim', 'ode', 'pc'"),
+    ('pc', dict(num_steps=-5), r'num_steps must be an integer >= 0'),
+    ('pc', dict(n_steps_each=0), r'n_steps_each must be an integer >= 1'),
+    ('pc', dict(snr=0.0), r'snr must be a positive number'),
+    ('pc', dict(snr=-0.1), r'snr must be a positive number'),
+    ('pc', dict(predictor='none', corrector='none'), r'both "none"'),
+    ('pc', dict(predictor='ancestral_sampling', probability_flow=True),
+     r'no probability-flow form'),
+    ('ode', dict(rtol=0.0), r'rtol must be a positive number'),
+    ('ode', dict(max_steps=0), r'max_steps must be an integer >= 1'),
+    ('ddim', dict(ddim_eta=-1.0), r'ddim_eta must be >= 0'),
+    ('ddim', dict(eps=0.0), r'eps must lie in \(0, T\)'),
+    ('ddim', dict(snr=0.1), r"unknown option\(s\) \['snr'\] for sampling method 'ddim'"),
+])
+def test_bad_options_raise_clear_errors(method, options, match):
+  with pytest.raises(ValueError, match=match):
+    run('vp', method, 4, **options)
+
+
+def test_shape_mismatch_raises():
+  with pytest.raises(ValueError, match=r'score function failed on data of shape \(4, 3\)'):
+    sampling.sample(KEY, SCORES['vp'], SDES['vp'], (4, 3), 'ddim', num_steps=2)
+  wrong_output = lambda x, t: x[:, :1]   # noqa: E731
+  with pytest.raises(ValueError, match=r'returned shape \(4, 1\) for data of shape \(4, 2\)'):
+    sampling.sample(KEY, wrong_output, SDES['vp'], (4, 2), 'pc', num_steps=2)
+  with pytest.raises(ValueError, match=r'shape must be \[B, ...\]'):
+    sampling.sample(KEY, SCORES['vp'], SDES['vp'], (4,), 'pc')
+  with pytest.raises(ValueError, match=r'shape must be \[B, ...\]'):
+    sampling.sample(KEY, SCORES['vp'], SDES['vp'], (0, 2), 'pc')
+
+
+def test_batch_not_divisible_by_devices_raises():
+  mesh = parallel.make_mesh(jax.devices()[:4]) if len(jax.devices()) >= 4 else None
+  if mesh is None:
+    pytest.skip('needs 4 (simulated) devices')
+  with pytest.raises(ValueError,
+                     match=r'number of samples 6 does not divide by the number of devices 4'):
+    sampling.get_sampling_fn(_config('pc'), SDES['vp'], _mixture_score_model(SDES['vp']),
+                             (6, 2), 1e-3, mesh)
