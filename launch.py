@@ -1,17 +1,28 @@
 """score_sde command line: python launch.py <command> --config <file> [--workdir <dir>] ...
 
 Commands
-  train         train a score model (resumes from the newest checkpoint in --workdir)
+  train         train a score model; on an existing --workdir it resumes from the
+                newest checkpoint (--config may then be left out)
+  sample        draw --num_samples samples from a trained workdir's EMA parameters
+                into resumable npz shards + manifest + PNG grid (<workdir>/samples/)
+  bpd           bits/dim of a split through the probability-flow ODE, resumable
+                (<workdir>/eval/bpd_<split>_<step>.json)
+  stats         Inception feature statistics of a dataset split (for FID / KID)
+  eval          FID / KID / IS of a sampling job against those statistics (digits:
+                a digits classifier's features) -> <workdir>/eval/quality_<tag>.json
   describe      parameter count and forward-pass shapes of a config (no training)
   noise_scales  NCSNv2 noise scales (sigma_max, gamma, number of scales, step size)
                 for a config's training data
 
 Configs are ml_collections files; override any key on the command line, e.g.
   --config.training.batch_size=64 --config.model.nf=32
-An override of a key that does not exist fails with the key's name.
+An override of a key that does not exist fails with the key's name. Commands on
+a trained --workdir read its stored config when --config is not given, e.g.
+  launch.py sample --workdir runs/digits --num_samples 256 --config.sampling.method=ode
 """
 from __future__ import annotations
 
+import os
 import sys
 
 from absl import app
@@ -23,7 +34,26 @@ config_flags.DEFINE_config_file('config', None, 'Experiment config file (configs
 flags.DEFINE_string('workdir', None, 'Experiment directory (checkpoints, samples, logs).')
 flags.DEFINE_bool('exact', False, 'noise_scales: exact sigma_max even for large datasets.')
 flags.DEFINE_integer('n_steps_each', 5, 'noise_scales: Langevin steps per noise scale.')
-flags.DEFINE_integer('max_examples', 0, 'noise_scales: use at most this many examples (0: all).')
+flags.DEFINE_integer('max_examples', 0, 'noise_scales / bpd: use at most this many examples '
+                     '(0: all).')
+flags.DEFINE_integer('num_samples', 64, 'sample: number of samples.')
+flags.DEFINE_integer('shard_size', 0, 'sample: samples per shard file (0: config.eval.batch_size).')
+flags.DEFINE_integer('checkpoint', None, 'sample / bpd: checkpoint step (default: newest).')
+flags.DEFINE_integer('seed', None, 'sample: PRNG seed (default: config.seed).')
+flags.DEFINE_string('tag', None, 'sample: output folder name under <workdir>/samples.')
+flags.DEFINE_bool('save_floats', False, 'sample: also store the float samples.')
+flags.DEFINE_enum('split', 'test', ['train', 'test'], 'bpd: which split.')
+flags.DEFINE_integer('num_repeats', 1, 'bpd: dequantisation repeats (fresh noise each).')
+flags.DEFINE_integer('batch_size', 0, 'bpd: examples per shard (0: config.eval.batch_size).')
+flags.DEFINE_string('stats_file', None, 'stats / eval: dataset statistics file (default: '
+                    '<data_dir>/score_sde_stats/<dataset>_<size>_<split>_inception.npz).')
+flags.DEFINE_string('inception_weights', None, 'stats / eval: Inception weights npz (default: '
+                    '$SCORE_SDE_INCEPTION_WEIGHTS or ~/.cache/score_sde/inception_fid.npz).')
+flags.DEFINE_string('coordinator_address', None, 'Multi-process: coordinator host:port '
+                    '(or $JAX_COORDINATOR_ADDRESS; automatic on TPU pods).')
+flags.DEFINE_integer('num_processes', None, 'Multi-process: number of processes.')
+flags.DEFINE_integer('process_id', None, 'Multi-process: this process\'s index.')
+flags.DEFINE_string('cpu_collectives', None, 'Multi-process on CPU: "gloo".')
 
 FLAGS = flags.FLAGS
 
@@ -61,16 +91,65 @@ def cmd_noise_scales(argv):
   print('\nConfig lines:\n' + scales.config_lines())
 
 
+def _require_workdir():
+  if FLAGS.workdir is None:
+    raise app.UsageError('this command needs --workdir=<experiment directory>.')
+  return FLAGS.workdir
+
+
 def cmd_train(argv):
   del argv
   from score_sde import train
-  if FLAGS.workdir is None:
-    raise app.UsageError('train needs --workdir=<directory>.')
-  train.train_and_evaluate(_require_config(), FLAGS.workdir)
+  workdir = _require_workdir()
+  train.train_and_evaluate(_require_config(), workdir)
+
+
+def cmd_sample(argv):
+  del argv
+  from score_sde import jobs
+  workdir = _require_workdir()
+  out_dir = jobs.sample_job(workdir, _require_config(), num_samples=FLAGS.num_samples,
+                            shard_size=FLAGS.shard_size or None, checkpoint=FLAGS.checkpoint,
+                            seed=FLAGS.seed, save_floats=FLAGS.save_floats, tag=FLAGS.tag)
+  print(f'samples: {out_dir} (manifest.json, shard_*.npz, grid.png)')
+
+
+def cmd_bpd(argv):
+  del argv
+  import json
+  from score_sde import jobs
+  workdir = _require_workdir()
+  result = jobs.bpd_job(workdir, _require_config(), split=FLAGS.split,
+                        num_repeats=FLAGS.num_repeats, batch_size=FLAGS.batch_size or None,
+                        checkpoint=FLAGS.checkpoint, max_examples=FLAGS.max_examples or None)
+  print(json.dumps(result, indent=2))
+
+
+def cmd_stats(argv):
+  del argv
+  from score_sde import jobs
+  path = jobs.stats_job(_require_config(), split=FLAGS.split, out_path=FLAGS.stats_file,
+                        weights=FLAGS.inception_weights,
+                        max_examples=FLAGS.max_examples or None)
+  print(f'statistics: {path}')
+
+
+def cmd_eval(argv):
+  del argv
+  import json
+  from score_sde import jobs
+  workdir = _require_workdir()
+  result = jobs.eval_job(workdir, _require_config(), tag=FLAGS.tag,
+                         stats_path=FLAGS.stats_file, weights=FLAGS.inception_weights)
+  print(json.dumps(result, indent=2))
 
 
 COMMANDS = {
     'train': cmd_train,
+    'sample': cmd_sample,
+    'bpd': cmd_bpd,
+    'eval': cmd_eval,
+    'stats': cmd_stats,
     'describe': cmd_describe,
     'noise_scales': cmd_noise_scales,
 }
@@ -81,7 +160,9 @@ def main(argv):
     given = argv[1] if len(argv) > 1 else '(none)'
     raise app.UsageError(f'unknown command {given}; valid commands: {sorted(COMMANDS)}.\n'
                          + __doc__)
-  from score_sde import checkpoints, data, train
+  from score_sde import checkpoints, data, parallel, train
+  parallel.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes,
+                                  FLAGS.process_id, FLAGS.cpu_collectives)
   user_errors = (ValueError, FileNotFoundError, data.DatasetNotFoundError,
                  checkpoints.NoCheckpointError, train.NonFiniteLossError)
   try:
@@ -99,7 +180,8 @@ def _unknown_override(argv) -> str | None:
     path = argv[argv.index('--config') + 1]
   if path is None:
     return None
-  config = configs.load(path.split(':')[0])
+  file_name, _, arg = path.partition(':')
+  config = configs.load(file_name, arg or None)
   for arg in argv:
     if not arg.startswith('--config.'):
       continue
@@ -113,8 +195,23 @@ def _unknown_override(argv) -> str | None:
   return None
 
 
+def _with_workdir_config(argv):
+  """Adds --config=configs/workdir.py:<workdir> when a command on a workdir has no --config."""
+  if any(a == '--config' or a.startswith('--config=') for a in argv):
+    return argv
+  workdir = next((a.split('=', 1)[1] for a in argv if a.startswith('--workdir=')), None)
+  if workdir is None and '--workdir' in argv:
+    workdir = argv[argv.index('--workdir') + 1]
+  if workdir is None or not os.path.exists(os.path.join(workdir, 'config.json')):
+    return argv
+  here = os.path.dirname(os.path.abspath(__file__))
+  config_arg = f'--config={os.path.join(here, "configs", "workdir.py")}:{workdir}'
+  return argv[:1] + [config_arg] + argv[1:]   # before any --config.<key> override
+
+
 def parse_flags(argv):
   """absl flag parsing that names an unknown --config.<key> override."""
+  argv = _with_workdir_config(argv)
   try:
     return FLAGS(argv)
   except Exception as error:  # absl / ml_collections raise several types

@@ -28,7 +28,7 @@ def all_config_paths() -> list[str]:
   """Every experiment config file under configs/ (not defaults, not packages)."""
   paths = glob.glob(os.path.join(CONFIG_DIR, '**', '*.py'), recursive=True)
   return sorted(p for p in paths
-                if os.path.basename(p) not in ('__init__.py', 'defaults.py'))
+                if os.path.basename(p) not in ('__init__.py', 'defaults.py', 'workdir.py'))
 
 
 # Hyper-parameters a network may read from config.model (beyond configs/defaults.py).

@@ -1,0 +1,12 @@
+"""score_sde: score-based generative modelling with SDEs in JAX/Flax.
+
+`score_sde.load(workdir)` opens a trained workdir for scripts (see api.py);
+the modules (sde, analytic, losses, sampling, likelihood, ...) are imported
+on demand.
+"""
+
+
+def load(workdir: str, checkpoint: int | None = None):
+  """A trained workdir's model: sample, log_likelihood, bits_per_dim, encode, decode."""
+  from score_sde import api
+  return api.load(workdir, checkpoint)

@@ -96,8 +96,9 @@ def ema_decay(step, ema_rate: float, warmup: bool):
 def init_train_state(key, *, model, config, optimizer) -> TrainState:
   k_init, k_train = jax.random.split(key)
   params = model_utils.init_params(k_init, model, config)
+  ema_params = jax.tree.map(jnp.copy, params)   # own buffers: the step donates both
   return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                    opt_state=optimizer.init(params), ema_params=params, key=k_train)
+                    opt_state=optimizer.init(params), ema_params=ema_params, key=k_train)
 
 
 def make_train_step(loss_fn, optimizer, schedule, *, ema_rate: float,
@@ -268,7 +269,9 @@ def build_experiment(config) -> Experiment:
   sde, sampling_eps = sde_lib.sde_from_config(config)
   model = models.get_model(config)
   model_fn = model_utils.get_model_fn(model)
-  score4 = model_utils.get_score_model_fn(sde, model_fn, continuous=config.training.continuous)
+  score4 = model_utils.get_score_model_fn(
+      sde, model_fn, continuous=config.training.continuous,
+      learned_variance=bool(config.model.get('learned_variance', False)))
   return Experiment(config=config, sde=sde, sampling_eps=sampling_eps, model=model,
                     model_fn=model_fn,
                     score_model_fn=lambda params, x, t: score4(params, x, t, False, None),

@@ -37,10 +37,13 @@ def _labels_shape(t, x):
   return jnp.broadcast_to(t, x.shape[:1]) if t.ndim == 0 else t
 
 
-def get_score_model_fn(sde, model_fn: ModelFn, continuous: bool = True) -> ModelFn:
+def get_score_model_fn(sde, model_fn: ModelFn, continuous: bool = True,
+                       learned_variance: bool = False) -> ModelFn:
   """score_model_fn(params, x, t, train=False, key=None) -> score [same shape as x].
 
-  `t` is a continuous time in [0, T], scalar or one per example.
+  `t` is a continuous time in [0, T], scalar or one per example. With
+  `learned_variance` the network returns [eps, v] on the last axis and the
+  score uses eps.
   """
   if isinstance(sde, sde_lib.VESDE):
     def score_model_fn(params, x, t, train=False, key=None):
@@ -65,6 +68,8 @@ def get_score_model_fn(sde, model_fn: ModelFn, continuous: bool = True) -> Model
         labels = t * 999
         std = sde_lib.transition_coeffs(sde, t)[1]
       eps = model_fn(params, x, labels, train, key)
+      if learned_variance:
+        eps = eps[..., :x.shape[-1]]
       return -eps / sde_lib.expand_to(std, eps)
 
     return score_model_fn
@@ -74,9 +79,9 @@ def get_score_model_fn(sde, model_fn: ModelFn, continuous: bool = True) -> Model
 
 
 def get_score_fn(sde, model, params, train: bool = False, continuous: bool = True,
-                 key=None):
+                 key=None, learned_variance: bool = False):
   """score_fn(x, t) of a network with fixed parameters (samplers, likelihood)."""
-  score_model_fn = get_score_model_fn(sde, get_model_fn(model), continuous)
+  score_model_fn = get_score_model_fn(sde, get_model_fn(model), continuous, learned_variance)
   return lambda x, t: score_model_fn(params, x, t, train, key)
 
 

@@ -1,0 +1,147 @@
+"""Train-step benchmark: prints one JSON object per (config, device count).
+
+  python benchmarks/train.py --config configs/digits/ddpmpp_continuous.py \
+      --config configs/ve/cifar10_ncsnpp_continuous.py --batch 8 --devices 1 --devices 2
+
+Measures, in one run: the machine's float32 matmul rate (2048^2 jitted matmul),
+then per config the XLA-counted flops of one train step (DSM loss, Adam,
+clipping, EMA: exactly `train.make_train_step`), its compile time, the median
+step time after warm-up, steps/s, examples/s, achieved GFLOP/s and its fraction
+of the measured peak, and the peak RSS. Each device count runs in a fresh
+process (XLA_FLAGS must be set before JAX starts); the global batch is split
+over the simulated devices.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def matmul_gflops(n: int = 2048, repeats: int = 20) -> float:
+  import jax
+  import jax.numpy as jnp
+  a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32)
+  f = jax.jit(lambda x: x @ x)
+  f(a).block_until_ready()
+  times = []
+  for _ in range(repeats):
+    t = time.perf_counter()
+    f(a).block_until_ready()
+    times.append(time.perf_counter() - t)
+  times.sort()
+  return 2 * n ** 3 / times[len(times) // 2] / 1e9
+
+
+def _apply_overrides(config, overrides):
+  import ast
+  for item in overrides:
+    key, value = item.split('=', 1)
+    node = config
+    *path, last = key.split('.')
+    for part in path:
+      node = node[part]
+    try:
+      node[last] = ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+      node[last] = value
+
+
+def measure(config_path: str, batch: int, steps: int, overrides) -> dict:
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  sys.path.insert(0, ROOT)
+  import configs
+  from score_sde import losses, parallel, train
+  from score_sde.models import utils as model_utils
+
+  config = configs.load(config_path)
+  _apply_overrides(config, overrides)
+  config.training.batch_size = batch
+  mesh = parallel.make_mesh()
+  experiment = train.build_experiment(config)
+  optimizer, schedule = train.get_optimizer(config)
+  loss_fn = losses.get_loss_fn(config, experiment.sde, experiment.model_fn,
+                               num_levels=max(experiment.num_levels, 2))
+  step_fn = train.make_train_step(loss_fn, optimizer, schedule,
+                                  ema_rate=float(config.model.ema_rate))
+  replicated = parallel.replicated(mesh)
+  _, init = train.abstract_train_state(experiment, optimizer, mesh)
+  state = jax.jit(init, out_shardings=replicated)(jax.random.PRNGKey(0))
+  shape = model_utils.input_shape(config, batch)
+  x = jax.device_put(np.random.default_rng(0).uniform(-1, 1, shape).astype(np.float32),
+                     parallel.batch_sharding(mesh))
+  jitted = jax.jit(step_fn, in_shardings=(replicated, parallel.batch_sharding(mesh)),
+                   out_shardings=(replicated, replicated), donate_argnums=(0,))
+  t = time.perf_counter()
+  compiled = jitted.lower(state, x).compile()
+  compile_s = time.perf_counter() - t
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  flops = float(cost.get('flops', 0.0)) * mesh.devices.size   # XLA counts one device's share
+  for _ in range(2):
+    state, metrics = compiled(state, x)
+  jax.block_until_ready(metrics)
+  times = []
+  for _ in range(steps):
+    t = time.perf_counter()
+    state, metrics = compiled(state, x)
+    jax.block_until_ready(metrics)
+    times.append(time.perf_counter() - t)
+  median = float(np.median(times))
+  return {
+      'config': os.path.relpath(config_path, ROOT), 'overrides': list(overrides),
+      'params': model_utils.param_count(state.params), 'batch': batch,
+      'devices': mesh.devices.size, 'gflop_per_step': flops / 1e9,
+      'compile_s': round(compile_s, 3), 'step_s_median': median,
+      'steps_per_s': 1.0 / median, 'examples_per_s': batch / median,
+      'achieved_gflops': flops / median / 1e9,
+      'peak_rss_mb': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+      'loss': float(metrics['loss']),
+  }
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument('--config', action='append', required=True)
+  parser.add_argument('--batch', type=int, default=8)
+  parser.add_argument('--steps', type=int, default=10)
+  parser.add_argument('--devices', type=int, action='append')
+  parser.add_argument('--override', action='append', default=[],
+                      help='key=value applied to every config, e.g. model.nf=32')
+  parser.add_argument('--_worker', nargs=2, help=argparse.SUPPRESS)
+  args = parser.parse_args()
+
+  if args._worker:                     # one measurement in this (fresh) process
+    peak = float(args._worker[1])
+    for path in args.config:
+      result = measure(path, args.batch, args.steps, args.override)
+      result['machine_peak_gflops'] = peak
+      result['fraction_of_peak'] = result['achieved_gflops'] / peak
+      print(json.dumps(result), flush=True)
+    return
+
+  peak = matmul_gflops()
+  print(json.dumps({'measurement': 'f32_matmul_2048', 'gflops': peak}), flush=True)
+  for devices in args.devices or [1]:
+    env = dict(os.environ, XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}',
+               JAX_PLATFORMS='cpu')
+    cmd = [sys.executable, os.path.abspath(__file__), '--batch', str(args.batch),
+           '--steps', str(args.steps), '--_worker', str(devices), str(peak)]
+    for path in args.config:
+      cmd += ['--config', path]
+    for item in args.override:
+      cmd += ['--override', item]
+    subprocess.run(cmd, env=env, check=True)
+
+
+if __name__ == '__main__':
+  main()

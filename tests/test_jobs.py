@@ -1,0 +1,166 @@
+"""Sampling and bits/dim jobs: shards, manifests, resumption, devices, the Python API."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+import configs
+import score_sde
+from score_sde import checkpoints
+from score_sde import jobs
+from score_sde import parallel
+from score_sde import train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _tiny_digits_config(data_dir):
+  config = configs.load(os.path.join(configs.CONFIG_DIR, 'digits', 'ddpmpp_continuous.py'))
+  config.training.n_iters = 10
+  config.training.batch_size = 16
+  config.training.log_freq = 5
+  config.training.eval_freq = 0
+  config.training.snapshot_freq = 5
+  config.training.snapshot_sampling = False
+  config.model.nf = 8
+  config.model.num_res_blocks = 1
+  config.data.data_dir = data_dir
+  config.eval.enable_bpd = False
+  config.eval.batch_size = 8
+  config.sampling.num_steps = 20
+  config.eval.rtol = config.eval.atol = 1e-3
+  return config
+
+
+@pytest.fixture(scope='module')
+def workdir(tmp_path_factory):
+  directory = tmp_path_factory.mktemp('digits_run')
+  config = _tiny_digits_config(str(tmp_path_factory.mktemp('tfds')))
+  train.train_and_evaluate(config, str(directory), final_evaluation=False)
+  return str(directory)
+
+
+def _shards(out_dir):
+  return sorted(f for f in os.listdir(out_dir) if f.startswith('shard_'))
+
+
+def test_sample_job_shards_manifest_and_resume(workdir):
+  config = jobs.load_config(workdir)
+  out_dir = jobs.sample_job(workdir, config, num_samples=20, shard_size=8, tag='a')
+  assert _shards(out_dir) == ['shard_00000.npz', 'shard_00001.npz', 'shard_00002.npz']
+  with open(os.path.join(out_dir, 'manifest.json')) as f:
+    manifest = json.load(f)
+  assert manifest['num_shards'] == 3 and manifest['shard_size'] == 8
+  assert manifest['checkpoint_step'] == 10 and manifest['sampler']['method'] == 'pc'
+  assert manifest['sampler']['num_steps'] == 20
+  assert sorted(manifest['shards']) == ['0', '1', '2']
+  assert all(s['nfe'] == 20 for s in manifest['shards'].values())
+  images = jobs.load_samples(out_dir)
+  assert images.shape == (20, 8, 8, 1) and images.dtype == np.uint8 and images.max() <= 16
+  assert os.path.exists(os.path.join(out_dir, 'grid.png'))
+  before = jobs.load_npz(os.path.join(out_dir, 'shard_00001.npz'))
+  os.remove(os.path.join(out_dir, 'shard_00001.npz'))    # an interrupted run
+  mtime = os.path.getmtime(os.path.join(out_dir, 'shard_00000.npz'))
+  jobs.sample_job(workdir, config, num_samples=20, shard_size=8, tag='a')
+  assert os.path.getmtime(os.path.join(out_dir, 'shard_00000.npz')) == mtime  # not redone
+  after = jobs.load_npz(os.path.join(out_dir, 'shard_00001.npz'))
+  np.testing.assert_array_equal(before['images'], after['images'])
+  config.sampling.num_steps = 10
+  with pytest.raises(ValueError, match='different sampler'):
+    jobs.sample_job(workdir, config, num_samples=20, shard_size=8, tag='a')
+
+
+def test_one_and_four_devices_give_the_same_samples(workdir):
+  config = jobs.load_config(workdir)
+  one = jobs.sample_job(workdir, config, num_samples=8, shard_size=8, tag='one',
+                        save_floats=True, mesh=parallel.make_mesh(jax.devices()[:1]))
+  four = jobs.sample_job(workdir, config, num_samples=8, shard_size=8, tag='four',
+                         save_floats=True, mesh=parallel.make_mesh(jax.devices()[:4]))
+  a, b = jobs.load_npz(one + '/shard_00000.npz'), jobs.load_npz(four + '/shard_00000.npz')
+  np.testing.assert_allclose(a['samples'], b['samples'], rtol=1e-4, atol=1e-5)
+
+
+def test_bpd_job_resumes_to_the_same_result(workdir):
+  config = jobs.load_config(workdir)
+  result = jobs.bpd_job(workdir, config, split='test', num_repeats=2, batch_size=8,
+                        max_examples=16)
+  assert result['num_examples'] == 16 and result['num_repeats'] == 2
+  assert result['num_levels'] == 17 and result['dim'] == 64
+  assert np.isfinite(result['bpd']) and result['bpd_stderr'] > 0 and result['nfe_mean'] > 0
+  assert result['solver']['rtol'] == 1e-3
+  out_dir = os.path.join(workdir, 'eval', 'bpd_test_10')
+  assert _shards(out_dir) == [f'shard_{i:05d}.npz' for i in range(4)]
+  os.remove(os.path.join(out_dir, 'shard_00002.npz'))
+  again = jobs.bpd_job(workdir, config, split='test', num_repeats=2, batch_size=8,
+                       max_examples=16)
+  assert again == result
+  with open(os.path.join(workdir, 'eval', 'bpd_test_10.json')) as f:
+    assert json.load(f) == result
+
+
+def test_python_api(workdir):
+  model = score_sde.load(workdir)
+  assert model.step == 10
+  x_pc, info_pc = model.sample(jax.random.PRNGKey(0), 8)
+  x_ode, info_ode = model.sample(jax.random.PRNGKey(0), 8, method='ode', rtol=1e-3, atol=1e-3)
+  assert x_pc.shape == x_ode.shape == (8, 8, 8, 1)
+  assert int(info_pc['nfe']) == 20 and int(info_ode['nfe']) > 0
+  logp, z, _ = model.log_likelihood(jax.random.PRNGKey(1), x_ode, rtol=1e-3, atol=1e-3)
+  assert logp.shape == (8,) and z.shape == x_ode.shape
+  z = model.encode(x_ode[:2], rtol=1e-5, atol=1e-5)
+  back = model.decode(z, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(back, x_ode[:2], atol=2e-3 * float(np.abs(x_ode).max()))
+  assert model.score_fn(x_ode, 0.5).shape == x_ode.shape
+
+
+def test_clear_errors(workdir, tmp_path):
+  with pytest.raises(FileNotFoundError, match='no config.json'):
+    score_sde.load(str(tmp_path))
+  with open(os.path.join(workdir, 'config.json')) as f:
+    stored = f.read()
+  empty = tmp_path / 'empty'
+  empty.mkdir()
+  (empty / 'config.json').write_text(stored)
+  with pytest.raises(checkpoints.NoCheckpointError, match='has no checkpoints'):
+    score_sde.load(str(empty))
+  with pytest.raises(checkpoints.NoCheckpointError, match=r'no checkpoint at step 7 .*'
+                                                          r'available steps: \[5, 10\]'):
+    score_sde.load(workdir, checkpoint=7)
+
+
+def _launch(args, devices=1):
+  env = dict(os.environ, XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}',
+             JAX_PLATFORMS='cpu', PYTHONPATH=ROOT)
+  return subprocess.Popen([sys.executable, os.path.join(ROOT, 'launch.py'), *args], env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+@pytest.mark.slow
+def test_sigkill_during_sampling_then_rerun_gives_identical_shards(workdir):
+  common = ['sample', f'--workdir={workdir}', '--num_samples=24', '--shard_size=4']
+  full = _launch(common + ['--tag=full'])
+  assert full.wait(timeout=600) == 0, full.stdout.read()
+  victim = _launch(common + ['--tag=killed'])
+  target = os.path.join(workdir, 'samples', 'killed', 'shard_00002.npz')
+  deadline = time.time() + 600
+  while not os.path.exists(target) and victim.poll() is None and time.time() < deadline:
+    time.sleep(0.05)
+  victim.send_signal(signal.SIGKILL)
+  victim.wait(timeout=60)
+  done_before = _shards(os.path.join(workdir, 'samples', 'killed'))
+  assert len(done_before) < 6, 'the job finished before it could be killed'
+  rerun = _launch(common + ['--tag=killed'])
+  output = rerun.communicate(timeout=600)[0]
+  assert rerun.returncode == 0, output
+  assert f'{len(done_before)} already done' in output
+  for name in _shards(os.path.join(workdir, 'samples', 'full')):
+    a = jobs.load_npz(os.path.join(workdir, 'samples', 'full', name))
+    b = jobs.load_npz(os.path.join(workdir, 'samples', 'killed', name))
+    np.testing.assert_array_equal(a['images'], b['images'])
+  assert len(jobs.load_samples(os.path.join(workdir, 'samples', 'killed'))) == 24

@@ -1,0 +1,91 @@
+"""The score parameterisations of models/utils.py, with a network whose output is known."""
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import configs
+from score_sde import describe
+from score_sde import sde as sde_lib
+from score_sde.models import utils as model_utils
+
+X = jnp.arange(2 * 2 * 2 * 1, dtype=jnp.float32).reshape(2, 2, 2, 1) / 10 + 0.1
+OUT = jnp.full_like(X, 3.0)
+
+
+def _recording_model():
+  """model_fn returning OUT and remembering the labels it was given."""
+  seen = {}
+
+  def model_fn(params, x, labels, train=False, key=None):
+    seen['labels'] = np.asarray(labels)
+    seen['train'] = train
+    return OUT if params is None else jnp.concatenate([OUT, -OUT], axis=-1)
+
+  return model_fn, seen
+
+
+def test_ve_continuous_conditions_on_sigma_and_returns_output():
+  sde = sde_lib.VESDE()
+  model_fn, seen = _recording_model()
+  score = model_utils.get_score_model_fn(sde, model_fn, continuous=True)(None, X, 0.3, True)
+  np.testing.assert_array_equal(score, OUT)
+  np.testing.assert_allclose(seen['labels'], [0.01 * 5000 ** 0.3] * 2, rtol=1e-5)
+  assert seen['train'] is True
+
+
+def test_ve_discrete_uses_the_ncsn_index():
+  sde = sde_lib.VESDE(N=11)
+  model_fn, seen = _recording_model()
+  fn = model_utils.get_score_model_fn(sde, model_fn, continuous=False)
+  np.testing.assert_array_equal(fn(None, X, jnp.array([1.0, 0.0])), OUT)
+  np.testing.assert_array_equal(seen['labels'], [0, 10])   # 0 = sigma_max at t = T
+  assert seen['labels'].dtype == np.int32
+
+
+@pytest.mark.parametrize('sde', [sde_lib.VPSDE(), sde_lib.SubVPSDE()], ids=['vp', 'subvp'])
+def test_vp_family_continuous_divides_noise_by_minus_std(sde):
+  model_fn, seen = _recording_model()
+  t = jnp.array([0.2, 0.7])
+  score = model_utils.get_score_model_fn(sde, model_fn, continuous=True)(None, X, t)
+  std = np.asarray(sde_lib.transition_coeffs(sde, t)[1])
+  np.testing.assert_allclose(score, -3.0 / std[:, None, None, None] * np.ones(X.shape),
+                             rtol=1e-6)
+  np.testing.assert_allclose(seen['labels'], [0.2 * 999, 0.7 * 999], rtol=1e-6)
+
+
+def test_vp_discrete_uses_ddpm_timesteps_and_chain_std():
+  sde = sde_lib.VPSDE(N=50)
+  model_fn, seen = _recording_model()
+  t = jnp.array([10 / 49, 1.0])
+  score = model_utils.get_score_model_fn(sde, model_fn, continuous=False)(None, X, t)
+  np.testing.assert_allclose(seen['labels'], [10.0, 49.0], rtol=1e-6)
+  std = np.sqrt(1 - np.asarray(sde.alphas_cumprod))[[10, 49]]
+  np.testing.assert_allclose(score[:, 0, 0, 0], -3.0 / std, rtol=1e-5)
+
+
+def test_learned_variance_uses_the_eps_half():
+  sde = sde_lib.VPSDE()
+  model_fn, _ = _recording_model()
+  fn = model_utils.get_score_model_fn(sde, model_fn, learned_variance=True)
+  score = fn('two-halves', X, 0.5)
+  std = float(sde_lib.transition_coeffs(sde, 0.5)[1])
+  assert score.shape == X.shape
+  np.testing.assert_allclose(score, -3.0 / std, rtol=1e-6)
+
+
+def test_unknown_sde_type_is_a_clear_error():
+  with pytest.raises(ValueError, match='no score parameterisation for SDE type'):
+    model_utils.get_score_model_fn(object(), None)
+
+
+@pytest.mark.parametrize('path', [p for p in configs.all_config_paths()
+                                  if '/digits/' in p or '/toy/' in p])
+def test_small_configs_describe(path):
+  config = configs.load(path)
+  configs.validate(config)
+  info = describe.describe(config)
+  expected = list(model_utils.input_shape(config, 1))
+  assert info['input_shape'] == expected
+  out_channels = expected[-1] * (2 if config.model.get('learned_variance', False) else 1)
+  assert info['output_shape'] == expected[:-1] + [out_channels]
+  assert 1e4 < info['params'] < 2e6
