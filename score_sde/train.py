@@ -122,11 +122,21 @@ def make_train_step(loss_fn, optimizer, schedule, *, ema_rate: float,
   return train_step
 
 
-def make_multi_step(train_step) -> Callable:
-  """steps(state, batches [n, B, ...]) -> (state, metrics [n]): n steps in one call."""
+def make_multi_step(train_step, n: int) -> Callable:
+  """steps(state, batches [n, B, ...]) -> (state, metrics [n]): n steps in one call.
+
+  The n steps are unrolled rather than looped: XLA:CPU runs a train step inside
+  a while loop ~6x slower than the same step outside one (0.80 vs 0.14 s for
+  the digits DDPM++ at batch 64 on 2 cores; a length-1 scan included), while
+  unrolling costs only compile time (n copies of the step).
+  """
 
   def steps(state, batches):
-    return jax.lax.scan(train_step, state, batches)
+    all_metrics = []
+    for i in range(n):
+      state, metrics = train_step(state, batches[i])
+      all_metrics.append(metrics)
+    return state, jax.tree.map(lambda *m: jnp.stack(m), *all_metrics)
 
   return steps
 
@@ -346,7 +356,7 @@ def train_and_evaluate(config, workdir: str, *, final_evaluation: bool = True) -
                                ema_warmup=bool(training.get('ema_warmup', False)))
   multi_batch_sharding = jax.sharding.NamedSharding(
       mesh, jax.sharding.PartitionSpec(None, parallel.DATA_AXIS))
-  p_train = jax.jit(make_multi_step(train_step),
+  p_train = jax.jit(make_multi_step(train_step, n_jit),
                     in_shardings=(replicated, multi_batch_sharding),
                     out_shardings=(replicated, replicated), donate_argnums=(0,))
   p_eval = jax.jit(make_eval_step(eval_loss_fn),
