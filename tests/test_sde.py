@@ -115,7 +115,7 @@ def test_vp_discretization_is_ddpm_chain(schedule):
 
 def test_continuous_vp_converges_to_discrete_ddpm_chain():
   errors = []
-  for n in [10, 100, 1000]:
+  for n in [20, 100, 1000]:
     sde = sde_lib.VPSDE(N=n)
     t = (jnp.arange(n) + 1.0) / n
     m, _ = sde_lib.transition_coeffs(sde, t)
@@ -245,6 +245,7 @@ def test_sde_from_config():
     (lambda: sde_lib.VPSDE(beta_min=30., beta_max=20.), 'beta_min must not exceed beta_max'),
     (lambda: sde_lib.SubVPSDE(beta_min=-1.), 'beta_min must be >= 0'),
     (lambda: sde_lib.VPSDE(N=0), 'positive integer'),
+    (lambda: sde_lib.VPSDE(N=10), r'beta_max / N = 20.0 / 10 = 2 .*use N >= 20'),
     (lambda: sde_lib.VPSDE(schedule='sigmoid'), "unknown noise schedule 'sigmoid'"),
     (lambda: sde_lib.VESDE().marginal_prob(jnp.ones(2), 1.5), r'time must lie in \[0, T\]'),
     (lambda: sde_lib.VPSDE().marginal_prob(jnp.ones(2), jnp.array([-0.1, 0.2])),
