@@ -10,6 +10,16 @@ Commands
   stats         Inception feature statistics of a dataset split (for FID / KID)
   eval          FID / KID / IS of a sampling job against those statistics (digits:
                 a digits classifier's features) -> <workdir>/eval/quality_<tag>.json
+  train_classifier
+                train a noise-conditional classifier p(y | x_t) (config.model.name
+                'wideresnet', e.g. configs/digits/wrn_classifier.py) with the same
+                loop, checkpoints and sharding; test accuracy by noise level at the end
+  inpaint       fill in the missing part of --images (PNG / folder / npz, or 'test' /
+                'train' for the dataset's first --num_images) under --mask (a pattern:
+                center_box, left_half, ..., random_pixels, or a mask file)
+  colorize      colour grey-scale --images (the model must be RGB)
+  cond_sample   class-conditional samples: the workdir's score model guided by the
+                classifier of --classifier_workdir (--labels 3,3,7 or --num_per_class)
   describe      parameter count and forward-pass shapes of a config (no training)
   noise_scales  NCSNv2 noise scales (sigma_max, gamma, number of scales, step size)
                 for a config's training data
@@ -27,6 +37,7 @@ import sys
 
 from absl import app
 from absl import flags
+from absl import logging
 from ml_collections import config_flags
 
 config_flags.DEFINE_config_file('config', None, 'Experiment config file (configs/...).',
@@ -49,6 +60,24 @@ flags.DEFINE_string('stats_file', None, 'stats / eval: dataset statistics file (
                     '<data_dir>/score_sde_stats/<dataset>_<size>_<split>_inception.npz).')
 flags.DEFINE_string('inception_weights', None, 'stats / eval: Inception weights npz (default: '
                     '$SCORE_SDE_INCEPTION_WEIGHTS or ~/.cache/score_sde/inception_fid.npz).')
+flags.DEFINE_string('images', None, 'inpaint / colorize: an image file, a folder of images, '
+                    'an npz/npy of images, or "test" / "train" (the dataset\'s first '
+                    '--num_images).')
+flags.DEFINE_integer('num_images', 8, 'inpaint / colorize: use at most this many images.')
+flags.DEFINE_string('mask', 'center_box', 'inpaint: a mask pattern (center_box, left_half, '
+                    'right_half, top_half, bottom_half, random_pixels) or a mask file '
+                    '(.npy / .npz / black-and-white image; 1 or white = known).')
+flags.DEFINE_float('mask_fraction', None, 'inpaint: box side (center_box) or missing '
+                   'probability (random_pixels).')
+flags.DEFINE_integer('samples_per_image', 1, 'inpaint / colorize: samples per input.')
+flags.DEFINE_string('out_dir', None, 'inpaint / colorize / cond_sample: output folder '
+                    '(default: under <workdir>/samples).')
+flags.DEFINE_string('classifier_workdir', None, 'cond_sample: workdir of a classifier '
+                    'trained with train_classifier.')
+flags.DEFINE_string('labels', None, 'cond_sample: comma-separated class indices, one per '
+                    'sample (default: every class --num_per_class times).')
+flags.DEFINE_integer('num_per_class', 4, 'cond_sample: samples per class without --labels.')
+flags.DEFINE_float('scale', 1.0, 'cond_sample: classifier scale (1: the exact conditional).')
 flags.DEFINE_string('coordinator_address', None, 'Multi-process: coordinator host:port '
                     '(or $JAX_COORDINATOR_ADDRESS; automatic on TPU pods).')
 flags.DEFINE_integer('num_processes', None, 'Multi-process: number of processes.')
@@ -101,7 +130,95 @@ def cmd_train(argv):
   del argv
   from score_sde import train
   workdir = _require_workdir()
-  train.train_and_evaluate(_require_config(), workdir)
+  config = _require_config()
+  if train.is_classifier(config):
+    raise ValueError(f'config.model.name {config.model.name!r} is a classifier: train it '
+                     f'with launch.py train_classifier.')
+  train.train_and_evaluate(config, workdir)
+
+
+def cmd_train_classifier(argv):
+  del argv
+  from score_sde import train
+  workdir = _require_workdir()
+  config = _require_config()
+  if not train.is_classifier(config):
+    raise ValueError(f'train_classifier needs a classifier config (config.model.name in '
+                     f'{list(train.CLASSIFIER_MODELS)}, e.g. configs/digits/'
+                     f'wrn_classifier.py); got model {config.model.name!r}.')
+  train.train_and_evaluate(config, workdir)
+
+
+def _input_images(config, num_channels=None):
+  """--images as float32 [N, H, W, C] in [0, 1]."""
+  from score_sde import controllable
+  from score_sde import data
+  if FLAGS.images is None:
+    raise app.UsageError('this command needs --images=<file, folder, npz, or test / train>.')
+  if FLAGS.images in ('train', 'test'):
+    levels = data.num_levels(config)
+    images = data.load_split_uint(config, FLAGS.images, FLAGS.num_images or None)
+    return images.astype('float32') / (levels - 1)
+  return controllable.load_images(FLAGS.images, config.data.image_size,
+                                  num_channels or config.data.num_channels,
+                                  max_images=FLAGS.num_images or None)
+
+
+def cmd_inpaint(argv):
+  del argv
+  from score_sde import controllable
+  workdir = _require_workdir()
+  config = _require_config()
+  paths = controllable.inpaint_job(
+      workdir, config, _input_images(config), FLAGS.mask, mask_fraction=FLAGS.mask_fraction,
+      out_dir=FLAGS.out_dir, samples_per_image=FLAGS.samples_per_image, seed=FLAGS.seed,
+      checkpoint=FLAGS.checkpoint)
+  if paths:
+    print(f'inpainting: {paths["png"]} (inputs, masks, results in {paths["npz"]})')
+
+
+def cmd_colorize(argv):
+  del argv
+  from score_sde import controllable
+  workdir = _require_workdir()
+  config = _require_config()
+  if config.data.num_channels != 3:
+    raise ValueError(f'colourisation needs an RGB model; this one has '
+                     f'{config.data.num_channels} channel(s) (config.data.num_channels).')
+  images = _input_images(config)
+  paths = controllable.colorize_job(
+      workdir, config, images, out_dir=FLAGS.out_dir, samples_per_image=FLAGS.samples_per_image,
+      seed=FLAGS.seed, checkpoint=FLAGS.checkpoint)
+  if paths:
+    print(f'colourisation: {paths["png"]} (grey inputs and results in {paths["npz"]})')
+
+
+def cmd_cond_sample(argv):
+  del argv
+  import numpy as np
+  from configs import workdir as workdir_config
+  from score_sde import controllable
+  from score_sde import models
+  workdir = _require_workdir()
+  config = _require_config()
+  if FLAGS.classifier_workdir is None:
+    raise app.UsageError('cond_sample needs --classifier_workdir=<a train_classifier workdir>.')
+  classifier_config = workdir_config.load_stored_config(FLAGS.classifier_workdir)
+  num_classes = int(models.get_model(classifier_config).num_classes)
+  if FLAGS.labels:
+    try:
+      labels = np.asarray([int(v) for v in FLAGS.labels.split(',') if v.strip()])
+    except ValueError:
+      raise ValueError(f'--labels must be comma-separated integers; got {FLAGS.labels!r}.'
+                       ) from None
+  else:
+    labels = np.repeat(np.arange(num_classes), FLAGS.num_per_class)
+  paths = controllable.conditional_sample_job(
+      workdir, config, FLAGS.classifier_workdir, classifier_config, labels, scale=FLAGS.scale,
+      out_dir=FLAGS.out_dir, seed=FLAGS.seed, checkpoint=FLAGS.checkpoint)
+  if paths:
+    print(f'class-conditional samples: {paths.get("png", "")} (samples, labels in '
+          f'{paths["npz"]})')
 
 
 def cmd_sample(argv):
@@ -146,6 +263,10 @@ def cmd_eval(argv):
 
 COMMANDS = {
     'train': cmd_train,
+    'train_classifier': cmd_train_classifier,
+    'inpaint': cmd_inpaint,
+    'colorize': cmd_colorize,
+    'cond_sample': cmd_cond_sample,
     'sample': cmd_sample,
     'bpd': cmd_bpd,
     'eval': cmd_eval,
@@ -160,6 +281,8 @@ def main(argv):
     given = argv[1] if len(argv) > 1 else '(none)'
     raise app.UsageError(f'unknown command {given}; valid commands: {sorted(COMMANDS)}.\n'
                          + __doc__)
+  if not FLAGS['verbosity'].present:    # library INFO logs (tfds, orbax) only on request
+    logging.set_verbosity(logging.WARNING)
   from score_sde import checkpoints, data, parallel, train
   parallel.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes,
                                   FLAGS.process_id, FLAGS.cpu_collectives)

@@ -38,6 +38,9 @@ MODEL_KEYS = frozenset({
     'learned_variance', 'nf', 'nonlinearity', 'normalization', 'num_layers',
     'num_res_blocks', 'progressive', 'progressive_combine', 'progressive_input',
     'resamp_with_conv', 'resblock_type', 'scale_by_sigma', 'skip_rescale', 'ema_rate',
+    # the noise-conditional Wide-ResNet classifier (models/wideresnet.py)
+    'num_classes', 'blocks_per_group', 'depth', 'channel_multiplier', 'base_channels',
+    'embedding_size', 'standardize',
 })
 OTHER_KEYS = frozenset({'optim.amsgrad', 'data.category', 'data.dim'})
 

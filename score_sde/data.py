@@ -353,10 +353,12 @@ class _GlobalStream:
   Picklable, so grain may read it from worker processes.
   """
 
-  def __init__(self, config, source, seed: int, augment: bool = True):
+  def __init__(self, config, source, seed: int, augment: bool = True,
+               with_labels: bool = False):
     self._config = config
     self._source = source
     self._seed = seed
+    self._with_labels = with_labels
     self._transform = _example_transform(
         config, flip=augment and config.data.random_flip,
         dequantize=config.data.uniform_dequantization)
@@ -367,7 +369,11 @@ class _GlobalStream:
 
   def __getitem__(self, position: int):
     rng = np.random.default_rng([self._seed, 1, position])
-    return self._transform(self._source[int(self._order[position])], rng)
+    example = self._source[int(self._order[position])]
+    image = self._transform(example, rng)
+    if self._with_labels:
+      return {'image': image, 'label': np.int32(example['label'])}
+    return image
 
 
 class _ProcessSlice:
@@ -396,8 +402,9 @@ def _check_batch(global_batch: int, process_count: int):
 
 def train_iterator(config, *, global_batch_size: int, seed: int, split: str = 'train',
                    process_index: int = 0, process_count: int = 1, worker_count: int = 0,
-                   augment: bool = True):
-  """Endless iterator of this process's [b, ...] float32 slices of global batches.
+                   augment: bool = True, with_labels: bool = False):
+  """Endless iterator of this process's [b, ...] float32 slices of global batches
+  (with_labels: dicts {'image': [b, ...] float32, 'label': [b] int32}).
 
   Shuffled anew each epoch; random flips when `augment` and config.data.random_flip;
   dequantised when config.data.uniform_dequantization. The returned grain
@@ -405,7 +412,10 @@ def train_iterator(config, *, global_batch_size: int, seed: int, split: str = 't
   """
   _check_batch(global_batch_size, process_count)
   source = get_data_source(config, split)
-  stream = _GlobalStream(config, source, seed, augment)
+  if with_labels and (is_toy(config) or 'label' not in source[0]):
+    raise ValueError(f'dataset {config.data.dataset!r} has no class labels; a classifier '
+                     f'needs a labelled dataset (e.g. digits, CIFAR10).')
+  stream = _GlobalStream(config, source, seed, augment, with_labels)
   local = _ProcessSlice(stream, global_batch_size, process_index, process_count)
   dataset = grain.MapDataset.source(local).batch(global_batch_size // process_count,
                                                  drop_remainder=True)
@@ -441,6 +451,13 @@ def load_split_uint(config, split: str, max_examples: int | None = None) -> np.n
   source = get_data_source(config, split)
   n = len(source) if max_examples is None else min(max_examples, len(source))
   return np.stack([decode_image(config, source[i]) for i in range(n)])
+
+
+def load_split_labels(config, split: str, max_examples: int | None = None) -> np.ndarray:
+  """The class labels [n] int32 of a labelled split, in the order of `load_split`."""
+  source = get_data_source(config, split)
+  n = len(source) if max_examples is None else min(max_examples, len(source))
+  return np.asarray([int(source[i]['label']) for i in range(n)], np.int32)
 
 
 def load_split(config, split: str, max_examples: int | None = None) -> np.ndarray:

@@ -312,6 +312,25 @@ def digits_metrics(samples, config, *, classifier_path: str | None = None, seed:
   return result
 
 
+def label_agreement(samples, labels, config, *, classifier_path: str | None = None,
+                    seed: int = 0) -> dict:
+  """How often this (independent) digits classifier reads the requested class in
+  class-conditional samples: uint8 samples [N, 8, 8, 1] (levels 0..16), labels [N].
+
+  Returns agreement (fraction), per_class agreement [10] (NaN for classes not
+  requested) and the classifier's own test accuracy (the ceiling to compare with).
+  """
+  _check_digits_config(config)
+  labels = np.asarray(labels)
+  classifier = get_digits_classifier(config, classifier_path, seed)
+  _, logits = classify(classifier, samples)
+  hits = np.argmax(logits, axis=-1) == labels
+  per_class = [float(np.mean(hits[labels == c])) if np.any(labels == c) else float('nan')
+               for c in range(NUM_CLASSES)]
+  return {'agreement': float(np.mean(hits)), 'per_class': per_class,
+          'classifier_test_accuracy': classifier.test_accuracy}
+
+
 def gaussian_baseline_samples(config, num_samples: int, seed: int = 0) -> np.ndarray:
   """uint8 [num_samples, 8, 8, 1]: draws of N(mean, covariance) of the training split's
   levels, rounded and clipped to 0..16 (a poor baseline: no digit structure beyond

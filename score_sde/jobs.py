@@ -78,6 +78,7 @@ def _atomic_savez(path: str, **arrays) -> None:
 
 
 def _atomic_json(path: str, value) -> None:
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   tmp = path + '.tmp'
   with open(tmp, 'w') as f:
     json.dump(value, f, indent=2, sort_keys=True)

@@ -85,6 +85,33 @@ def test_process_shards_are_disjoint_and_make_the_global_batch(digits_config):
     np.testing.assert_array_equal(np.concatenate(parts), full)
 
 
+def test_labelled_batches_pair_each_image_with_its_label(digits_config):
+  from sklearn.datasets import load_digits
+  digits = load_digits()
+  batch = next(data.train_iterator(digits_config, global_batch_size=32, seed=1,
+                                   with_labels=True))
+  assert batch['image'].shape == (32, 8, 8, 1) and batch['label'].dtype == np.int32
+  levels = np.round((batch['image'] + 1) / 2 * 16).astype(np.uint8)[..., 0]
+  for image, label in zip(levels, batch['label']):   # find each image among the digits
+    matches = np.flatnonzero(np.all(digits.images[:1500] == image, axis=(1, 2)))
+    assert len(matches) and label in digits.target[matches]
+  unlabelled = next(data.train_iterator(digits_config, global_batch_size=32, seed=1))
+  np.testing.assert_array_equal(unlabelled, batch['image'])
+  test_images = data.load_split_uint(digits_config, 'test')[..., 0]   # tfds order
+  test_labels = data.load_split_labels(digits_config, 'test')
+  assert len(test_labels) == 297
+  for image, label in zip(test_images, test_labels):
+    matches = 1500 + np.flatnonzero(np.all(digits.images[1500:] == image, axis=(1, 2)))
+    assert len(matches) and label in digits.target[matches]
+
+
+def test_toy_data_has_no_labels():
+  from configs.toy import vp_mlp_continuous
+  with pytest.raises(ValueError, match='no class labels'):
+    data.train_iterator(vp_mlp_continuous.get_config(), global_batch_size=8, seed=0,
+                        with_labels=True)
+
+
 def test_iterator_state_restores_the_next_batch(digits_config):
   it = data.train_iterator(digits_config, global_batch_size=8, seed=0)
   for _ in range(3):

@@ -164,3 +164,65 @@ def test_sigkill_during_sampling_then_rerun_gives_identical_shards(workdir):
     b = jobs.load_npz(os.path.join(workdir, 'samples', 'killed', name))
     np.testing.assert_array_equal(a['images'], b['images'])
   assert len(jobs.load_samples(os.path.join(workdir, 'samples', 'killed'))) == 24
+
+
+def _tiny_classifier_config(data_dir):
+  config = configs.load(os.path.join(configs.CONFIG_DIR, 'digits', 'wrn_classifier.py'))
+  config.training.n_iters = 160
+  config.training.n_jitted_steps = 2          # dict batches through the unrolled steps
+  config.training.batch_size = 32
+  config.training.log_freq = 40
+  config.training.eval_freq = 80
+  config.training.snapshot_freq = 80
+  config.model.channel_multiplier = 1
+  config.model.base_channels = 8
+  config.model.embedding_size = 16
+  config.data.data_dir = data_dir
+  config.eval.batch_size = 100
+  return config
+
+
+@pytest.mark.slow
+def test_classifier_training_and_controllable_commands(workdir, tmp_path):
+  with open(os.path.join(workdir, 'config.json')) as f:
+    data_dir = json.load(f)['data']['data_dir']
+  classifier_dir = str(tmp_path / 'classifier')
+  train.train_and_evaluate(_tiny_classifier_config(data_dir), classifier_dir)
+  with open(os.path.join(classifier_dir, 'eval', 'classifier_accuracy_160.json')) as f:
+    result = json.load(f)
+  accuracy = result['accuracy_by_time']
+  assert result['num_examples'] == 297 and len(accuracy) == 6
+  # 160 steps: far above chance (0.1) on nearly clean digits, near chance at the prior.
+  assert accuracy['0.01'] > 0.5 and accuracy['1'] < 0.3, accuracy
+
+  run = _launch(['cond_sample', f'--workdir={workdir}', f'--classifier_workdir={classifier_dir}',
+                 '--labels=1,7', f'--out_dir={tmp_path / "cond"}'])
+  output = run.communicate(timeout=600)[0]
+  assert run.returncode == 0, output
+  with np.load(tmp_path / 'cond' / 'conditional.npz') as f:
+    assert f['samples'].shape == (2, 8, 8, 1)
+    np.testing.assert_array_equal(f['labels'], [1, 7])
+  with open(tmp_path / 'cond' / 'conditional.json') as f:
+    assert 0.0 <= json.load(f)['digits_label_agreement']['agreement'] <= 1.0
+
+  run = _launch(['inpaint', f'--workdir={workdir}', '--images=test', '--num_images=3',
+                 '--mask=random_pixels', '--mask_fraction=0.3', f'--out_dir={tmp_path / "inp"}'])
+  output = run.communicate(timeout=600)[0]
+  assert run.returncode == 0, output
+  with np.load(tmp_path / 'inp' / 'inpainting.npz') as f:
+    known = f['masks'].astype(bool)
+    np.testing.assert_allclose(f['results'][:, 0][known], f['inputs'][known], atol=1e-6)
+    assert 0.5 < known.mean() < 0.9
+
+  for args, message in [
+      (['colorize', f'--workdir={workdir}', '--images=test'], 'needs an RGB model'),
+      (['train', f'--workdir={tmp_path / "x"}',
+        f'--config={os.path.join(configs.CONFIG_DIR, "digits", "wrn_classifier.py")}'],
+       'train it with launch.py train_classifier'),
+      (['inpaint', f'--workdir={workdir}', '--images=test', '--mask=diagonal'],
+       'neither a mask pattern'),
+      (['cond_sample', f'--workdir={workdir}', f'--classifier_workdir={classifier_dir}',
+        '--labels=3,12'], 'out of range')]:
+    run = _launch(args)
+    output = run.communicate(timeout=300)[0]
+    assert run.returncode == 1 and message in output, output

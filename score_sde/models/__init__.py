@@ -18,6 +18,7 @@ MODELS = {
     'ncsnv2_128': ('score_sde.models.ncsnv2', 'NCSNv2_128'),
     'ncsnv2_256': ('score_sde.models.ncsnv2', 'NCSNv2_256'),
     'mlp': ('score_sde.models.mlp', 'MLP'),
+    'wideresnet': ('score_sde.models.wideresnet', 'WideResNet'),   # classifier p(y | x_t)
 }
 
 

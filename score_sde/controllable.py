@@ -1,0 +1,1214 @@
+"""Controllable generation with one unconditional score model: inpainting,
+colourisation and class-conditional sampling (Song et al. 2021, section 5 and
+appendix I), on the predictor and corrector steps of `score_sde.sampling`.
+
+Inpainting. Known entries Omega (mask = 1) hold an observation y = x_0(Omega).
+The PC sampler runs on the whole image, and after every predictor and every
+corrector update the known entries are replaced by a fresh draw of the
+forward-diffused observation,
+
+  x(Omega) <- m(t) y + s(t) z,   z ~ N(0, I),   i.e. x_t(Omega) ~ p_0t(x_t(Omega) | y),
+
+at the time t the state has reached (after the predictor: the next grid time).
+The unknown entries thus follow the score grad log p_t(x(Omega^c) | x_t(Omega))
+of the joint model at the diffused observation, the paper's approximation of
+grad log p_t(x(Omega^c) | y). The returned images hold y exactly on Omega.
+
+  Exact when the known and unknown parts are independent under the data
+  distribution. It is an approximation otherwise, and for Gaussian data with
+  correlated parts its output is biased: e.g. for (u, k) ~ N(0, [[1, .9],
+  [.9, 1]]) and k = 2 observed, the VE / VP samplers with the exact score
+  return u with mean 1.25 and variance 0.32 instead of the exact conditional's
+  1.8 and 0.19 (computed in closed form in tests/test_controllable.py, which
+  checks the sampler against that closed form). The reason: at large t the
+  unknown part is steered towards the mean of p_t(u | k_t = y + s z), which
+  is rho y / (1 + s^2) under VE, while p_t(u | k_0 = y) has mean rho y; the
+  late steps do not undo the difference. Corrector steps reduce the bias:
+  they pull towards p_t(u | k_t) at every t, which approaches p(u | y) as
+  t -> 0. With 5 annealed-Langevin steps per level (snr 0.16, N = 1000) the
+  example above gives mean 1.78 / 1.74 and variance 0.195 / 0.207 (VE / VP).
+
+Probability-flow option: `probability_flow=True` with the euler_maruyama or
+reverse_diffusion predictor takes deterministic ODE steps for the unknown
+entries, still with the replacement above (so the known entries remain
+random draws of p_0t; the output is not a deterministic function of the
+prior draw). Adaptive ODE solvers are not offered: replacement needs the
+sampler's own grid.
+
+Colourisation. A fixed orthogonal 3x3 matrix M maps each pixel's RGB vector to
+(grey, chroma_1, chroma_2) coordinates,
+
+  M = [u_1 u_2 u_3],  u_1 = (1, 1, 1) / sqrt(3),  u_2 = (-2, 1, 1) / sqrt(6),
+                      u_3 = (0, 1, -1) / sqrt(2),
+  latent = x M (per pixel),  x = latent M^T.
+
+Because M is orthogonal and every SDE here is isotropic with a drift linear
+in x, the diffused latent is the same SDE in rotated coordinates. A grey-scale
+image g (the mean of the RGB channels) fixes the first coordinate, sqrt(3) g;
+colourisation is inpainting in latent space with the mask (1, 0, 0) on every
+pixel. The output's channel mean equals g exactly.
+
+Class-conditional sampling. Bayes' rule for the time-t marginals,
+
+  grad_x log p_t(x | y) = grad_x log p_t(x) + grad_x log p_t(y | x),
+
+with a noise-conditional classifier p_phi(y | x_t, t) (`models/wideresnet.py`)
+trained by cross-entropy on x_t ~ p_0t(x_t | x_0), t ~ U(eps, T). Any sampler
+of `score_sde.sampling` then runs on score + scale * grad log p_phi(y | x_t);
+scale = 1 is the exact conditional, scale > 1 sharpens the classes.
+
+Shapes and spaces. Images are [B, H, W, C] in model space (after the data
+scaler), results too: apply the inverse scaler for [0, 1]. Masks are 1 for
+known and 0 for missing entries. Randomness is per example (key i =
+fold_in(key, i)), as in `score_sde.sampling`.
+
+Layers of this module: pure samplers (`replacement_pc_sampler`); builders
+returning pure functions of (key, params, inputs) for `jax.jit` with a mesh
+(`build_inpainter`, `build_colorizer`, `build_conditional_sampler`);
+convenience calls with a fixed score function (`inpaint`, `colorize`,
+`conditional_sample`); the classifier objective (`get_classifier_loss_fn`);
+and jobs over a trained workdir (`inpaint_job`, `colorize_job`,
+`conditional_sample_job`) that write, in their output folder,
+
+  inpainting.npz     inputs [N, H, W, C], masks [N, H, W, C] uint8, results
+                     [N, S, H, W, C] (S samples per input), floats in [0, 1]
+  colorization.npz   grey [N, H, W, 3], results [N, S, H, W, 3] (+ originals)
+  conditional.npz    samples [N, H, W, C] in [0, 1], labels [N]
+  <name>.png         one row per input: masked input, mask, results / grey,
+                     results / one row per class
+  <name>.json        checkpoint step, seed, sampler settings, NFE
+
+A job's samples depend on (seed, batch size = config.eval.batch_size rounded
+to the device count); jobs are not sharded into resumable pieces (their
+inputs are user images, usually few).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import os
+from typing import Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from score_sde import parallel
+from score_sde import sampling
+from score_sde import sde as sde_lib
+
+ScoreFn = Callable[[jax.Array, jax.Array], jax.Array]
+LogitsFn = Callable[[jax.Array, jax.Array], jax.Array]     # (x [B, ...], t [B]) -> [B, K]
+Info = dict
+
+PC_OPTIONS = tuple(sampling.METHODS['pc'].defaults)
+IMAGE_SUFFIXES = ('.png', '.jpg', '.jpeg', '.bmp', '.gif', '.tif', '.tiff', '.webp')
+
+
+def _identity(x):
+  return x
+
+
+# ----------------------------------------------------------------------------
+# The colour decoupling
+# ----------------------------------------------------------------------------
+
+def color_decoupling_matrix() -> np.ndarray:
+  """The orthogonal M [3, 3]: columns (1,1,1)/sqrt3, (-2,1,1)/sqrt6, (0,1,-1)/sqrt2."""
+  return np.stack([np.array([1.0, 1.0, 1.0]) / math.sqrt(3.0),
+                   np.array([-2.0, 1.0, 1.0]) / math.sqrt(6.0),
+                   np.array([0.0, 1.0, -1.0]) / math.sqrt(2.0)], axis=1)
+
+
+def decouple_colors(x: jax.Array) -> jax.Array:
+  """RGB [..., 3] -> (sqrt(3) grey, chroma_1, chroma_2) [..., 3]: x M."""
+  return jnp.einsum('...i,ij->...j', x, jnp.asarray(color_decoupling_matrix(), x.dtype))
+
+
+def couple_colors(latent: jax.Array) -> jax.Array:
+  """The inverse of `decouple_colors`: latent M^T."""
+  m = jnp.asarray(color_decoupling_matrix(), latent.dtype)
+  return jnp.einsum('...j,ij->...i', latent, m)
+
+
+def to_grayscale(images) -> np.ndarray | jax.Array:
+  """[B, H, W, C] -> [B, H, W, 1], the mean over channels (the colouriser's grey)."""
+  xp = jnp if isinstance(images, jax.Array) else np
+  return xp.mean(images, axis=-1, keepdims=True)
+
+
+# ----------------------------------------------------------------------------
+# Masks
+# ----------------------------------------------------------------------------
+
+def _center_box(size: int, fraction: float, seed: int) -> np.ndarray:
+  del seed
+  side = int(round(size * fraction))
+  start = (size - side) // 2
+  known = np.ones((size, size), np.float32)
+  known[start:start + side, start:start + side] = 0.0
+  return known
+
+
+def _half(axis: int, missing_first: bool):
+  def make(size: int, fraction: float, seed: int) -> np.ndarray:
+    del fraction, seed
+    known = np.ones((size, size), np.float32)
+    index = [slice(None), slice(None)]
+    index[axis] = slice(0, size // 2) if missing_first else slice(size // 2, size)
+    known[tuple(index)] = 0.0
+    return known
+  return make
+
+
+def _random_pixels(size: int, fraction: float, seed: int) -> np.ndarray:
+  rng = np.random.default_rng(seed)
+  return (rng.uniform(size=(size, size)) >= fraction).astype(np.float32)
+
+
+class MaskPattern(NamedTuple):
+  """A named mask: `make(size, fraction, seed) -> [H, W]` (1 known)."""
+  make: Callable
+  default_fraction: float | None     # None: the pattern takes no fraction
+  description: str
+
+
+# Pattern names describe the MISSING region (what the model fills in).
+MASK_PATTERNS = {
+    'center_box': MaskPattern(_center_box, 0.5, 'a central square of side fraction * H missing'),
+    'left_half': MaskPattern(_half(1, True), None, 'the left half missing'),
+    'right_half': MaskPattern(_half(1, False), None, 'the right half missing'),
+    'top_half': MaskPattern(_half(0, True), None, 'the top half missing'),
+    'bottom_half': MaskPattern(_half(0, False), None, 'the bottom half missing'),
+    'random_pixels': MaskPattern(_random_pixels, 0.5,
+                                 'each pixel missing with probability fraction (seeded)'),
+}
+
+
+def _pattern_name(name: str) -> str:
+  return str(name).strip().lower().replace(' ', '_').replace('-', '_')
+
+
+def make_mask(pattern: str, image_size: int, num_channels: int, *,
+              fraction: float | None = None, seed: int = 0) -> np.ndarray:
+  """A named mask [H, W, C] float32, 1 = known pixel (all channels alike).
+
+  pattern: 'center box' | 'left half' | 'right half' | 'top half' |
+    'bottom half' | 'random pixels' (spaces or underscores). `fraction`: the
+    missing box's side as a fraction of H ('center box', default 0.5) or the
+    probability that a pixel is missing ('random pixels', default 0.5, drawn
+    with `seed`).
+  """
+  name = _pattern_name(pattern)
+  spec = MASK_PATTERNS.get(name)
+  if spec is None:
+    raise ValueError(f'unknown mask pattern {pattern!r}; valid: {sorted(MASK_PATTERNS)} '
+                     f'(or a mask file: .npy / .npz / image).')
+  if spec.default_fraction is None:
+    if fraction is not None:
+      raise ValueError(f'mask pattern {name!r} takes no fraction; got {fraction}.')
+    fraction = 0.0
+  else:
+    fraction = spec.default_fraction if fraction is None else float(fraction)
+    if not 0.0 < fraction < 1.0:
+      raise ValueError(f'the fraction of mask pattern {name!r} must lie in (0, 1); '
+                       f'got {fraction}.')
+  if image_size < 2:
+    raise ValueError(f'image_size must be >= 2; got {image_size}.')
+  known = spec.make(int(image_size), fraction, int(seed))
+  return np.repeat(known[..., None], int(num_channels), axis=-1)
+
+
+def check_mask(mask, example_shape, batch_size: int | None = None) -> np.ndarray:
+  """A binary mask as float32 [B, *example_shape] (or [*example_shape] without B).
+
+  Accepted: [*example_shape], and for images [H, W] or [H, W, 1] (the same
+  for every channel), each optionally with a leading batch axis of size B.
+  """
+  mask = np.asarray(mask)
+  example_shape = tuple(example_shape)
+  if mask.dtype == bool:
+    mask = mask.astype(np.float32)
+  if not np.issubdtype(mask.dtype, np.number):
+    raise ValueError(f'the mask must be numeric (0 missing, 1 known); got dtype {mask.dtype}.')
+  values = np.unique(mask)
+  if not np.all(np.isin(values, (0, 1))):
+    shown = values[~np.isin(values, (0, 1))][:5]
+    raise ValueError(f'the mask must be binary (1 = known, 0 = missing); it holds other '
+                     f'values, e.g. {shown.tolist()}. Threshold it first, e.g. mask > 0.5.')
+  mask = mask.astype(np.float32)
+  per_example = [example_shape]
+  if len(example_shape) == 3:
+    per_example += [example_shape[:2], example_shape[:2] + (1,)]
+  shape = tuple(mask.shape)
+  match = None
+  for candidate in per_example:
+    if shape == candidate:
+      match = mask[None]
+    elif batch_size is not None and shape == (batch_size,) + candidate:
+      match = mask
+    if match is not None:
+      if match.ndim == len(example_shape):            # [B, H, W] -> [B, H, W, 1]
+        match = match[..., None]
+      break
+  if match is None:
+    valid = [list(c) for c in per_example]
+    raise ValueError(
+        f'the mask has shape {list(shape)}, which does not fit images of shape '
+        f'{list(example_shape)}; give one of {valid}'
+        + (f', optionally with a leading batch axis of {batch_size}' if batch_size else '')
+        + '.')
+  full = np.broadcast_to(match, match.shape[:1] + example_shape).astype(np.float32)
+  if batch_size is None:
+    return np.ascontiguousarray(full[0])
+  return np.ascontiguousarray(np.broadcast_to(full, (batch_size,) + example_shape))
+
+
+def _check_images(images, shape, what: str = 'images') -> None:
+  images_shape = tuple(np.shape(images))
+  shape = tuple(shape)
+  if images_shape == shape:
+    return
+  if len(images_shape) != len(shape):
+    raise ValueError(f'{what} must have shape {list(shape)} ([B, H, W, C]); got '
+                     f'{list(images_shape)}.')
+  if images_shape[0] != shape[0]:
+    raise ValueError(f'{what}: got a batch of {images_shape[0]}, this function was built '
+                     f'for {shape[0]}.')
+  if len(shape) == 4 and images_shape[-1] != shape[-1]:
+    raise ValueError(f'{what} have {images_shape[-1]} channel(s) but the model takes '
+                     f'{shape[-1]} (config.data.num_channels); convert them first.')
+  raise ValueError(f'{what} have size {list(images_shape[1:])} but the model takes '
+                   f'{list(shape[1:])} (config.data.image_size); resize them first.')
+
+
+# ----------------------------------------------------------------------------
+# The PC sampler with replacement (inpainting and colourisation)
+# ----------------------------------------------------------------------------
+
+def replacement_pc_sampler(key, score_fn: ScoreFn, sde, observed, mask, *,
+                           to_latent: Callable = _identity, from_latent: Callable = _identity,
+                           predictor='reverse_diffusion', corrector='langevin', snr=0.16,
+                           n_steps_each=1, snr_norm='example', noise_removal=True,
+                           probability_flow=False, num_steps=0, eps=1e-3,
+                           constrain: Callable = _identity) -> tuple[jax.Array, Info]:
+  """PC sampling with the known latent entries replaced after every update.
+
+  Args:
+    key: PRNG key; example i depends only on (key, i).
+    score_fn: score_fn(x [B, ...], t [B]) -> [B, ...].
+    sde: the forward SDE.
+    observed: [B, ...] the observation y in latent coordinates (entries
+      outside the mask are ignored).
+    mask: [B, ...] 1 where the latent entry is known.
+    to_latent / from_latent: an orthogonal change of coordinates and its
+      inverse (identity for inpainting, the colour decoupling for
+      colourisation).
+    Other options: as `score_sde.sampling.pc_sampler`.
+
+  Returns:
+    (x [B, ...] in data coordinates with the known latent entries equal to
+    `observed`, info {'nfe'}).
+  """
+  sde = sampling.with_num_steps(sde, num_steps)
+  pred = sampling.PREDICTORS[predictor]
+  corr = sampling.CORRECTORS[corrector]
+  shape = observed.shape
+  example_shape = tuple(shape[1:])
+  keys = sampling.example_keys(key, shape[0])
+  known = jnp.asarray(mask) > 0.5
+
+  def merge(known_values, x):
+    """Data coordinates of the latent (known_values on the mask, to_latent(x) off it)."""
+    return from_latent(jnp.where(known, known_values, to_latent(x)))
+
+  def replace(x, t, noise_keys):
+    """(x with the known entries drawn from p_0t(. | y), their mean m(t) y)."""
+    mean, std = sde.marginal_prob(observed, sampling.batch_times(t, observed))
+    noise = sampling.example_normal(noise_keys, example_shape, observed.dtype)
+    return merge(mean + std * noise, x), mean
+
+  init_keys = sampling.fold_keys(keys, 0)
+  x = constrain(sampling.prior_sample(sde, sampling.fold_keys(init_keys, 0), shape))
+  sampling.check_score_shape(score_fn, x)
+  x, _ = replace(x, sde.T, sampling.fold_keys(init_keys, 1))
+
+  def corrector_update(x, t, step_keys):
+    vec_t = sampling.batch_times(t, x)
+
+    def one_iteration(x, j):
+      x, _ = corr.step(sde, score_fn, x, vec_t,
+                       sampling.fold_keys(sampling.fold_keys(step_keys, 1), j), snr, 1,
+                       snr_norm)
+      x, _ = replace(x, t, sampling.fold_keys(sampling.fold_keys(step_keys, 2), j))
+      return x, None
+
+    x, _ = jax.lax.scan(one_iteration, x, jnp.arange(n_steps_each))
+    return x
+
+  def step(carry, inputs):
+    x, _ = carry
+    index, t, t_next = inputs
+    step_keys = sampling.fold_keys(keys, index + 1)
+    if corrector != 'none':
+      x = corrector_update(x, t, step_keys)
+    noise = sampling.example_normal(sampling.fold_keys(step_keys, 0), example_shape, x.dtype)
+    x, x_mean = pred.step(sde, score_fn, x, sampling.batch_times(t, x), noise,
+                          probability_flow)
+    x, known_mean = replace(x, t_next, sampling.fold_keys(step_keys, 3))
+    return (x, merge(known_mean, x_mean)), None
+
+  timesteps = jnp.linspace(sde.T, eps, sde.N)
+  next_times = jnp.concatenate([timesteps[1:], jnp.full((1,), eps, timesteps.dtype)])
+  (x, x_mean), _ = jax.lax.scan(step, (x, x),
+                                (jnp.arange(sde.N), timesteps, next_times))
+  out = merge(observed, x_mean if noise_removal else x)
+  nfe = sde.N * (pred.score_evals + corr.score_evals * n_steps_each)
+  return out, {'nfe': jnp.asarray(nfe, jnp.int32)}
+
+
+def _pc_options(sde, options: dict) -> dict:
+  """Validated PC options (defaults filled in); raises on bad input."""
+  unknown = sorted(set(options) - set(PC_OPTIONS))
+  if unknown:
+    raise ValueError(f'unknown option(s) {unknown} for PC inpainting / colourisation; '
+                     f'valid: {sorted(PC_OPTIONS)}.')
+  _, opts = sampling.resolve_options(sde, 'pc', options)
+  return opts
+
+
+def _batch_constraint(mesh, batch_size: int, what: str) -> Callable:
+  if mesh is None:
+    return _identity
+  parallel.check_batch_divisible(batch_size, mesh, what)
+  sharding = parallel.batch_sharding(mesh)
+  return lambda x: jax.lax.with_sharding_constraint(x, sharding)
+
+
+def _jit(fn: Callable, mesh, num_params: int, num_batched: int) -> Callable:
+  """jax.jit of fn(key, *params, *batched): batched inputs / outputs sharded on 'data'."""
+  if mesh is None:
+    return jax.jit(fn)
+  rep, batch = parallel.replicated(mesh), parallel.batch_sharding(mesh)
+  return jax.jit(fn, in_shardings=(rep,) + (rep,) * num_params + (batch,) * num_batched,
+                 out_shardings=(batch, rep))
+
+
+def _check_shape(shape) -> tuple[int, ...]:
+  return sampling._check_shape(shape)  # noqa: SLF001 - the samplers' own shape rule
+
+
+# ----------------------------------------------------------------------------
+# Inpainting
+# ----------------------------------------------------------------------------
+
+def build_inpainter(sde, score_model_fn, shape, mesh=None, **options) -> Callable:
+  """Pure inpainter(key, params, images [B, ...], mask [B, ...]) -> (x, info), not jitted.
+
+  score_model_fn(params, x, t) -> score. `images` in model space (values under
+  mask 0 are ignored), `mask` binary with the images' shape (see `check_mask`
+  to build one). Options: the PC options of `score_sde.sampling.sample`
+  (predictor, corrector, snr, n_steps_each, snr_norm, noise_removal,
+  probability_flow, num_steps, eps).
+  """
+  shape = _check_shape(shape)
+  opts = _pc_options(sde, options)
+  constrain = _batch_constraint(mesh, shape[0], 'number of images')
+
+  def inpainter(key, params, images, mask):
+    _check_images(images, shape)
+    if tuple(mask.shape) != shape:
+      raise ValueError(f'the mask has shape {list(mask.shape)}; inside a built inpainter it '
+                       f'must have the images\' shape {list(shape)} (use check_mask).')
+    score_fn = lambda x, t: score_model_fn(params, x, t)  # noqa: E731
+    images = jnp.asarray(images, jnp.float32)
+    return replacement_pc_sampler(key, score_fn, sde, images, mask, constrain=constrain,
+                                  **opts)
+
+  return inpainter
+
+
+def jit_inpainter(inpainter: Callable, mesh=None) -> Callable:
+  """jax.jit of inpainter(key, params, images, mask), images and mask sharded."""
+  return _jit(inpainter, mesh, 1, 2)
+
+
+@functools.lru_cache(maxsize=32)
+def _cached_inpainter(score_fn, sde, shape, option_items, mesh):
+  inpainter = build_inpainter(sde, lambda _, x, t: score_fn(x, t), shape, mesh,
+                              **dict(option_items))
+  return jit_inpainter(inpainter, mesh)
+
+
+def inpaint(key, score_fn: ScoreFn, sde, images, mask, *, mesh=None,
+            **options) -> tuple[jax.Array, Info]:
+  """Fills in the entries where `mask` is 0, consistently with the rest.
+
+  Args:
+    key: PRNG key (example i depends only on (key, i)).
+    score_fn: score_fn(x [B, ...], t [B]) -> [B, ...].
+    sde: the forward SDE.
+    images: [B, ...] in model space; entries under mask 0 are ignored.
+    mask: 1 = known, 0 = missing: [...] (one mask for all) or [B, ...]; for
+      images also [H, W] (all channels alike). See `make_mask` for patterns.
+    mesh: optional device mesh (batch sharded on 'data').
+    **options: PC options (predictor, corrector, snr, n_steps_each,
+      probability_flow, noise_removal, num_steps, eps).
+
+  Returns:
+    (inpainted [B, ...], info {'nfe'}). Known entries are returned unchanged.
+  """
+  images = jnp.asarray(images, jnp.float32)
+  shape = _check_shape(images.shape)
+  mask = check_mask(mask, shape[1:], shape[0])
+  fn = _cached_inpainter(score_fn, sde, shape, tuple(sorted(options.items())), mesh)
+  return fn(key, None, images, jnp.asarray(mask))
+
+
+# ----------------------------------------------------------------------------
+# Colourisation
+# ----------------------------------------------------------------------------
+
+def check_grayscale(grey, image_shape) -> jax.Array:
+  """Grey-scale images as [B, H, W, 1] for RGB outputs of `image_shape` [H, W, 3].
+
+  Accepted: [B, H, W, 1], [B, H, W] or [B, H, W, 3] with equal channels.
+  """
+  image_shape = tuple(image_shape)
+  if len(image_shape) != 3 or image_shape[-1] != 3:
+    raise ValueError(f'colourisation needs an RGB model (images [H, W, 3]); this one makes '
+                     f'{list(image_shape)} (config.data.num_channels must be 3).')
+  shape = tuple(np.shape(grey))
+  if len(shape) == 3:
+    grey = jnp.asarray(grey)[..., None]
+    shape = shape + (1,)
+  if len(shape) != 4:
+    raise ValueError(f'grey-scale images must be [B, H, W, 1] (or [B, H, W]); got shape '
+                     f'{list(shape)}.')
+  if shape[1:3] != image_shape[:2]:
+    raise ValueError(f'grey-scale images are {shape[1]}x{shape[2]} but the model makes '
+                     f'{image_shape[0]}x{image_shape[1]} images (config.data.image_size); '
+                     f'resize them first.')
+  if shape[-1] == 3:
+    if not isinstance(grey, jax.core.Tracer):
+      values = np.asarray(grey)
+      if not (np.allclose(values[..., 0], values[..., 1], atol=1e-6)
+              and np.allclose(values[..., 0], values[..., 2], atol=1e-6)):
+        raise ValueError('the 3-channel input is not grey-scale (its channels differ); pass '
+                         'to_grayscale(images) ([B, H, W, 1], the channel mean) to colourise '
+                         'its grey levels.')
+    grey = jnp.asarray(grey)[..., :1]
+  elif shape[-1] != 1:
+    raise ValueError(f'grey-scale images must have 1 channel (or 3 equal ones); got '
+                     f'{shape[-1]} channels.')
+  return jnp.asarray(grey, jnp.float32)
+
+
+def grey_observation(grey: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """(observed latent [B, H, W, 3] = (sqrt(3) grey, 0, 0), latent mask (1, 0, 0))."""
+  observed = jnp.concatenate([math.sqrt(3.0) * grey, jnp.zeros_like(grey),
+                              jnp.zeros_like(grey)], axis=-1)
+  mask = jnp.broadcast_to(jnp.asarray([1.0, 0.0, 0.0], grey.dtype), observed.shape)
+  return observed, mask
+
+
+def build_colorizer(sde, score_model_fn, shape, mesh=None, **options) -> Callable:
+  """Pure colorizer(key, params, grey [B, H, W, 1]) -> (rgb [B, H, W, 3], info), not jitted.
+
+  `shape` is the output shape [B, H, W, 3]; grey in model space, the channel
+  mean of the wanted colour image. Options as for `build_inpainter`.
+  """
+  shape = _check_shape(shape)
+  if len(shape) != 4 or shape[-1] != 3:
+    raise ValueError(f'colourisation needs RGB images [B, H, W, 3]; got shape {list(shape)} '
+                     f'(config.data.num_channels must be 3).')
+  opts = _pc_options(sde, options)
+  constrain = _batch_constraint(mesh, shape[0], 'number of images')
+
+  def colorizer(key, params, grey):
+    grey = check_grayscale(grey, shape[1:])
+    if grey.shape[0] != shape[0]:
+      raise ValueError(f'got {grey.shape[0]} grey-scale images; this colouriser was built '
+                       f'for {shape[0]}.')
+    observed, mask = grey_observation(grey)
+    score_fn = lambda x, t: score_model_fn(params, x, t)  # noqa: E731
+    return replacement_pc_sampler(key, score_fn, sde, observed, mask,
+                                  to_latent=decouple_colors, from_latent=couple_colors,
+                                  constrain=constrain, **opts)
+
+  return colorizer
+
+
+def jit_colorizer(colorizer: Callable, mesh=None) -> Callable:
+  """jax.jit of colorizer(key, params, grey), grey sharded."""
+  return _jit(colorizer, mesh, 1, 1)
+
+
+@functools.lru_cache(maxsize=32)
+def _cached_colorizer(score_fn, sde, shape, option_items, mesh):
+  colorizer = build_colorizer(sde, lambda _, x, t: score_fn(x, t), shape, mesh,
+                              **dict(option_items))
+  return jit_colorizer(colorizer, mesh)
+
+
+def colorize(key, score_fn: ScoreFn, sde, grey, *, mesh=None,
+             **options) -> tuple[jax.Array, Info]:
+  """Colour images whose channel mean is `grey` ([B, H, W, 1], model space).
+
+  Returns (rgb [B, H, W, 3], info {'nfe'}); options as for `inpaint`.
+  """
+  grey_shape = np.shape(grey)
+  if len(grey_shape) not in (3, 4):
+    raise ValueError(f'grey-scale images must be [B, H, W, 1]; got shape {list(grey_shape)}.')
+  shape = tuple(grey_shape[:3]) + (3,)
+  grey = check_grayscale(grey, shape[1:])
+  fn = _cached_colorizer(score_fn, sde, shape, tuple(sorted(options.items())), mesh)
+  return fn(key, None, grey)
+
+
+# ----------------------------------------------------------------------------
+# Class-conditional sampling
+# ----------------------------------------------------------------------------
+
+def check_class_labels(labels, batch_size: int, num_classes: int) -> np.ndarray:
+  """Integer class labels [B] in [0, num_classes); a scalar is repeated."""
+  labels = np.asarray(labels)
+  if labels.ndim == 0:
+    labels = np.full((batch_size,), labels)
+  if labels.shape != (batch_size,):
+    raise ValueError(f'class labels must have shape [B] = [{batch_size}] (one per sample) '
+                     f'or be one integer; got shape {list(labels.shape)}.')
+  if labels.size and not np.issubdtype(labels.dtype, np.integer):
+    if not np.all(np.equal(np.mod(labels, 1), 0)):
+      raise ValueError(f'class labels must be integers; got {labels[:5].tolist()}.')
+  labels = labels.astype(np.int64)
+  bad = labels[(labels < 0) | (labels >= num_classes)]
+  if bad.size:
+    raise ValueError(f'class index {int(bad[0])} is out of range: the classifier has '
+                     f'{num_classes} classes, so labels must lie in [0, {num_classes - 1}].')
+  return labels.astype(np.int32)
+
+
+def classifier_log_likelihood_grad(logits_fn: LogitsFn, x, t, labels) -> jax.Array:
+  """grad_x log p(y_b | x_b, t) for every example b: [B, ...].
+
+  log p = log_softmax(logits)[y]; the gradient of the batch sum is each
+  example's own gradient because examples do not interact in the classifier.
+  """
+  def total_log_prob(x):
+    log_probs = jax.nn.log_softmax(logits_fn(x, t).astype(jnp.float32), axis=-1)
+    return jnp.sum(jnp.take_along_axis(log_probs, labels[:, None], axis=-1))
+
+  return jax.grad(total_log_prob)(x)
+
+
+def conditional_score_fn(score_fn: ScoreFn, logits_fn: LogitsFn, labels,
+                         scale: float = 1.0) -> ScoreFn:
+  """score(x, t) + scale * grad_x log p(y | x, t), the score of p_t(x | y) at scale 1."""
+  labels = jnp.asarray(labels, jnp.int32)
+
+  def cond_score(x, t):
+    return score_fn(x, t) + scale * classifier_log_likelihood_grad(logits_fn, x, t, labels)
+
+  return cond_score
+
+
+def _check_scale(scale) -> float:
+  scale = float(scale)
+  if not (math.isfinite(scale) and scale >= 0):
+    raise ValueError(f'the classifier scale must be a finite number >= 0 (1 = the exact '
+                     f'conditional); got {scale}.')
+  return scale
+
+
+def build_conditional_sampler(sde, score_model_fn, logits_model_fn, shape, num_classes: int,
+                              method: str = 'pc', mesh=None, scale: float = 1.0,
+                              **options) -> Callable:
+  """Pure sampler(key, score_params, classifier_params, labels [B]) -> (x, info), not jitted.
+
+  score_model_fn(params, x, t) -> score; logits_model_fn(params, x, t) ->
+  [B, num_classes]. Any method of `score_sde.sampling` ('pc' with every
+  predictor / corrector, 'ddim', 'ode', 'sde') with its options; 'ode' and
+  'sde' solve each example on its own (its label fixed), as they do anyway.
+  """
+  shape = _check_shape(shape)
+  scale = _check_scale(scale)
+  spec, opts = sampling.resolve_options(sde, method, options)
+  method = str(method).lower()
+  per_example = method in ('ode', 'sde')
+  constrain = _batch_constraint(mesh, shape[0], 'number of samples')
+
+  def sampler(key, score_params, classifier_params, labels):
+    if tuple(labels.shape) != shape[:1]:
+      raise ValueError(f'labels must have shape [{shape[0]}]; got {list(labels.shape)}.')
+    score_fn = lambda x, t: score_model_fn(score_params, x, t)  # noqa: E731
+    logits_fn = lambda x, t: logits_model_fn(classifier_params, x, t)  # noqa: E731
+    found = num_classes_of(logits_fn, shape[1:])
+    if found != num_classes:
+      raise ValueError(f'the classifier returns {found} logits per example but '
+                       f'num_classes = {num_classes}; build the sampler with its class count.')
+    labels = jnp.asarray(labels, jnp.int32)
+    if not per_example:
+      cond = conditional_score_fn(score_fn, logits_fn, labels, scale)
+      return spec.sampler(key, cond, sde, shape, constrain=constrain, **opts)
+
+    def one_example(example_key, label):
+      cond = conditional_score_fn(score_fn, logits_fn, label[None], scale)
+      x, info = spec.sampler(example_key, cond, sde, (1,) + shape[1:], **opts)
+      return x[0], info['nfe']
+
+    keys = constrain(sampling.example_keys(key, shape[0]))
+    x, nfe = jax.vmap(one_example)(keys, labels)
+    return x, {'nfe': jnp.max(nfe), 'nfe_per_example': nfe}
+
+  return sampler
+
+
+def jit_conditional_sampler(sampler: Callable, mesh=None) -> Callable:
+  """jax.jit of sampler(key, score_params, classifier_params, labels), labels sharded."""
+  return _jit(sampler, mesh, 2, 1)
+
+
+@functools.lru_cache(maxsize=32)
+def _cached_conditional(score_fn, logits_fn, sde, shape, num_classes, method, scale,
+                        option_items, mesh):
+  sampler = build_conditional_sampler(
+      sde, lambda _, x, t: score_fn(x, t), lambda _, x, t: logits_fn(x, t), shape,
+      num_classes, method, mesh, scale, **dict(option_items))
+  return jit_conditional_sampler(sampler, mesh)
+
+
+def num_classes_of(logits_fn: LogitsFn, example_shape) -> int:
+  """K of a classifier logits_fn(x, t) -> [B, K], by shape inference."""
+  x = jax.ShapeDtypeStruct((1,) + tuple(example_shape), jnp.float32)
+  t = jax.ShapeDtypeStruct((1,), jnp.float32)
+  out = jax.eval_shape(logits_fn, x, t)
+  if out.ndim != 2 or out.shape[0] != 1:
+    raise ValueError(f'the classifier must return logits [B, K]; for a batch of 1 it '
+                     f'returned shape {list(out.shape)}.')
+  return int(out.shape[1])
+
+
+def conditional_sample(key, score_fn: ScoreFn, logits_fn: LogitsFn, sde, shape, labels, *,
+                       scale: float = 1.0, method: str = 'pc', mesh=None,
+                       **options) -> tuple[jax.Array, Info]:
+  """Samples of p(x | y) with the score score_fn + scale * grad log p(y | x_t).
+
+  Args:
+    key: PRNG key (example i depends only on (key, i)).
+    score_fn: score_fn(x [B, ...], t [B]) -> [B, ...].
+    logits_fn: logits_fn(x [B, ...], t [B]) -> [B, K] (logits or log-probabilities
+      of a noise-conditional classifier).
+    sde: the forward SDE.
+    shape: [B, ...] the batch of samples.
+    labels: [B] class indices in [0, K), or one index for all.
+    scale: classifier weight (1: exact conditional).
+    method, mesh, **options: as `score_sde.sampling.sample`.
+
+  Returns:
+    (x [B, ...], info {'nfe'}).
+  """
+  shape = _check_shape(shape)
+  num_classes = num_classes_of(logits_fn, shape[1:])
+  labels = check_class_labels(labels, shape[0], num_classes)
+  fn = _cached_conditional(score_fn, logits_fn, sde, shape, num_classes, str(method).lower(),
+                           _check_scale(scale), tuple(sorted(options.items())), mesh)
+  return fn(key, None, None, jnp.asarray(labels))
+
+
+# ----------------------------------------------------------------------------
+# The noise-conditional classifier: logits and training objective
+# ----------------------------------------------------------------------------
+
+def classifier_labels(sde, model, t) -> jax.Array:
+  """The network's conditioning label for time t [B]: s(t) ('fourier') or 999 t."""
+  t = jnp.asarray(t, jnp.float32)
+  if getattr(model, 'embedding_type', 'fourier') == 'fourier':
+    return sde_lib.transition_coeffs(sde, t)[1]
+  return 999.0 * t
+
+
+def get_logits_model_fn(sde, model) -> Callable:
+  """logits_model_fn(params, x, t, train=False, key=None) -> logits [B, K] (float32).
+
+  `t` is a continuous time (scalar or [B]); the classifier sees the noise level
+  s(t) (Fourier embedding of log s, as the reference) or 999 t.
+  """
+
+  def logits_model_fn(params, x, t, train: bool = False, key=None):
+    t = jnp.broadcast_to(jnp.asarray(t, jnp.float32), x.shape[:1])
+    rngs = {'dropout': key} if (train and key is not None) else {}
+    logits = model.apply({'params': params}, x, classifier_labels(sde, model, t),
+                         train=train, rngs=rngs)
+    return logits.astype(jnp.float32)
+
+  return logits_model_fn
+
+
+def get_logits_fn(sde, model, params) -> LogitsFn:
+  """logits_fn(x, t) of a trained classifier (eval mode), for `conditional_sample`."""
+  logits_model_fn = get_logits_model_fn(sde, model)
+  return lambda x, t: logits_model_fn(params, x, t)
+
+
+def _check_batch_structure(batch) -> None:
+  if not isinstance(batch, dict) or 'image' not in batch or 'label' not in batch:
+    found = sorted(batch) if isinstance(batch, dict) else type(batch).__name__
+    raise ValueError(f"a classifier batch is a dict {{'image': [B, H, W, C], 'label': [B]}}; "
+                     f'got {found}.')
+  if np.shape(batch['label']) != np.shape(batch['image'])[:1]:
+    raise ValueError(f"batch['label'] must have shape [B] = {list(np.shape(batch['image'])[:1])}; "
+                     f"got {list(np.shape(batch['label']))}.")
+
+
+def check_classifier_batch(batch, num_classes: int) -> None:
+  """Host-side check of a (concrete) labelled batch: structure and label range."""
+  _check_batch_structure(batch)
+  check_class_labels(np.asarray(batch['label']), len(batch['label']), num_classes)
+
+
+def get_classifier_loss_fn(sde, logits_model_fn, *, train: bool = True,
+                           eps: float = 1e-5) -> Callable:
+  """Cross-entropy of a noise-conditional classifier on perturbed data.
+
+    L = E_{t ~ U(eps, T)} E_{(x_0, y)} E_z [ -log p_phi(y | m(t) x_0 + s(t) z, t) ]
+
+  Args:
+    sde: the forward SDE (the one the score model was trained with).
+    logits_model_fn: (params, x, t, train, key) -> [B, K] (`get_logits_model_fn`).
+    train: dropout on / off.
+    eps: smallest time.
+
+  Returns:
+    loss_fn(params, key, batch) -> scalar, batch = {'image': [B, H, W, C]
+    (model space), 'label': [B] int}. The signature of
+    `score_sde.train.make_train_step`. Labels outside [0, K) give a NaN loss
+    (check data with `check_classifier_batch`).
+  """
+  if not 0 < eps < sde.T:
+    raise ValueError(f'eps must lie in (0, T={sde.T}); got {eps}.')
+
+  def loss_fn(params, key, batch):
+    _check_batch_structure(batch)
+    images = jnp.asarray(batch['image'], jnp.float32)
+    labels = jnp.asarray(batch['label'], jnp.int32)
+    k_t, k_z, k_model = jax.random.split(key, 3)
+    t = jax.random.uniform(k_t, images.shape[:1], minval=eps, maxval=sde.T)
+    z = jax.random.normal(k_z, images.shape)
+    mean, std = sde.marginal_prob(images, t)
+    logits = logits_model_fn(params, mean + std * z, t, train, k_model)
+    log_probs = jax.nn.log_softmax(logits, axis=-1)                  # [B, K]
+    num_classes = log_probs.shape[-1]
+    in_range = (labels >= 0) & (labels < num_classes)
+    picked = jnp.take_along_axis(log_probs, jnp.clip(labels, 0, num_classes - 1)[:, None],
+                                 axis=-1)[:, 0]
+    return -jnp.mean(jnp.where(in_range, picked, jnp.nan))
+
+  return loss_fn
+
+
+def classifier_accuracy(logits_fn: LogitsFn, sde, key, batch, t: float) -> jax.Array:
+  """Accuracy at a fixed time t on batch {'image', 'label'} perturbed by p_0t."""
+  _check_batch_structure(batch)
+  images = jnp.asarray(batch['image'], jnp.float32)
+  vec_t = jnp.full(images.shape[:1], t, jnp.float32)
+  mean, std = sde.marginal_prob(images, vec_t)
+  x_t = mean + std * jax.random.normal(key, images.shape)
+  predicted = jnp.argmax(logits_fn(x_t, vec_t), axis=-1)
+  return jnp.mean((predicted == jnp.asarray(batch['label'])).astype(jnp.float32))
+
+
+# ----------------------------------------------------------------------------
+# Inputs and outputs: images, masks, PNG grids, npz
+# ----------------------------------------------------------------------------
+
+def _image_files(path: str) -> list[str]:
+  if os.path.isdir(path):
+    files = sorted(os.path.join(path, f) for f in os.listdir(path)
+                   if f.lower().endswith(IMAGE_SUFFIXES))
+    if not files:
+      raise ValueError(f'{path} holds no image files ({", ".join(IMAGE_SUFFIXES)}).')
+    return files
+  return [path]
+
+
+def _read_image_file(path: str, num_channels: int) -> np.ndarray:
+  from PIL import Image
+  with Image.open(path) as image:
+    image = image.convert('L' if num_channels == 1 else 'RGB')
+    array = np.asarray(image, np.float32) / 255.0
+  return array[..., None] if array.ndim == 2 else array
+
+
+def load_images(path: str, image_size: int, num_channels: int, *,
+                max_images: int | None = None) -> np.ndarray:
+  """Images in [0, 1] as float32 [N, H, W, C] from a file or a folder.
+
+  .npz: key 'images' (uint8 levels, divided by levels - 1 with the file's
+  'levels' entry, else 255; or floats in [0, 1]) -- the format of sampling
+  jobs; .npy: one such array; image files (PNG, JPEG, ...) or a folder of
+  them: read as grey or RGB to match `num_channels`. Sizes must match the
+  model's; nothing is resized.
+  """
+  if not os.path.exists(path):
+    raise FileNotFoundError(f'no such file or folder: {path}')
+  lower = path.lower()
+  if lower.endswith('.npz') or lower.endswith('.npy'):
+    if lower.endswith('.npz'):
+      with np.load(path, allow_pickle=False) as f:
+        if 'images' not in f.files:
+          raise ValueError(f'{path} has no "images" array (it has {f.files}).')
+        array, levels = f['images'], (int(f['levels']) if 'levels' in f.files else 256)
+    else:
+      array, levels = np.load(path, allow_pickle=False), 256
+    if array.ndim == 3:
+      array = array[None] if array.shape[-1] in (1, 3) else array[..., None]
+    if np.issubdtype(array.dtype, np.integer):
+      images = array.astype(np.float32) / (levels - 1)
+    else:
+      images = array.astype(np.float32)
+  else:
+    images = np.stack([_read_image_file(f, num_channels) for f in _image_files(path)])
+  if images.ndim != 4:
+    raise ValueError(f'{path}: images must be [N, H, W, C]; got shape {list(images.shape)}.')
+  if images.shape[-1] != num_channels:
+    raise ValueError(f'{path}: images have {images.shape[-1]} channel(s) but the model takes '
+                     f'{num_channels} (config.data.num_channels).')
+  if images.shape[1:3] != (image_size, image_size):
+    raise ValueError(f'{path}: images are {images.shape[1]}x{images.shape[2]} but the model '
+                     f'takes {image_size}x{image_size} (config.data.image_size); resize them.')
+  if images.size and (images.min() < -1e-6 or images.max() > 1 + 1e-6):
+    raise ValueError(f'{path}: float images must lie in [0, 1]; got values in '
+                     f'[{images.min():.3g}, {images.max():.3g}].')
+  return images[:max_images] if max_images else images
+
+
+def load_mask(spec: str, image_size: int, num_channels: int, *,
+              fraction: float | None = None, seed: int = 0) -> np.ndarray:
+  """A mask [H, W, C] or [N, H, W, C] (1 = known) from a pattern name or a file.
+
+  Files: .npy, .npz (key 'mask' or 'masks'), or an image (white = known, black
+  = missing; other grey levels are an error).
+  """
+  if _pattern_name(spec) in MASK_PATTERNS:
+    return make_mask(spec, image_size, num_channels, fraction=fraction, seed=seed)
+  if not os.path.exists(spec):
+    raise ValueError(f'{spec!r} is neither a mask pattern {sorted(MASK_PATTERNS)} nor an '
+                     f'existing mask file.')
+  lower = spec.lower()
+  if lower.endswith('.npz'):
+    with np.load(spec, allow_pickle=False) as f:
+      names = [n for n in ('mask', 'masks') if n in f.files]
+      if not names:
+        raise ValueError(f'{spec} has no "mask" or "masks" array (it has {f.files}).')
+      mask = f[names[0]]
+  elif lower.endswith('.npy'):
+    mask = np.load(spec, allow_pickle=False)
+  else:
+    mask = _read_image_file(spec, 1)[..., 0] * 255.0
+    if not np.all(np.isin(np.unique(mask), (0.0, 255.0))):
+      raise ValueError(f'{spec}: a mask image must be black (missing) and white (known) '
+                       f'only; it has other grey levels.')
+    mask = mask / 255.0
+  shape = (image_size, image_size, num_channels)
+  mask = np.asarray(mask)
+  per_example = mask.ndim == 2 or (mask.ndim == 3 and mask.shape[-1] in (1, num_channels)
+                                   and mask.shape[:2] == shape[:2])
+  return check_mask(mask, shape, None if per_example else mask.shape[0])
+
+
+def _masked_view(images: np.ndarray, masks: np.ndarray) -> np.ndarray:
+  """Images with the missing entries shown mid-grey."""
+  return images * masks + 0.5 * (1.0 - masks)
+
+
+def panel_grid(path: str, columns: list[np.ndarray], scale: int | None = None) -> str:
+  """PNG of examples in rows and `columns` ([N, H, W, C] each, [0, 1]) side by side."""
+  from score_sde import evaluation
+  n = columns[0].shape[0]
+  channels = max(c.shape[-1] for c in columns)
+  columns = [np.repeat(c, channels, axis=-1) if c.shape[-1] != channels else c
+             for c in columns]
+  tiles = np.stack(columns, axis=1).reshape((n * len(columns),) + columns[0].shape[1:])
+  scale = scale or max(1, 64 // columns[0].shape[1])
+  return evaluation.save_image_grid(path, tiles, ncols=len(columns), scale=scale)
+
+
+def _write_npz(path: str, **arrays) -> None:
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  tmp = path + '.tmp.npz'
+  np.savez(tmp, **arrays)
+  os.replace(tmp, path)
+
+
+def save_inpainting(out_dir: str, inputs, masks, results, *, info: dict | None = None) -> dict:
+  """Writes inpainting.npz and inpainting.png (rows: masked input, mask, results...).
+
+  inputs, masks: [N, H, W, C]; results: [N, S, H, W, C] (S samples per input)
+  or [N, H, W, C]; images in [0, 1]. Returns the paths.
+  """
+  inputs, masks = np.asarray(inputs, np.float32), np.asarray(masks, np.float32)
+  results = np.asarray(results, np.float32)
+  if results.ndim == inputs.ndim:
+    results = results[:, None]
+  npz = os.path.join(out_dir, 'inpainting.npz')
+  _write_npz(npz, inputs=inputs, masks=masks.astype(np.uint8), results=results)
+  columns = [_masked_view(inputs, masks), masks] + [results[:, s] for s in range(results.shape[1])]
+  png = panel_grid(os.path.join(out_dir, 'inpainting.png'),
+                   [np.clip(c, 0.0, 1.0) for c in columns])
+  _write_info(out_dir, 'inpainting', info)
+  return {'npz': npz, 'png': png}
+
+
+def save_colorization(out_dir: str, grey, results, *, originals=None,
+                      info: dict | None = None) -> dict:
+  """Writes colorization.npz and .png (rows: [original,] grey, results...), in [0, 1]."""
+  grey = np.asarray(grey, np.float32)
+  results = np.asarray(results, np.float32)
+  if results.ndim == grey.ndim:
+    results = results[:, None]
+  arrays = {'grey': grey, 'results': results}
+  columns = [grey] + [results[:, s] for s in range(results.shape[1])]
+  if originals is not None:
+    arrays['originals'] = np.asarray(originals, np.float32)
+    columns = [arrays['originals']] + columns
+  npz = os.path.join(out_dir, 'colorization.npz')
+  _write_npz(npz, **arrays)
+  png = panel_grid(os.path.join(out_dir, 'colorization.png'),
+                   [np.clip(c, 0.0, 1.0) for c in columns])
+  _write_info(out_dir, 'colorization', info)
+  return {'npz': npz, 'png': png}
+
+
+def save_conditional_samples(out_dir: str, samples, labels, *, info: dict | None = None) -> dict:
+  """Writes conditional.npz (samples, labels) and conditional.png (one row per class)."""
+  samples = np.asarray(samples, np.float32)
+  labels = np.asarray(labels)
+  npz = os.path.join(out_dir, 'conditional.npz')
+  _write_npz(npz, samples=samples, labels=labels)
+  paths = {'npz': npz}
+  if samples.ndim == 4:
+    classes = np.unique(labels)
+    per_class = min(int(np.sum(labels == c)) for c in classes)
+    columns = [np.stack([samples[labels == c][j] for c in classes]) for j in range(per_class)]
+    paths['png'] = panel_grid(os.path.join(out_dir, 'conditional.png'),
+                              [np.clip(c, 0.0, 1.0) for c in columns])
+  _write_info(out_dir, 'conditional', info)
+  return paths
+
+
+def _write_info(out_dir: str, name: str, info: dict | None) -> None:
+  if info is None or jax.process_index() != 0:
+    return
+  with open(os.path.join(out_dir, f'{name}.json'), 'w') as f:
+    json.dump(info, f, indent=2, sort_keys=True, default=str)
+
+
+# ----------------------------------------------------------------------------
+# Jobs over a trained workdir (what launch.py calls)
+# ----------------------------------------------------------------------------
+
+def pc_options_from_config(config) -> dict:
+  """The PC options of config.sampling (inpainting / colourisation always use PC)."""
+  sampling_config = config.sampling
+  return {name: sampling_config.get(name, default)
+          for name, default in sampling.METHODS['pc'].defaults.items() if name != 'eps'}
+
+
+def _batches(n: int, batch_size: int):
+  for start in range(0, n, batch_size):
+    yield start, min(start + batch_size, n)
+
+
+def _pad(array: np.ndarray, size: int) -> np.ndarray:
+  if len(array) == size:
+    return array
+  pad = np.repeat(array[-1:], size - len(array), axis=0)
+  return np.concatenate([array, pad])
+
+
+def _job_batch_size(config, n: int, mesh) -> int:
+  n_dev = mesh.devices.size
+  size = min(int(config.eval.batch_size), n)
+  return max(1, math.ceil(size / n_dev)) * n_dev
+
+
+def _restore(workdir, config, mesh, checkpoint, state, step):
+  from score_sde import jobs
+  from score_sde import train
+  if state is None:
+    return jobs.restore_state(workdir, config, mesh, checkpoint)
+  return train.build_experiment(config), state, step
+
+
+def inpaint_job(workdir: str, config, images: np.ndarray, mask, *,
+                mask_fraction: float | None = None, mask_seed: int = 0,
+                out_dir: str | None = None, samples_per_image: int = 1, seed: int | None = None,
+                checkpoint: int | None = None, mesh=None, state=None,
+                step: int | None = None) -> dict:
+  """Inpaints `images` ([N, H, W, C] in [0, 1]) with the workdir's EMA score model.
+
+  mask: a pattern name or mask file (see `load_mask`; `mask_fraction`,
+  `mask_seed` for patterns), or an array [H, W(, C)] for all images or
+  [N, H, W(, C)] per image (1 = known). Writes <out_dir>/inpainting.{npz,png,
+  json} (default out_dir <workdir>/samples/inpainting_step<step>_seed<seed>).
+  The sampler settings come from config.sampling (PC options). Returns the
+  file paths (an empty dict on processes other than 0).
+  """
+  from score_sde import data as data_lib
+  mesh = mesh or parallel.make_mesh()
+  experiment, state, step = _restore(workdir, config, mesh, checkpoint, state, step)
+  images = np.asarray(images, np.float32)
+  example_shape = (config.data.image_size, config.data.image_size, config.data.num_channels)
+  _check_images(images, (len(images),) + example_shape, 'input images')
+  if isinstance(mask, str):
+    mask = load_mask(mask, example_shape[0], example_shape[2], fraction=mask_fraction,
+                     seed=mask_seed)
+  masks = check_mask(mask, example_shape, len(images))
+  seed = config.seed if seed is None else int(seed)
+  samples_per_image = int(samples_per_image)
+  if samples_per_image < 1:
+    raise ValueError(f'samples_per_image must be >= 1; got {samples_per_image}.')
+  scaler = data_lib.get_data_scaler(config)
+  inverse = data_lib.get_data_inverse_scaler(config)
+  repeated = np.repeat(images, samples_per_image, axis=0)
+  repeated_masks = np.repeat(masks, samples_per_image, axis=0)
+  batch = _job_batch_size(config, len(repeated), mesh)
+  options = pc_options_from_config(config)
+  fn = jit_inpainter(build_inpainter(experiment.sde, experiment.score_model_fn,
+                                     (batch,) + example_shape, mesh,
+                                     eps=experiment.sampling_eps, **options), mesh)
+  results, nfe = [], 0
+  for index, (start, stop) in enumerate(_batches(len(repeated), batch)):
+    x, info = fn(jax.random.fold_in(jax.random.PRNGKey(seed), index), state.ema_params,
+                 jnp.asarray(scaler(_pad(repeated[start:stop], batch))),
+                 jnp.asarray(_pad(repeated_masks[start:stop], batch)))
+    results.append(np.asarray(inverse(_gather(x)))[:stop - start])
+    nfe = int(info['nfe'])
+  results = np.concatenate(results).reshape((len(images), samples_per_image) + example_shape)
+  out_dir = out_dir or os.path.join(workdir, 'samples', f'inpainting_step{step}_seed{seed}')
+  meta = {'checkpoint_step': int(step), 'seed': seed, 'nfe': nfe,
+          'sampler': {k: v for k, v in options.items()}, 'eps': experiment.sampling_eps}
+  if jax.process_index() != 0:
+    return {}
+  return save_inpainting(out_dir, images, masks, results, info=meta)
+
+
+def colorize_job(workdir: str, config, images: np.ndarray, *, out_dir: str | None = None,
+                 samples_per_image: int = 1, seed: int | None = None,
+                 checkpoint: int | None = None, mesh=None, state=None,
+                 step: int | None = None) -> dict:
+  """Colours grey-scale `images` ([N, H, W, 1] or RGB, whose channel mean is used; [0, 1]).
+
+  Writes <out_dir>/colorization.{npz,png,json} (RGB inputs are kept as the
+  'originals' column). Sampler settings from config.sampling (PC options).
+  """
+  from score_sde import data as data_lib
+  mesh = mesh or parallel.make_mesh()
+  experiment, state, step = _restore(workdir, config, mesh, checkpoint, state, step)
+  images = np.asarray(images, np.float32)
+  size = config.data.image_size
+  example_shape = (size, size, 3)
+  if images.ndim != 4 or images.shape[-1] not in (1, 3):
+    raise ValueError(f'images to colourise must be [N, H, W, 1] (grey) or [N, H, W, 3]; got '
+                     f'shape {list(images.shape)}.')
+  originals = images if images.shape[-1] == 3 else None
+  grey = to_grayscale(images)
+  check_grayscale(grey, (size, size, config.data.num_channels))
+  seed = config.seed if seed is None else int(seed)
+  scaler = data_lib.get_data_scaler(config)
+  inverse = data_lib.get_data_inverse_scaler(config)
+  repeated = np.repeat(grey, int(samples_per_image), axis=0)
+  batch = _job_batch_size(config, len(repeated), mesh)
+  options = pc_options_from_config(config)
+  fn = jit_colorizer(build_colorizer(experiment.sde, experiment.score_model_fn,
+                                     (batch,) + example_shape, mesh,
+                                     eps=experiment.sampling_eps, **options), mesh)
+  results, nfe = [], 0
+  for index, (start, stop) in enumerate(_batches(len(repeated), batch)):
+    x, info = fn(jax.random.fold_in(jax.random.PRNGKey(seed), index), state.ema_params,
+                 jnp.asarray(scaler(_pad(repeated[start:stop], batch))))
+    results.append(np.asarray(inverse(_gather(x)))[:stop - start])
+    nfe = int(info['nfe'])
+  results = np.concatenate(results).reshape((len(images), int(samples_per_image))
+                                            + example_shape)
+  out_dir = out_dir or os.path.join(workdir, 'samples', f'colorization_step{step}_seed{seed}')
+  meta = {'checkpoint_step': int(step), 'seed': seed, 'nfe': nfe, 'sampler': options,
+          'eps': experiment.sampling_eps}
+  if jax.process_index() != 0:
+    return {}
+  return save_colorization(out_dir, np.repeat(grey, 3, axis=-1), results,
+                           originals=originals, info=meta)
+
+
+def conditional_sample_job(workdir: str, config, classifier_workdir: str, classifier_config,
+                           labels, *, scale: float = 1.0, out_dir: str | None = None,
+                           seed: int | None = None, checkpoint: int | None = None,
+                           classifier_checkpoint: int | None = None, mesh=None,
+                           state=None, step: int | None = None, classifier_state=None,
+                           classifier_step: int | None = None) -> dict:
+  """Class-conditional samples: the workdir's EMA score model guided by the
+  EMA classifier of classifier_workdir (its config: model.name 'wideresnet').
+
+  labels: [N] class indices (e.g. np.repeat(np.arange(10), 8)). Sampler from
+  config.sampling (any method). Writes <out_dir>/conditional.{npz,png,json}.
+  """
+  from score_sde import data as data_lib
+  from score_sde import models
+  mesh = mesh or parallel.make_mesh()
+  experiment, state, step = _restore(workdir, config, mesh, checkpoint, state, step)
+  if classifier_state is None:
+    _, classifier_state, classifier_step = _restore(classifier_workdir, classifier_config,
+                                                    mesh, classifier_checkpoint, None, None)
+  classifier_sde, _ = sde_lib.sde_from_config(classifier_config)
+  if dataclasses.replace(classifier_sde, N=experiment.sde.N) != experiment.sde:
+    raise ValueError(f'the classifier was trained under {classifier_sde} but the score model '
+                     f'under {experiment.sde}; train the classifier with the same SDE.')
+  classifier = models.get_model(classifier_config)
+  num_classes = int(classifier.num_classes)
+  labels = np.asarray(labels)
+  labels = check_class_labels(labels, len(labels), num_classes)
+  seed = config.seed if seed is None else int(seed)
+  example_shape = (config.data.image_size, config.data.image_size, config.data.num_channels)
+  batch = _job_batch_size(config, len(labels), mesh)
+  method, options = sampling.config_options(config)
+  fn = jit_conditional_sampler(build_conditional_sampler(
+      experiment.sde, experiment.score_model_fn, get_logits_model_fn(experiment.sde, classifier),
+      (batch,) + example_shape, num_classes, method, mesh, scale,
+      eps=experiment.sampling_eps, **options), mesh)
+  inverse = data_lib.get_data_inverse_scaler(config)
+  results, nfe = [], 0
+  for index, (start, stop) in enumerate(_batches(len(labels), batch)):
+    x, info = fn(jax.random.fold_in(jax.random.PRNGKey(seed), index), state.ema_params,
+                 classifier_state.ema_params, jnp.asarray(_pad(labels[start:stop], batch)))
+    results.append(np.asarray(inverse(_gather(x)))[:stop - start])
+    nfe = int(info['nfe'])
+  samples = np.concatenate(results)
+  out_dir = out_dir or os.path.join(workdir, 'samples',
+                                    f'conditional_step{step}_scale{scale:g}_seed{seed}')
+  meta = {'checkpoint_step': int(step), 'classifier_step': classifier_step, 'seed': seed,
+          'scale': float(scale), 'nfe': nfe, 'method': method, 'sampler': options,
+          'classifier_workdir': classifier_workdir}
+  if jax.process_index() != 0:
+    return {}
+  if data_lib.dataset_name(config) == 'DIGITS':   # an independent check of the labels
+    from score_sde import digits_classifier
+    levels = data_lib.num_levels(config)
+    uint = np.clip(np.round(samples * (levels - 1)), 0, levels - 1).astype(np.uint8)
+    meta['digits_label_agreement'] = digits_classifier.label_agreement(uint, labels, config)
+    print(f'The digits classifier (test accuracy '
+          f'{meta["digits_label_agreement"]["classifier_test_accuracy"]:.3f}) reads the '
+          f'requested class in {meta["digits_label_agreement"]["agreement"]:.1%} of the '
+          f'{len(labels)} samples.', flush=True)
+  return save_conditional_samples(out_dir, samples, labels, info=meta)
+
+
+def _gather(x) -> np.ndarray:
+  """A (possibly multi-process) global array as one numpy array."""
+  if jax.process_count() == 1:
+    return np.asarray(jax.device_get(x))
+  from jax.experimental import multihost_utils
+  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
