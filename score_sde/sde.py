@@ -254,6 +254,13 @@ class _BetaSchedule:
     """[N] betas of the discrete DDPM chain."""
     if self.schedule == 'cosine':
       return cosine_betas(self.N)
+    if self.beta_max / self.N > 1.0:   # static: raised when tracing, never silently NaN
+      raise ValueError(
+          f'the discrete (DDPM) chain needs betas beta_i <= 1, but beta_max / N = '
+          f'{self.beta_max} / {self.N} = {self.beta_max / self.N:.3g} (sqrt(1 - beta_i) '
+          f'would be NaN); use N >= {math.ceil(self.beta_max)} (config.model.num_scales) '
+          f'or a smaller beta_max. Continuous-time samplers (euler_maruyama, ode, sde) '
+          f'take any N.')
     return linear_betas(self.beta_min, self.beta_max, self.N)
 
   @property
@@ -284,12 +291,6 @@ class VPSDE(_BetaSchedule):
 
   def __post_init__(self):
     self._validate_schedule()
-    if self.schedule == 'linear' and self.beta_max / self.N > 1.0:
-      raise ValueError(
-          f'the DDPM chain needs discrete betas beta_i <= 1, but beta_max / N = '
-          f'{self.beta_max} / {self.N} = {self.beta_max / self.N:.3g} (sqrt(1 - beta_i) '
-          f'would be NaN); use N >= {math.ceil(self.beta_max)} (config.model.num_scales) '
-          f'or a smaller beta_max.')
 
   def sde(self, x, t):
     beta, _ = self.beta_and_integral(t)

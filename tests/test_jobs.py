@@ -134,6 +134,19 @@ def test_clear_errors(workdir, tmp_path):
     score_sde.load(workdir, checkpoint=7)
 
 
+def test_eval_without_a_stats_file_names_the_command(workdir, tmp_path):
+  from configs import workdir as workdir_config
+  config = workdir_config.load_stored_config(workdir)
+  jobs.sample_job(workdir, config, num_samples=8, tag='for_eval')
+  config.data.dataset = 'CIFAR10'             # image datasets compare Inception statistics
+  config.data.data_dir = str(tmp_path)
+  with pytest.raises(FileNotFoundError, match=r'statistics file .* is missing; make it with '
+                                              r'launch.py stats'):
+    jobs.eval_job(workdir, config, tag='for_eval')
+  with pytest.raises(FileNotFoundError, match='no sampling job output'):
+    jobs.eval_job(workdir, config, tag='never_sampled')
+
+
 def _launch(args, devices=1):
   env = dict(os.environ, XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}',
              JAX_PLATFORMS='cpu', PYTHONPATH=ROOT)
@@ -220,9 +233,7 @@ def test_classifier_training_and_controllable_commands(workdir, tmp_path):
         f'--config={os.path.join(configs.CONFIG_DIR, "digits", "wrn_classifier.py")}'],
        'train it with launch.py train_classifier'),
       (['inpaint', f'--workdir={workdir}', '--images=test', '--mask=diagonal'],
-       'neither a mask pattern'),
-      (['cond_sample', f'--workdir={workdir}', f'--classifier_workdir={classifier_dir}',
-        '--labels=3,12'], 'out of range')]:
+       'neither a mask pattern')]:    # label range etc.: tests/test_controllable.py
     run = _launch(args)
     output = run.communicate(timeout=300)[0]
     assert run.returncode == 1 and message in output, output
