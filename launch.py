@@ -149,7 +149,7 @@ def cmd_train_classifier(argv):
   train.train_and_evaluate(config, workdir)
 
 
-def _input_images(config, num_channels=None):
+def _input_images(config):
   """--images as float32 [N, H, W, C] in [0, 1]."""
   from score_sde import controllable
   from score_sde import data
@@ -160,8 +160,7 @@ def _input_images(config, num_channels=None):
     images = data.load_split_uint(config, FLAGS.images, FLAGS.num_images or None)
     return images.astype('float32') / (levels - 1)
   return controllable.load_images(FLAGS.images, config.data.image_size,
-                                  num_channels or config.data.num_channels,
-                                  max_images=FLAGS.num_images or None)
+                                  config.data.num_channels, max_images=FLAGS.num_images or None)
 
 
 def cmd_inpaint(argv):
@@ -182,12 +181,8 @@ def cmd_colorize(argv):
   from score_sde import controllable
   workdir = _require_workdir()
   config = _require_config()
-  if config.data.num_channels != 3:
-    raise ValueError(f'colourisation needs an RGB model; this one has '
-                     f'{config.data.num_channels} channel(s) (config.data.num_channels).')
-  images = _input_images(config)
   paths = controllable.colorize_job(
-      workdir, config, images, out_dir=FLAGS.out_dir, samples_per_image=FLAGS.samples_per_image,
+      workdir, config, _input_images(config), out_dir=FLAGS.out_dir, samples_per_image=FLAGS.samples_per_image,
       seed=FLAGS.seed, checkpoint=FLAGS.checkpoint)
   if paths:
     print(f'colourisation: {paths["png"]} (grey inputs and results in {paths["npz"]})')

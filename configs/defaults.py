@@ -212,3 +212,28 @@ def digits_ncsnpp(config, *, nf: int = 24, ve: bool = False) -> ml_collections.C
   model.fourier_scale = 16.
   model.conv_size = 3
   return config
+
+
+def wrn_classifier(config, *, sde: str, blocks_per_group: int, channel_multiplier: int,
+                   embedding_size: int) -> ml_collections.ConfigDict:
+  """A noise-conditional Wide-ResNet p(y | x_t) for `sde` (launch.py train_classifier):
+  continuous time, Fourier embedding of log sigma, 10 classes, EMA 0.999, no
+  snapshot samples or bits/dim. WRN-(6 blocks_per_group + 4)-channel_multiplier."""
+  training = config.training
+  training.sde = sde
+  training.continuous = True
+  training.snapshot_sampling = False
+  config.eval.enable_bpd = False
+  model = config.model
+  model.name = 'wideresnet'
+  model.num_classes = 10
+  model.blocks_per_group = blocks_per_group
+  model.channel_multiplier = channel_multiplier
+  model.base_channels = 16
+  model.embedding_type = 'fourier'
+  model.embedding_size = embedding_size
+  model.fourier_scale = 16.
+  model.standardize = True
+  model.dropout = 0.
+  model.ema_rate = 0.999
+  return config

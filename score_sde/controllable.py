@@ -809,15 +809,20 @@ def get_classifier_loss_fn(sde, logits_model_fn, *, train: bool = True,
   return loss_fn
 
 
-def classifier_accuracy(logits_fn: LogitsFn, sde, key, batch, t: float) -> jax.Array:
-  """Accuracy at a fixed time t on batch {'image', 'label'} perturbed by p_0t."""
-  _check_batch_structure(batch)
-  images = jnp.asarray(batch['image'], jnp.float32)
+def classifier_correct(logits_fn: LogitsFn, sde, key, images, labels, t) -> jax.Array:
+  """[B] bool: whether the classifier recovers `labels` from x_t ~ p_0t(. | images) at time t."""
+  images = jnp.asarray(images, jnp.float32)
   vec_t = jnp.full(images.shape[:1], t, jnp.float32)
   mean, std = sde.marginal_prob(images, vec_t)
   x_t = mean + std * jax.random.normal(key, images.shape)
-  predicted = jnp.argmax(logits_fn(x_t, vec_t), axis=-1)
-  return jnp.mean((predicted == jnp.asarray(batch['label'])).astype(jnp.float32))
+  return jnp.argmax(logits_fn(x_t, vec_t), axis=-1) == jnp.asarray(labels)
+
+
+def classifier_accuracy(logits_fn: LogitsFn, sde, key, batch, t: float) -> jax.Array:
+  """Accuracy at a fixed time t on batch {'image', 'label'} perturbed by p_0t."""
+  _check_batch_structure(batch)
+  return jnp.mean(classifier_correct(logits_fn, sde, key, batch['image'], batch['label'],
+                                     t).astype(jnp.float32))
 
 
 # ----------------------------------------------------------------------------
@@ -1106,8 +1111,6 @@ def colorize_job(workdir: str, config, images: np.ndarray, *, out_dir: str | Non
   'originals' column). Sampler settings from config.sampling (PC options).
   """
   from score_sde import data as data_lib
-  mesh = mesh or parallel.make_mesh()
-  experiment, state, step = _restore(workdir, config, mesh, checkpoint, state, step)
   images = np.asarray(images, np.float32)
   size = config.data.image_size
   example_shape = (size, size, 3)
@@ -1116,7 +1119,9 @@ def colorize_job(workdir: str, config, images: np.ndarray, *, out_dir: str | Non
                      f'shape {list(images.shape)}.')
   originals = images if images.shape[-1] == 3 else None
   grey = to_grayscale(images)
-  check_grayscale(grey, (size, size, config.data.num_channels))
+  check_grayscale(grey, (size, size, config.data.num_channels))   # before any restore
+  mesh = mesh or parallel.make_mesh()
+  experiment, state, step = _restore(workdir, config, mesh, checkpoint, state, step)
   seed = config.seed if seed is None else int(seed)
   scaler = data_lib.get_data_scaler(config)
   inverse = data_lib.get_data_inverse_scaler(config)

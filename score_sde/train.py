@@ -483,14 +483,13 @@ def evaluate_classifier(experiment: Experiment, state, step: int, workdir: str, 
   labels = data_lib.load_split_labels(config, 'test')
   data_sharding = parallel.batch_sharding(mesh)
   replicated = parallel.replicated(mesh)
-  sde, logits_model_fn = experiment.sde, experiment.model_fn
+  from score_sde import controllable
 
   def count_correct(params, key, images, batch_labels, valid, t):
-    vec_t = jnp.full(images.shape[:1], t, jnp.float32)
-    mean, std = sde.marginal_prob(images, vec_t)
-    x_t = mean + std * jax.random.normal(key, images.shape)
-    predicted = jnp.argmax(logits_model_fn(params, x_t, vec_t), axis=-1)
-    return jnp.sum((predicted == batch_labels) & valid)
+    logits_fn = lambda x, t: experiment.model_fn(params, x, t)   # noqa: E731
+    correct = controllable.classifier_correct(logits_fn, experiment.sde, key, images,
+                                              batch_labels, t)
+    return jnp.sum(correct & valid)
 
   p_count = jax.jit(count_correct, in_shardings=(replicated, replicated, data_sharding,
                                                  data_sharding, data_sharding, None),

@@ -10,23 +10,7 @@ from configs import defaults
 
 
 def get_config():
-  config = defaults.cifar10()
-  training = config.training
-  training.sde = 'vesde'
-  training.continuous = True
-  training.snapshot_sampling = False
-  training.n_iters = 100_000
-  config.eval.enable_bpd = False
-  model = config.model
-  model.name = 'wideresnet'
-  model.num_classes = 10
-  model.depth = 28
-  model.channel_multiplier = 10
-  model.base_channels = 16
-  model.embedding_type = 'fourier'
-  model.embedding_size = 128
-  model.fourier_scale = 16.
-  model.standardize = True
-  model.dropout = 0.
-  model.ema_rate = 0.999
+  config = defaults.wrn_classifier(defaults.cifar10(), sde='vesde', blocks_per_group=4,
+                                   channel_multiplier=10, embedding_size=128)   # WRN-28-10
+  config.training.n_iters = 100_000
   return config

@@ -10,22 +10,7 @@ from configs import defaults
 
 
 def get_config():
-  config = defaults.digits()
-  training = config.training
-  training.sde = 'vpsde'
-  training.continuous = True
-  training.snapshot_sampling = False
-  training.n_iters = 1500
-  config.eval.enable_bpd = False
-  model = config.model
-  model.name = 'wideresnet'
-  model.num_classes = 10
-  model.blocks_per_group = 1
-  model.channel_multiplier = 2
-  model.base_channels = 16
-  model.embedding_type = 'fourier'
-  model.embedding_size = 64
-  model.fourier_scale = 16.
-  model.standardize = True
-  model.ema_rate = 0.999
+  config = defaults.wrn_classifier(defaults.digits(), sde='vpsde', blocks_per_group=1,
+                                   channel_multiplier=2, embedding_size=64)
+  config.training.n_iters = 1500
   return config

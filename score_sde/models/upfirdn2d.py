@@ -106,21 +106,17 @@ def upfirdn2d(x: jax.Array, kernel, up: int = 1, down: int = 1, pad: Pad = (0, 0
   # cores: small NCSN++ 0.442 -> 0.258 s/step, paper NCSN++ 5.76 -> 4.94 s/step,
   # with the same loss value.
   flipped = k[::-1, ::-1]
+  size_h, size_w = out_h // down + 1, out_w // down + 1
   column, row = _rank_one_factors(flipped)
   if column is not None:
-    x = _correlate_1d(x, column, axis=1, stride=down, out_len=out_h // down + 1)
-    return _correlate_1d(x, row, axis=2, stride=down, out_len=out_w // down + 1)
-  out = None
-  for i in range(kh):
-    rows = jax.lax.slice_in_dim(x, i, i + out_h + 1, stride=down, axis=1)
-    for j in range(kw):
-      if flipped[i, j] == 0:
-        continue
-      term = jax.lax.slice_in_dim(rows, j, j + out_w + 1, stride=down, axis=2) * jnp.asarray(
-          flipped[i, j], x.dtype)
-      out = term if out is None else out + term
-  return out if out is not None else jnp.zeros(
-      (x.shape[0], out_h // down + 1, out_w // down + 1, c), x.dtype)
+    x = _correlate_1d(x, column, axis=1, stride=down, out_len=size_h)
+    return _correlate_1d(x, row, axis=2, stride=down, out_len=size_w)
+  out = jnp.zeros((x.shape[0], size_h, size_w, c), x.dtype)
+  for i in range(kh):                     # a general kernel: one 1-D pass per kernel row
+    if np.any(flipped[i]):
+      rows = jax.lax.slice_in_dim(x, i, i + out_h + 1, stride=down, axis=1)
+      out = out + _correlate_1d(rows, flipped[i], axis=2, stride=down, out_len=size_w)
+  return out
 
 
 def _rank_one_factors(k: np.ndarray):
