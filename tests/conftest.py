@@ -3,7 +3,11 @@ import os
 
 # Must happen before JAX initialises its backend. Tests that need a given
 # number of devices pick a sub-mesh of these.
-os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=4')
+# An XLA_FLAGS of the user's own keeps its flags and gains the device count,
+# unless it sets one itself (tests needing 4 devices then skip and say why).
+if 'xla_force_host_platform_device_count' not in os.environ.get('XLA_FLAGS', ''):
+  os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
+                             ' --xla_force_host_platform_device_count=4').strip()
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
 
 import jax  # noqa: E402

@@ -268,7 +268,9 @@ def test_conversion_from_a_pytorch_state_dict(params):
     inception.convert_torch_state_dict(state_dict)
 
 
-@pytest.mark.skipif(importlib.util.find_spec('torch') is not None, reason='torch is installed')
+@pytest.mark.skipif(importlib.util.find_spec('torch') is not None,
+                    reason='torch is installed here, so the message for a machine without '
+                           'torch cannot be produced')
 def test_pth_conversion_without_torch_explains_itself(tmp_path):
   with pytest.raises(ImportError, match='pip install torch'):
     inception.convert_pytorch_fid_weights(str(tmp_path / 'x.pth'), str(tmp_path / 'x.npz'))

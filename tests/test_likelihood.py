@@ -217,7 +217,8 @@ def test_bits_per_dim_of_exact_model_on_discretised_gaussian():
 
 def test_likelihood_fn_does_not_depend_on_device_count(mixtures):
   if len(jax.devices()) < 4:
-    pytest.skip('needs 4 (simulated) devices')
+    pytest.skip('needs 4 devices; tests/conftest.py simulates 4 CPU devices unless XLA_FLAGS '
+                'already sets --xla_force_host_platform_device_count')
   mix, sde = mixtures[2], SDES['vp']
   score_model_fn = lambda m, x, t: m.score(x, t, sde)   # noqa: E731
   x = mix.sample(jax.random.PRNGKey(7), 8)

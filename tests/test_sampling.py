@@ -304,7 +304,8 @@ def _mixture_score_model(sde):
 def test_samples_do_not_depend_on_device_count(method, options):
   """Batch means ('batch' snr norms) are global means: only rounding may differ."""
   if len(jax.devices()) < 4:
-    pytest.skip('needs 4 (simulated) devices')
+    pytest.skip('needs 4 devices; tests/conftest.py simulates 4 CPU devices unless XLA_FLAGS '
+                'already sets --xla_force_host_platform_device_count')
   sde = SDES['vp']
   config = _config(method, **options)
   shape = (8, 2)
@@ -379,7 +380,8 @@ def test_shape_mismatch_raises():
 def test_batch_not_divisible_by_devices_raises():
   mesh = parallel.make_mesh(jax.devices()[:4]) if len(jax.devices()) >= 4 else None
   if mesh is None:
-    pytest.skip('needs 4 (simulated) devices')
+    pytest.skip('needs 4 devices; tests/conftest.py simulates 4 CPU devices unless XLA_FLAGS '
+                'already sets --xla_force_host_platform_device_count')
   with pytest.raises(ValueError,
                      match=r'number of samples 6 does not divide by the number of devices 4'):
     sampling.get_sampling_fn(_config('pc'), SDES['vp'], _mixture_score_model(SDES['vp']),
