@@ -40,6 +40,8 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+import score_sde  # noqa: F401  (sets score_sde's XLA:CPU flags before JAX starts)
+
 config_flags.DEFINE_config_file('config', None, 'Experiment config file (configs/...).',
                                 lock_config=True)
 flags.DEFINE_string('workdir', None, 'Experiment directory (checkpoints, samples, logs).')
@@ -82,6 +84,9 @@ flags.DEFINE_string('coordinator_address', None, 'Multi-process: coordinator hos
                     '(or $JAX_COORDINATOR_ADDRESS; automatic on TPU pods).')
 flags.DEFINE_integer('num_processes', None, 'Multi-process: number of processes.')
 flags.DEFINE_integer('process_id', None, 'Multi-process: this process\'s index.')
+flags.DEFINE_string('compilation_cache', None, 'Folder where compiled XLA programs are kept '
+                    'for later runs (default: $JAX_COMPILATION_CACHE_DIR, else '
+                    '~/.cache/score_sde/xla); "none" turns the cache off.')
 flags.DEFINE_string('cpu_collectives', None, 'Multi-process on CPU: "gloo".')
 
 FLAGS = flags.FLAGS
@@ -278,7 +283,8 @@ def main(argv):
                          + __doc__)
   if not FLAGS['verbosity'].present:    # library INFO logs (tfds, orbax) only on request
     logging.set_verbosity(logging.WARNING)
-  from score_sde import checkpoints, data, parallel, train
+  from score_sde import checkpoints, compile_cache, data, parallel, train
+  compile_cache.enable(FLAGS.compilation_cache)
   parallel.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes,
                                   FLAGS.process_id, FLAGS.cpu_collectives)
   user_errors = (ValueError, FileNotFoundError, data.DatasetNotFoundError,

@@ -9,7 +9,9 @@ clipping, EMA: exactly `train.make_train_step`), its compile time, the median
 step time after warm-up, steps/s, examples/s, achieved GFLOP/s and its fraction
 of the measured peak, and the peak RSS. Each device count runs in a fresh
 process (XLA_FLAGS must be set before JAX starts); the global batch is split
-over the simulated devices.
+over the simulated devices. The workers import score_sde before JAX starts, so
+they compile with score_sde's XLA:CPU flags (score_sde/xla_cpu.py; reported as
+`xla_flags`); SCORE_SDE_XLA_DEFAULTS=0 measures without them.
 """
 from __future__ import annotations
 
@@ -104,7 +106,7 @@ def measure(config_path: str, batch: int, steps: int, overrides) -> dict:
       'steps_per_s': 1.0 / median, 'examples_per_s': batch / median,
       'achieved_gflops': flops / median / 1e9,
       'peak_rss_mb': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-      'loss': float(metrics['loss']),
+      'loss': float(metrics['loss']), 'xla_flags': os.environ.get('XLA_FLAGS', ''),
   }
 
 
@@ -132,8 +134,9 @@ def main():
   peak = matmul_gflops()
   print(json.dumps({'measurement': 'f32_matmul_2048', 'gflops': peak}), flush=True)
   for devices in args.devices or [1]:
-    env = dict(os.environ, XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}',
-               JAX_PLATFORMS='cpu')
+    user_flags = os.environ.get('XLA_FLAGS', '')
+    env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS=(
+        f'{user_flags} --xla_force_host_platform_device_count={devices}').strip())
     cmd = [sys.executable, os.path.abspath(__file__), '--batch', str(args.batch),
            '--steps', str(args.steps), '--_worker', str(devices), str(peak)]
     for path in args.config:

@@ -1,5 +1,6 @@
 """Test-session set-up: 4 simulated CPU devices, float32 as users run it."""
 import os
+import tempfile
 
 # Must happen before JAX initialises its backend. Tests that need a given
 # number of devices pick a sub-mesh of these.
@@ -9,7 +10,12 @@ if 'xla_force_host_platform_device_count' not in os.environ.get('XLA_FLAGS', '')
   os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
                              ' --xla_force_host_platform_device_count=4').strip()
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
+# Compiled programs shared by the test processes (the launcher's subprocesses
+# included) instead of the user's ~/.cache/score_sde/xla.
+os.environ.setdefault('JAX_COMPILATION_CACHE_DIR',
+                      os.path.join(tempfile.gettempdir(), 'score_sde_tests_xla_cache'))
 
+import score_sde  # noqa: E402,F401  (the XLA:CPU flags users run with; score_sde/xla_cpu.py)
 import jax  # noqa: E402
 import pytest  # noqa: E402
 
