@@ -89,26 +89,9 @@ def main():
   sys.path.insert(0, ROOT)
   import score_sde  # noqa: F401  (XLA:CPU flags before JAX starts)
   import jax
-  import numpy as np
-  import configs
-  from score_sde import losses, train
-  from score_sde.models import utils as model_utils
-  from train import _apply_overrides   # benchmarks/train.py
+  from train import build_train_step   # benchmarks/train.py
 
-  config = configs.load(args.config)
-  _apply_overrides(config, args.override)
-  config.training.batch_size = args.batch
-  experiment = train.build_experiment(config)
-  optimizer, schedule = train.get_optimizer(config)
-  loss_fn = losses.get_loss_fn(config, experiment.sde, experiment.model_fn,
-                               num_levels=max(experiment.num_levels, 2))
-  step_fn = train.make_train_step(loss_fn, optimizer, schedule,
-                                  ema_rate=float(config.model.ema_rate))
-  state = jax.jit(lambda key: train.init_train_state(
-      key, model=experiment.model, config=config, optimizer=optimizer))(jax.random.PRNGKey(0))
-  x = np.random.default_rng(0).uniform(
-      -1, 1, model_utils.input_shape(config, args.batch)).astype(np.float32)
-  compiled = jax.jit(step_fn, donate_argnums=(0,)).lower(state, x).compile()
+  compiled, state, x, _, _ = build_train_step(args.config, args.batch, args.override)
   instructions, bodies = parse_hlo(compiled.as_text())
   for _ in range(2):
     state, metrics = compiled(state, x)

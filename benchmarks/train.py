@@ -55,9 +55,13 @@ def _apply_overrides(config, overrides):
       node[last] = value
 
 
-def measure(config_path: str, batch: int, steps: int, overrides) -> dict:
+def build_train_step(config_path: str, batch: int, overrides):
+  """(compiled train step, its initial state, one batch, mesh, compile seconds) of a config.
+
+  The step is exactly `train.make_train_step` with the config's loss and
+  optimiser, its state replicated and the batch split over the mesh.
+  """
   import jax
-  import jax.numpy as jnp
   import numpy as np
   sys.path.insert(0, ROOT)
   import configs
@@ -84,7 +88,14 @@ def measure(config_path: str, batch: int, steps: int, overrides) -> dict:
                    out_shardings=(replicated, replicated), donate_argnums=(0,))
   t = time.perf_counter()
   compiled = jitted.lower(state, x).compile()
-  compile_s = time.perf_counter() - t
+  return compiled, state, x, mesh, time.perf_counter() - t
+
+
+def measure(config_path: str, batch: int, steps: int, overrides) -> dict:
+  import jax
+  import numpy as np
+  compiled, state, x, mesh, compile_s = build_train_step(config_path, batch, overrides)
+  from score_sde.models import utils as model_utils
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   flops = float(cost.get('flops', 0.0)) * mesh.devices.size   # XLA counts one device's share
