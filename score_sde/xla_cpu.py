@@ -5,8 +5,10 @@ the launcher, scripts, benchmarks and tests all compile the same way. They
 are CPU-only settings and are left out when an accelerator plugin (CUDA,
 ROCm, TPU) is installed and JAX_PLATFORMS does not pin the CPU. A flag the
 user already set in XLA_FLAGS wins; SCORE_SDE_XLA_DEFAULTS=0 turns them all
-off. The figures in the comments are medians on the 2-core CPU this project
-is developed on (benchmarks/train.py, batch 8, 32x32x3, jax 0.10.2).
+off, and they are only set for the jaxlib versions they were checked with
+(XLA aborts on an unknown flag). The figures in the comments are medians on
+the 2-core CPU this project is developed on (benchmarks/train.py, batch 8,
+32x32x3, jax 0.10.2).
 """
 from __future__ import annotations
 
@@ -26,6 +28,19 @@ DEFAULT_FLAGS: dict[str, str] = {
 }
 
 OPT_OUT_VARIABLE = 'SCORE_SDE_XLA_DEFAULTS'
+# XLA aborts the process on a flag it does not know, and experimental flags
+# come and go between releases: the defaults are only set for jaxlib versions
+# they were checked with (requirements.txt pins one of them).
+CHECKED_JAXLIB_VERSIONS = ('0.10.2',)
+
+
+def jaxlib_version() -> str | None:
+  """The installed jaxlib's version, without importing it (None if not installed)."""
+  from importlib import metadata
+  try:
+    return metadata.version('jaxlib')
+  except metadata.PackageNotFoundError:
+    return None
 
 
 def with_default_flags(xla_flags: str, defaults: dict[str, str] = DEFAULT_FLAGS) -> str:
@@ -68,10 +83,13 @@ def apply_default_flags(environ=os.environ) -> bool:
   """Adds DEFAULT_FLAGS to environ['XLA_FLAGS'] when they can still take effect.
 
   Returns whether XLA_FLAGS was changed. Does nothing when opted out, when
-  JAX will not run on the CPU, or when JAX's backend has already started
-  (XLA reads its flags once, at start-up).
+  the jaxlib version is not one the flags were checked with, when JAX will
+  not run on the CPU, or when JAX's backend has already started (XLA reads
+  its flags once, at start-up).
   """
   if environ.get(OPT_OUT_VARIABLE, '1').strip().lower() in ('0', 'false', 'no', 'off'):
+    return False
+  if jaxlib_version() not in CHECKED_JAXLIB_VERSIONS:
     return False
   if not runs_on_cpu(environ) or _backend_started():
     return False

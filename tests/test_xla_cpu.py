@@ -27,6 +27,22 @@ def test_opt_out_and_accelerators_leave_xla_flags_alone(monkeypatch):
   assert environ['XLA_FLAGS'] == xla_cpu.with_default_flags('--a=1')
 
 
+def test_only_checked_jaxlib_versions_get_the_flags(monkeypatch):
+  # An unknown flag makes XLA abort the process, so an unchecked jaxlib gets none.
+  monkeypatch.setattr(xla_cpu, '_backend_started', lambda: False)
+  monkeypatch.setattr(xla_cpu, 'jaxlib_version', lambda: '0.0.1')
+  environ = {'JAX_PLATFORMS': 'cpu'}
+  assert not xla_cpu.apply_default_flags(environ) and 'XLA_FLAGS' not in environ
+
+
+def test_the_pinned_jaxlib_is_a_checked_version():
+  pinned = [line.split('==')[1].strip() for line in
+            open(os.path.join(ROOT, 'requirements.txt')) if line.startswith('jaxlib==')]
+  assert pinned and pinned[0] in xla_cpu.CHECKED_JAXLIB_VERSIONS
+  import jaxlib
+  assert xla_cpu.jaxlib_version() == jaxlib.__version__
+
+
 def test_flags_are_not_set_after_the_backend_started():
   import jax
   jax.numpy.zeros(()).block_until_ready()                      # backend up in this process
