@@ -192,7 +192,7 @@ class AttnBlockpp(nn.Module):
     v = NIN(c, dtype=self.dtype)(h)
     # Positions flattened to [B, HW, C]: batched matmuls with plain layouts (the
     # 5-D einsum form made XLA:CPU transpose the [B, HW, HW] weights in the
-    # backward pass; same values bit for bit, attention vjp at 16x16x256 11.8 -> 8.8 ms).
+    # backward pass; same values to round-off, vjp at 16x16x256 11.8 -> 8.8 ms).
     q, k, v = (jnp.reshape(a, (b, height * width, c)) for a in (q, k, v))
     w = jnp.einsum('bqc,bkc->bqk', q, k, preferred_element_type=jnp.float32) * (c ** -0.5)
     w = jax.nn.softmax(w, axis=-1).astype(v.dtype)
