@@ -53,8 +53,12 @@ def parse_hlo(text: str):
   return instructions, bodies
 
 
-def op_kind(name: str, instructions, bodies) -> str:
-  """A readable kind for one executed op (a thunk named after its HLO instruction)."""
+def op_kind(name: str, instructions, bodies, batch: int) -> str:
+  """A readable kind for one executed op (a thunk named after its HLO instruction).
+
+  A convolution whose result does not lead with the (per-device) batch is a
+  weight gradient: forward and input-gradient results are [batch, H, W, C].
+  """
   if name not in instructions:
     return 'runtime'
   shape, opcode, calls, op_name = instructions[name]
@@ -62,7 +66,7 @@ def op_kind(name: str, instructions, bodies) -> str:
   phase = ('backward' if 'transpose(jvp' in op_name else
            'forward' if 'jvp(' in op_name else 'optimizer/other')
   if opcode == 'convolution' or ' convolution(' in body:
-    if re.match(r'f32\[\d+,\d,\d,\d+\]|f32\[\d,\d,\d+,\d+\]', shape):
+    if not re.match(rf'\w+\[{batch},', shape):
       return 'convolution weight gradient'
     return 'convolution input gradient' if phase == 'backward' else 'convolution forward'
   if opcode == 'dot' or ' dot(' in body:
@@ -117,7 +121,7 @@ def main():
         if event.name.startswith(('ThunkExecutor', 'ThreadpoolListener', 'end:')):
           continue
         ms = event.duration_ns / 1e6 / args.steps
-        by_kind[op_kind(event.name, instructions, bodies)] += ms
+        by_kind[op_kind(event.name, instructions, bodies, x.shape[0] // len(jax.devices()))] += ms
         by_op[event.name] += ms
   attributed = sum(by_kind.values())
   top = []

@@ -2,17 +2,18 @@
 
 `import score_sde` adds them to XLA_FLAGS before JAX starts its backend, so
 the launcher, scripts, benchmarks and tests all compile the same way. They
-are CPU-only settings and are left out when an accelerator plugin (CUDA,
-ROCm, TPU) is installed and JAX_PLATFORMS does not pin the CPU. A flag the
-user already set in XLA_FLAGS wins; SCORE_SDE_XLA_DEFAULTS=0 turns them all
-off, and they are only set for the jaxlib versions they were checked with
-(XLA aborts on an unknown flag). The figures in the comments are medians on
-the 2-core CPU this project is developed on (benchmarks/train.py, batch 8,
-32x32x3, jax 0.10.2).
+are meant for CPU runs and are left out unless JAX will run on the CPU alone
+(every JAX_PLATFORMS entry is cpu, or no GPU/TPU plugin is installed). A
+flag the user already set in XLA_FLAGS wins, a flag file named by XLA_FLAGS
+is left alone, SCORE_SDE_XLA_DEFAULTS=0 turns them all off, and they are
+only set for the jaxlib versions they were checked with (XLA aborts on an
+unknown flag). The figures in the comments are medians on the 2-core CPU
+this project is developed on (benchmarks/train.py, batch 8, 32x32x3, jax 0.10.2).
 """
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
 import pkgutil
 
@@ -24,6 +25,8 @@ DEFAULT_FLAGS: dict[str, str] = {
     'xla_cpu_experimental_ynn_fusion_type': '-individual_convolution',
     # LLVM -O1 for the generated elementwise kernels: small NCSN++ train-step
     # compile 13.1 -> 10.0 s with the same step time (-O0 doubles the step).
+    # The kernels round differently in the last bits (e.g. 6e-6 after ~100
+    # adaptive ODE steps, where -O2 builds for 1 and 4 devices agreed exactly).
     'xla_backend_optimization_level': '1',
 }
 
@@ -51,8 +54,15 @@ def with_default_flags(xla_flags: str, defaults: dict[str, str] = DEFAULT_FLAGS)
 
 
 def accelerator_plugin_installed() -> bool:
-  """True when a JAX GPU/TPU plugin is importable (JAX would then not run on the CPU)."""
+  """True when a JAX GPU/TPU plugin is installed (JAX would then not run on the CPU only).
+
+  JAX finds plugins as modules of the `jax_plugins` namespace package and as
+  `jax_plugins` entry points; libtpu is found on its own.
+  """
+  from importlib import metadata
   if importlib.util.find_spec('libtpu') is not None:
+    return True
+  if list(metadata.entry_points(group='jax_plugins')):
     return True
   spec = importlib.util.find_spec('jax_plugins')
   if spec is None or not spec.submodule_search_locations:
@@ -61,10 +71,10 @@ def accelerator_plugin_installed() -> bool:
 
 
 def runs_on_cpu(environ=os.environ) -> bool:
-  """Whether JAX will pick the CPU backend: JAX_PLATFORMS starts with cpu, or no plugin."""
-  platforms = environ.get('JAX_PLATFORMS', '').strip()
+  """Whether JAX will run on the CPU alone: every JAX_PLATFORMS entry is cpu, or no plugin."""
+  platforms = [p.strip() for p in environ.get('JAX_PLATFORMS', '').split(',') if p.strip()]
   if platforms:
-    return platforms.split(',')[0].strip() == 'cpu'
+    return all(p == 'cpu' for p in platforms)
   return not accelerator_plugin_installed()
 
 
@@ -83,17 +93,24 @@ def apply_default_flags(environ=os.environ) -> bool:
   """Adds DEFAULT_FLAGS to environ['XLA_FLAGS'] when they can still take effect.
 
   Returns whether XLA_FLAGS was changed. Does nothing when opted out, when
-  the jaxlib version is not one the flags were checked with, when JAX will
-  not run on the CPU, or when JAX's backend has already started (XLA reads
-  its flags once, at start-up).
+  XLA_FLAGS names a flag file, when JAX will not run on the CPU alone, when
+  JAX's backend has already started (XLA reads its flags once, at start-up),
+  or (with a warning) when the jaxlib version is not one the flags were
+  checked with.
   """
   if environ.get(OPT_OUT_VARIABLE, '1').strip().lower() in ('0', 'false', 'no', 'off'):
     return False
-  if jaxlib_version() not in CHECKED_JAXLIB_VERSIONS:
-    return False
+  current = environ.get('XLA_FLAGS', '')
+  if current.strip() and not current.strip().startswith('-'):
+    return False                      # XLA reads a value not starting with '-' as a flag file
   if not runs_on_cpu(environ) or _backend_started():
     return False
-  current = environ.get('XLA_FLAGS', '')
+  version = jaxlib_version()
+  if version not in CHECKED_JAXLIB_VERSIONS:
+    logging.getLogger('score_sde').warning(
+        'score_sde: XLA:CPU speed flags not set: jaxlib %s is not one they were checked with '
+        '(%s); see score_sde/xla_cpu.py.', version, ', '.join(CHECKED_JAXLIB_VERSIONS))
+    return False
   updated = with_default_flags(current)
   if updated == current.strip():
     return False

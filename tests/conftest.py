@@ -12,8 +12,8 @@ if 'xla_force_host_platform_device_count' not in os.environ.get('XLA_FLAGS', '')
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
 # Compiled programs shared by the test processes (the launcher's subprocesses
 # included) instead of the user's ~/.cache/score_sde/xla.
-os.environ.setdefault('JAX_COMPILATION_CACHE_DIR',
-                      os.path.join(tempfile.gettempdir(), 'score_sde_tests_xla_cache'))
+os.environ.setdefault('JAX_COMPILATION_CACHE_DIR', os.path.join(
+    tempfile.gettempdir(), f'score_sde_tests_xla_cache_{os.getuid()}'))
 
 import score_sde  # noqa: E402,F401  (the XLA:CPU flags users run with; score_sde/xla_cpu.py)
 import jax  # noqa: E402

@@ -29,6 +29,11 @@ TINY_NCSNPP = {'model.nf': 8, 'model.ch_mult': (1, 2), 'model.num_res_blocks': 1
 CASES = {
     'ncsnpp_fir_biggan': ('configs/ve/cifar10_ncsnpp_continuous.py',
                           dict(TINY_NCSNPP, **{'model.dropout': 0.0}), False),
+    # init_scale 1: the output layers (attention's last NIN among them) start
+    # non-zero, so outputs and input gradients depend on every layer.
+    'ncsnpp_init_scale_1': ('configs/ve/cifar10_ncsnpp_continuous.py',
+                            dict(TINY_NCSNPP, **{'model.dropout': 0.0, 'model.init_scale': 1.0}),
+                            False),
     'ncsnpp_dropout_train': ('configs/ve/cifar10_ncsnpp_continuous.py',
                              dict(TINY_NCSNPP, **{'model.dropout': 0.1}), True),
     'ddpmpp': ('configs/vp/cifar10_ddpmpp_continuous.py',

@@ -20,24 +20,28 @@ def test_opt_out_and_accelerators_leave_xla_flags_alone(monkeypatch):
   monkeypatch.setattr(xla_cpu, '_backend_started', lambda: False)
   environ = {'SCORE_SDE_XLA_DEFAULTS': '0', 'XLA_FLAGS': '--a=1'}
   assert not xla_cpu.apply_default_flags(environ) and environ['XLA_FLAGS'] == '--a=1'
-  environ = {'JAX_PLATFORMS': 'cuda,cpu'}
-  assert not xla_cpu.apply_default_flags(environ) and 'XLA_FLAGS' not in environ
+  for platforms in ('cuda,cpu', 'cpu,cuda', 'tpu'):
+    environ = {'JAX_PLATFORMS': platforms}
+    assert not xla_cpu.apply_default_flags(environ) and 'XLA_FLAGS' not in environ
+  environ = {'JAX_PLATFORMS': 'cpu', 'XLA_FLAGS': '/path/to/flagfile'}   # XLA reads the file
+  assert not xla_cpu.apply_default_flags(environ) and environ['XLA_FLAGS'] == '/path/to/flagfile'
   environ = {'JAX_PLATFORMS': 'cpu', 'XLA_FLAGS': '--a=1'}
   assert xla_cpu.apply_default_flags(environ)
   assert environ['XLA_FLAGS'] == xla_cpu.with_default_flags('--a=1')
 
 
-def test_only_checked_jaxlib_versions_get_the_flags(monkeypatch):
+def test_only_checked_jaxlib_versions_get_the_flags(monkeypatch, caplog):
   # An unknown flag makes XLA abort the process, so an unchecked jaxlib gets none.
   monkeypatch.setattr(xla_cpu, '_backend_started', lambda: False)
   monkeypatch.setattr(xla_cpu, 'jaxlib_version', lambda: '0.0.1')
   environ = {'JAX_PLATFORMS': 'cpu'}
   assert not xla_cpu.apply_default_flags(environ) and 'XLA_FLAGS' not in environ
+  assert 'jaxlib 0.0.1 is not one they were checked with' in caplog.text
 
 
 def test_the_pinned_jaxlib_is_a_checked_version():
-  pinned = [line.split('==')[1].strip() for line in
-            open(os.path.join(ROOT, 'requirements.txt')) if line.startswith('jaxlib==')]
+  with open(os.path.join(ROOT, 'requirements.txt')) as requirements:
+    pinned = [line.split('==')[1].strip() for line in requirements if line.startswith('jaxlib==')]
   assert pinned and pinned[0] in xla_cpu.CHECKED_JAXLIB_VERSIONS
   import jaxlib
   assert xla_cpu.jaxlib_version() == jaxlib.__version__
