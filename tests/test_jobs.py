@@ -155,10 +155,12 @@ def _launch(args, devices=1):
 
 
 @pytest.mark.slow
-def test_sigkill_during_sampling_then_rerun_gives_identical_shards(workdir):
+def test_sigkill_during_sampling_then_rerun_gives_identical_shards(workdir, tmp_path):
   common = ['sample', f'--workdir={workdir}', '--num_samples=24', '--shard_size=4']
-  full = _launch(common + ['--tag=full'])
+  cache = tmp_path / 'xla_cache'
+  full = _launch(common + ['--tag=full', f'--compilation_cache={cache}'])
   assert full.wait(timeout=600) == 0, full.stdout.read()
+  assert any(cache.iterdir()), 'launch.py --compilation_cache kept no compiled program'
   victim = _launch(common + ['--tag=killed'])
   target = os.path.join(workdir, 'samples', 'killed', 'shard_00002.npz')
   deadline = time.time() + 600
