@@ -95,7 +95,8 @@ def main():
   import jax
   from train import build_train_step   # benchmarks/train.py
 
-  compiled, state, x, _, _ = build_train_step(args.config, args.batch, args.override)
+  compiled, state, x, mesh, _ = build_train_step(args.config, args.batch, args.override)
+  batch_per_device = args.batch // mesh.devices.size
   instructions, bodies = parse_hlo(compiled.as_text())
   for _ in range(2):
     state, metrics = compiled(state, x)
@@ -121,7 +122,7 @@ def main():
         if event.name.startswith(('ThunkExecutor', 'ThreadpoolListener', 'end:')):
           continue
         ms = event.duration_ns / 1e6 / args.steps
-        by_kind[op_kind(event.name, instructions, bodies, x.shape[0] // len(jax.devices()))] += ms
+        by_kind[op_kind(event.name, instructions, bodies, batch_per_device)] += ms
         by_op[event.name] += ms
   attributed = sum(by_kind.values())
   top = []

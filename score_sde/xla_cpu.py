@@ -16,6 +16,7 @@ import importlib.util
 import logging
 import os
 import pkgutil
+import sys
 
 DEFAULT_FLAGS: dict[str, str] = {
     # Convolutions through XLA's Eigen kernels, which use both cores, instead
@@ -79,7 +80,6 @@ def runs_on_cpu(environ=os.environ) -> bool:
 
 
 def _backend_started() -> bool:
-  import sys
   if 'jax' not in sys.modules:
     return False
   try:

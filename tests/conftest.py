@@ -2,20 +2,22 @@
 import os
 import tempfile
 
-# Must happen before JAX initialises its backend. Tests that need a given
-# number of devices pick a sub-mesh of these.
-# An XLA_FLAGS of the user's own keeps its flags and gains the device count,
-# unless it sets one itself (tests needing 4 devices then skip and say why).
-if 'xla_force_host_platform_device_count' not in os.environ.get('XLA_FLAGS', ''):
-  os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
-                             ' --xla_force_host_platform_device_count=4').strip()
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
 # Compiled programs shared by the test processes (the launcher's subprocesses
 # included) instead of the user's ~/.cache/score_sde/xla.
 os.environ.setdefault('JAX_COMPILATION_CACHE_DIR', os.path.join(
     tempfile.gettempdir(), f'score_sde_tests_xla_cache_{os.getuid()}'))
 
-import score_sde  # noqa: E402,F401  (the XLA:CPU flags users run with; score_sde/xla_cpu.py)
+# Importing score_sde sets the XLA:CPU flags users run with (score_sde/xla_cpu.py).
+from score_sde import xla_cpu  # noqa: E402
+
+# Must happen before JAX initialises its backend. Tests that need a given
+# number of devices pick a sub-mesh of these.
+# An XLA_FLAGS of the user's own keeps its flags and gains the device count,
+# unless it sets one itself (tests needing 4 devices then skip and say why).
+os.environ['XLA_FLAGS'] = xla_cpu.with_default_flags(
+    os.environ.get('XLA_FLAGS', ''), {'xla_force_host_platform_device_count': '4'})
+
 import jax  # noqa: E402
 import pytest  # noqa: E402
 
