@@ -7,7 +7,11 @@ Measures, in one run: the machine's float32 matmul rate (2048^2 jitted matmul),
 then per config the XLA-counted flops of one train step (DSM loss, Adam,
 clipping, EMA: exactly `train.make_train_step`), its compile time, the median
 step time after warm-up, steps/s, examples/s, achieved GFLOP/s and its fraction
-of the measured peak, and the peak RSS. Each device count runs in a fresh
+of the measured peak, and the peak RSS. `--jitted_steps n` measures the
+launcher's program instead: n steps unrolled into one call
+(`train.make_multi_step`, config.training.n_jitted_steps; 5 in the paper
+configs); times and flops are then per step, compile time for the whole
+program. Each device count runs in a fresh
 process (XLA_FLAGS must be set before JAX starts); the global batch is split
 over the simulated devices. The workers import score_sde before JAX starts, so
 they compile with score_sde's XLA:CPU flags (score_sde/xla_cpu.py; reported as
@@ -55,11 +59,13 @@ def _apply_overrides(config, overrides):
       node[last] = value
 
 
-def build_train_step(config_path: str, batch: int, overrides):
-  """(compiled train step, its initial state, one batch, mesh, compile seconds) of a config.
+def build_train_step(config_path: str, batch: int, overrides, jitted_steps: int = 1):
+  """(compiled train step, its initial state, its input, mesh, compile seconds) of a config.
 
   The step is exactly `train.make_train_step` with the config's loss and
-  optimiser, its state replicated and the batch split over the mesh.
+  optimiser, its state replicated and the batch split over the mesh. With
+  jitted_steps n > 1 it is the launcher's `train.make_multi_step` of n steps,
+  and the input is n batches [n, B, ...].
   """
   import jax
   import numpy as np
@@ -82,23 +88,32 @@ def build_train_step(config_path: str, batch: int, overrides):
   _, init = train.abstract_train_state(experiment, optimizer, mesh)
   state = jax.jit(init, out_shardings=replicated)(jax.random.PRNGKey(0))
   shape = model_utils.input_shape(config, batch)
-  x = jax.device_put(np.random.default_rng(0).uniform(-1, 1, shape).astype(np.float32),
-                     parallel.batch_sharding(mesh))
-  jitted = jax.jit(step_fn, in_shardings=(replicated, parallel.batch_sharding(mesh)),
+  x = np.random.default_rng(0).uniform(-1, 1, shape).astype(np.float32)
+  x_sharding = parallel.batch_sharding(mesh)
+  if jitted_steps > 1:                 # as train.train_and_evaluate compiles it
+    step_fn = train.make_multi_step(step_fn, jitted_steps)
+    x = np.stack([x] * jitted_steps)
+    x_sharding = jax.sharding.NamedSharding(
+        mesh, jax.sharding.PartitionSpec(None, parallel.DATA_AXIS))
+  x = jax.device_put(x, x_sharding)
+  jitted = jax.jit(step_fn, in_shardings=(replicated, x_sharding),
                    out_shardings=(replicated, replicated), donate_argnums=(0,))
   t = time.perf_counter()
   compiled = jitted.lower(state, x).compile()
   return compiled, state, x, mesh, time.perf_counter() - t
 
 
-def measure(config_path: str, batch: int, steps: int, overrides) -> dict:
+def measure(config_path: str, batch: int, steps: int, overrides, jitted_steps: int = 1) -> dict:
+  """Per-step figures; with jitted_steps n, each call runs n steps and is divided by n."""
   import jax
   import numpy as np
-  compiled, state, x, mesh, compile_s = build_train_step(config_path, batch, overrides)
+  compiled, state, x, mesh, compile_s = build_train_step(config_path, batch, overrides,
+                                                         jitted_steps)
   from score_sde.models import utils as model_utils
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  flops = float(cost.get('flops', 0.0)) * mesh.devices.size   # XLA counts one device's share
+  flops = (float(cost.get('flops', 0.0)) * mesh.devices.size   # XLA counts one device's share
+           / jitted_steps)
   for _ in range(2):
     state, metrics = compiled(state, x)
   jax.block_until_ready(metrics)
@@ -107,17 +122,17 @@ def measure(config_path: str, batch: int, steps: int, overrides) -> dict:
     t = time.perf_counter()
     state, metrics = compiled(state, x)
     jax.block_until_ready(metrics)
-    times.append(time.perf_counter() - t)
+    times.append((time.perf_counter() - t) / jitted_steps)
   median = float(np.median(times))
   return {
       'config': os.path.relpath(config_path, ROOT), 'overrides': list(overrides),
       'params': model_utils.param_count(state.params), 'batch': batch,
-      'devices': mesh.devices.size, 'gflop_per_step': flops / 1e9,
+      'devices': mesh.devices.size, 'jitted_steps': jitted_steps, 'gflop_per_step': flops / 1e9,
       'compile_s': round(compile_s, 3), 'step_s_median': median,
       'steps_per_s': 1.0 / median, 'examples_per_s': batch / median,
       'achieved_gflops': flops / median / 1e9,
       'peak_rss_mb': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-      'loss': float(metrics['loss']), 'xla_flags': os.environ.get('XLA_FLAGS', ''),
+      'loss': float(np.ravel(metrics['loss'])[-1]), 'xla_flags': os.environ.get('XLA_FLAGS', ''),
   }
 
 
@@ -126,7 +141,9 @@ def main():
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument('--config', action='append', required=True)
   parser.add_argument('--batch', type=int, default=8)
-  parser.add_argument('--steps', type=int, default=10)
+  parser.add_argument('--steps', type=int, default=10, help='timed calls after 2 warm-up calls')
+  parser.add_argument('--jitted_steps', type=int, default=1,
+                      help='steps unrolled into one call, as config.training.n_jitted_steps')
   parser.add_argument('--devices', type=int, action='append')
   parser.add_argument('--override', action='append', default=[],
                       help='key=value applied to every config, e.g. model.nf=32')
@@ -136,7 +153,7 @@ def main():
   if args._worker:                     # one measurement in this (fresh) process
     peak = float(args._worker[1])
     for path in args.config:
-      result = measure(path, args.batch, args.steps, args.override)
+      result = measure(path, args.batch, args.steps, args.override, args.jitted_steps)
       result['machine_peak_gflops'] = peak
       result['fraction_of_peak'] = result['achieved_gflops'] / peak
       print(json.dumps(result), flush=True)
@@ -149,7 +166,8 @@ def main():
     env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS=(
         f'{user_flags} --xla_force_host_platform_device_count={devices}').strip())
     cmd = [sys.executable, os.path.abspath(__file__), '--batch', str(args.batch),
-           '--steps', str(args.steps), '--_worker', str(devices), str(peak)]
+           '--steps', str(args.steps), '--jitted_steps', str(args.jitted_steps),
+           '--_worker', str(devices), str(peak)]
     for path in args.config:
       cmd += ['--config', path]
     for item in args.override:

@@ -26,7 +26,8 @@ def base() -> ml_collections.ConfigDict:
   training.likelihood_weighting = False
   training.importance_sampling = False  # (ours) t ~ g^2/sigma^2 with likelihood weighting
   training.reduce_mean = False
-  training.n_jitted_steps = 5
+  training.n_jitted_steps = 5           # steps per host call (metrics fetched once per call)
+  training.unroll_jitted_steps = False  # (ours) compile the n steps as one unrolled program
   training.loss = 'auto'                # (ours) auto | dsm | smld | ddpm | hybrid
   training.hybrid_lambda = 0.001        # (ours) weight of L_vlb in the hybrid loss
   training.ema_warmup = False           # (ours) EMA rate min(ema_rate, (1+step)/(10+step))

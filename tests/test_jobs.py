@@ -184,7 +184,7 @@ def test_sigkill_during_sampling_then_rerun_gives_identical_shards(workdir, tmp_
 def _tiny_classifier_config(data_dir):
   config = configs.load(os.path.join(configs.CONFIG_DIR, 'digits', 'wrn_classifier.py'))
   config.training.n_iters = 160
-  config.training.n_jitted_steps = 2          # dict batches through the unrolled steps
+  config.training.n_jitted_steps = 2          # dict batches, two steps per loop iteration
   config.training.batch_size = 32
   config.training.log_freq = 40
   config.training.eval_freq = 80

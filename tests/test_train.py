@@ -238,3 +238,25 @@ def test_metrics_logs_written(tmp_path):
   assert len(lines) == 3
   assert any(name.startswith('events.out.tfevents') for name in os.listdir(tmp_path / 'logs'))
   assert os.path.exists(tmp_path / 'config.json')
+
+
+def test_jitted_steps_as_calls_of_one_step_or_unrolled_train_alike(tmp_path, monkeypatch):
+  """n_jitted_steps 2: two calls of one compiled step (default) or one unrolled program."""
+  def config_for(unroll, n_iters=4):
+    config = small_toy_config(n_iters)
+    config.training.n_jitted_steps = 2
+    config.training.unroll_jitted_steps = unroll
+    return config
+
+  unrolled = train.train_and_evaluate(config_for(True), str(tmp_path / 'unrolled'))
+  with monkeypatch.context() as patch:      # the default must not build the n-step program
+    patch.setattr(train, 'make_multi_step', lambda *a: pytest.fail('unrolled by default'))
+    looped = train.train_and_evaluate(config_for(False), str(tmp_path / 'looped'))
+  assert int(looped.step) == int(unrolled.step) == 4
+  _assert_trees_equal(looped.params, unrolled.params, exact=False)
+  _assert_trees_equal(looped.ema_params, unrolled.ema_params, exact=False)
+  with open(tmp_path / 'looped' / 'logs' / 'metrics.jsonl') as f:
+    assert sum('"loss"' in line for line in f) == 2    # one line per call of 2 steps
+  # Unrolling changes no maths, so a run may resume with the other setting.
+  resumed = train.train_and_evaluate(config_for(True, n_iters=6), str(tmp_path / 'looped'))
+  assert int(resumed.step) == 6
