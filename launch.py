@@ -35,12 +35,14 @@ from __future__ import annotations
 import os
 import sys
 
-from absl import app
-from absl import flags
-from absl import logging
-from ml_collections import config_flags
+from score_sde import hugepages  # also sets score_sde's XLA:CPU flags before JAX starts
 
-import score_sde  # noqa: F401  (sets score_sde's XLA:CPU flags before JAX starts)
+hugepages.reexec_with_huge_pages()  # restarts once with glibc.malloc.hugetlb=1 (hugepages.py)
+
+from absl import app  # noqa: E402  (after the restart above)
+from absl import flags  # noqa: E402
+from absl import logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
 
 config_flags.DEFINE_config_file('config', None, 'Experiment config file (configs/...).',
                                 lock_config=True)

@@ -15,7 +15,10 @@ program. Each device count runs in a fresh
 process (XLA_FLAGS must be set before JAX starts); the global batch is split
 over the simulated devices. The workers import score_sde before JAX starts, so
 they compile with score_sde's XLA:CPU flags (score_sde/xla_cpu.py; reported as
-`xla_flags`); SCORE_SDE_XLA_DEFAULTS=0 measures without them.
+`xla_flags`); SCORE_SDE_XLA_DEFAULTS=0 measures without them. Like launch.py,
+the workers start with glibc's huge-page tunable where it helps
+(score_sde/hugepages.py; reported as `glibc_tunables`, with the page faults
+per step); SCORE_SDE_HUGEPAGES=0 measures without it.
 """
 from __future__ import annotations
 
@@ -118,11 +121,13 @@ def measure(config_path: str, batch: int, steps: int, overrides, jitted_steps: i
     state, metrics = compiled(state, x)
   jax.block_until_ready(metrics)
   times = []
+  faults_before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
   for _ in range(steps):
     t = time.perf_counter()
     state, metrics = compiled(state, x)
     jax.block_until_ready(metrics)
     times.append((time.perf_counter() - t) / jitted_steps)
+  faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults_before
   median = float(np.median(times))
   return {
       'config': os.path.relpath(config_path, ROOT), 'overrides': list(overrides),
@@ -132,7 +137,9 @@ def measure(config_path: str, batch: int, steps: int, overrides, jitted_steps: i
       'steps_per_s': 1.0 / median, 'examples_per_s': batch / median,
       'achieved_gflops': flops / median / 1e9,
       'peak_rss_mb': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+      'page_faults_per_step': faults / (steps * jitted_steps),
       'loss': float(np.ravel(metrics['loss'])[-1]), 'xla_flags': os.environ.get('XLA_FLAGS', ''),
+      'glibc_tunables': os.environ.get('GLIBC_TUNABLES', ''),
   }
 
 
@@ -161,10 +168,12 @@ def main():
 
   peak = matmul_gflops()
   print(json.dumps({'measurement': 'f32_matmul_2048', 'gflops': peak}), flush=True)
+  sys.path.insert(0, ROOT)
+  from score_sde import hugepages     # JAX has started: this import changes no XLA flags
   for devices in args.devices or [1]:
     user_flags = os.environ.get('XLA_FLAGS', '')
-    env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS=(
-        f'{user_flags} --xla_force_host_platform_device_count={devices}').strip())
+    env = hugepages.environ_with_huge_pages(dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS=(
+        f'{user_flags} --xla_force_host_platform_device_count={devices}').strip()))
     cmd = [sys.executable, os.path.abspath(__file__), '--batch', str(args.batch),
            '--steps', str(args.steps), '--jitted_steps', str(args.jitted_steps),
            '--_worker', str(devices), str(peak)]

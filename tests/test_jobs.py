@@ -13,6 +13,7 @@ import pytest
 import configs
 import score_sde
 from score_sde import checkpoints
+from score_sde import hugepages
 from score_sde import jobs
 from score_sde import parallel
 from score_sde import train
@@ -166,6 +167,9 @@ def test_sigkill_during_sampling_then_rerun_gives_identical_shards(workdir, tmp_
   deadline = time.time() + 600
   while not os.path.exists(target) and victim.poll() is None and time.time() < deadline:
     time.sleep(0.05)
+  if hugepages.tunable_would_help() and victim.poll() is None:   # restarted with the tunable
+    with open(f'/proc/{victim.pid}/environ', 'rb') as f:
+      assert b'glibc.malloc.hugetlb=1' in f.read()
   victim.send_signal(signal.SIGKILL)
   victim.wait(timeout=60)
   done_before = _shards(os.path.join(workdir, 'samples', 'killed'))

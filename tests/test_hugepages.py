@@ -1,0 +1,94 @@
+"""Huge pages for XLA:CPU buffers: the environment it sets, the restart, and its effect."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+from score_sde import hugepages
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NEEDS_MADVISE_THP = pytest.mark.skipif(
+    not hugepages.tunable_would_help(),
+    reason='needs Linux, glibc >= 2.35 and the kernel THP mode "madvise" (this machine: '
+           f'{hugepages.thp_mode()!r})')
+
+
+def test_thp_mode_reads_the_bracketed_choice(tmp_path):
+  path = tmp_path / 'enabled'
+  path.write_text('always [madvise] never\n')
+  assert hugepages.thp_mode(str(path)) == 'madvise'
+  path.write_text('[always] madvise never\n')
+  assert hugepages.thp_mode(str(path)) == 'always'
+  assert hugepages.thp_mode(str(tmp_path / 'missing')) is None
+
+
+@pytest.mark.parametrize('environ, expected', [
+    ({}, 'glibc.malloc.hugetlb=1'),
+    ({'GLIBC_TUNABLES': 'glibc.malloc.arena_max=2'},
+     'glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1'),
+    ({'GLIBC_TUNABLES': 'glibc.malloc.hugetlb=0'}, 'glibc.malloc.hugetlb=0'),  # the user's
+    ({'SCORE_SDE_HUGEPAGES': '0'}, None),
+])
+def test_environment_asks_for_huge_pages_unless_set_or_opted_out(environ, expected):
+  before = dict(environ)
+  result = hugepages.environ_with_huge_pages(environ, would_help=True)
+  assert result.get('GLIBC_TUNABLES') == expected
+  assert environ == before                    # a copy, not the caller's mapping
+  assert hugepages.environ_with_huge_pages(environ, would_help=False) == environ
+
+
+_PROBE = """
+import os, sys
+sys.path.insert(0, {root!r})
+print('started', os.getpid(), os.environ.get('GLIBC_TUNABLES'), flush=True)
+from score_sde import hugepages
+hugepages.reexec_with_huge_pages()
+print('running', os.getpid(), os.environ.get('GLIBC_TUNABLES'), flush=True)
+"""
+
+
+def _probe_output(**extra_env):
+  env = {k: v for k, v in os.environ.items()
+         if k not in ('GLIBC_TUNABLES', hugepages.OPT_OUT)}
+  env.update(extra_env)
+  return subprocess.run([sys.executable, '-c', _PROBE.format(root=ROOT)], env=env,
+                        capture_output=True, text=True, check=True).stdout.split('\n')
+
+
+@NEEDS_MADVISE_THP
+def test_reexec_restarts_once_in_the_same_process_with_the_tunable():
+  lines = [line.split() for line in _probe_output() if line]
+  assert [line[0] for line in lines] == ['started', 'started', 'running']
+  assert lines[0][1] == lines[1][1] == lines[2][1]            # same PID: execve
+  assert lines[0][2] == 'None' and lines[2][2] == 'glibc.malloc.hugetlb=1'
+  opted_out = [line.split()[0] for line in _probe_output(SCORE_SDE_HUGEPAGES='0') if line]
+  assert opted_out == ['started', 'running']
+
+
+_FAULTS = """
+import resource, jax, jax.numpy as jnp
+x = jnp.ones((64, 512, 512), jnp.float32)    # 64 MB; the program's temporaries ~200 MB
+f = jax.jit(lambda x: jnp.sum(jnp.cumsum(jnp.sin(x), axis=0) * jnp.cos(x))).lower(x).compile()
+f(x).block_until_ready()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(3):
+  f(x).block_until_ready()
+print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 3)
+"""
+
+
+def _page_faults_per_call(env):
+  out = subprocess.run([sys.executable, '-c', _FAULTS], env=env, capture_output=True,
+                       text=True, check=True).stdout
+  return float(out.split()[-1])
+
+
+@NEEDS_MADVISE_THP
+def test_tunable_cuts_the_page_faults_of_each_call():
+  plain = {k: v for k, v in os.environ.items() if k != 'GLIBC_TUNABLES'}
+  without = _page_faults_per_call(plain)
+  with_tunable = _page_faults_per_call(hugepages.environ_with_huge_pages(plain, True))
+  # ~200 MB of temporaries in 4 KiB pages are ~50 k faults; in 2 MiB pages, ~100.
+  assert without > 20_000
+  assert with_tunable < without / 10
