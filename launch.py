@@ -35,9 +35,11 @@ from __future__ import annotations
 import os
 import sys
 
-from score_sde import hugepages  # also sets score_sde's XLA:CPU flags before JAX starts
+import score_sde  # noqa: F401  (sets score_sde's XLA:CPU flags before JAX starts)
+from score_sde import hugepages
 
-hugepages.reexec_with_huge_pages()  # restarts once with glibc.malloc.hugetlb=1 (hugepages.py)
+if __name__ == '__main__':
+  hugepages.reexec_with_huge_pages()  # restarts once with glibc.malloc.hugetlb=1 (hugepages.py)
 
 from absl import app  # noqa: E402  (after the restart above)
 from absl import flags  # noqa: E402

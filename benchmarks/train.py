@@ -7,11 +7,11 @@ Measures, in one run: the machine's float32 matmul rate (2048^2 jitted matmul),
 then per config the XLA-counted flops of one train step (DSM loss, Adam,
 clipping, EMA: exactly `train.make_train_step`), its compile time, the median
 step time after warm-up, steps/s, examples/s, achieved GFLOP/s and its fraction
-of the measured peak, and the peak RSS. `--jitted_steps n` measures the
-launcher's program instead: n steps unrolled into one call
-(`train.make_multi_step`, config.training.n_jitted_steps; 5 in the paper
-configs); times and flops are then per step, compile time for the whole
-program. Each device count runs in a fresh
+of the measured peak, and the peak RSS. `--jitted_steps n` measures n steps
+unrolled into one program instead (`train.make_multi_step`: what the launcher
+compiles for config.training.n_jitted_steps = n with
+training.unroll_jitted_steps); times and flops are then per step, compile
+time for the whole program. Each device count runs in a fresh
 process (XLA_FLAGS must be set before JAX starts); the global batch is split
 over the simulated devices. The workers import score_sde before JAX starts, so
 they compile with score_sde's XLA:CPU flags (score_sde/xla_cpu.py; reported as
@@ -93,7 +93,7 @@ def build_train_step(config_path: str, batch: int, overrides, jitted_steps: int 
   shape = model_utils.input_shape(config, batch)
   x = np.random.default_rng(0).uniform(-1, 1, shape).astype(np.float32)
   x_sharding = parallel.batch_sharding(mesh)
-  if jitted_steps > 1:                 # as train.train_and_evaluate compiles it
+  if jitted_steps > 1:                 # as train.make_train_calls(..., unroll=True)
     step_fn = train.make_multi_step(step_fn, jitted_steps)
     x = np.stack([x] * jitted_steps)
     x_sharding = jax.sharding.NamedSharding(
@@ -150,7 +150,7 @@ def main():
   parser.add_argument('--batch', type=int, default=8)
   parser.add_argument('--steps', type=int, default=10, help='timed calls after 2 warm-up calls')
   parser.add_argument('--jitted_steps', type=int, default=1,
-                      help='steps unrolled into one call, as config.training.n_jitted_steps')
+                      help='steps unrolled into one program (training.unroll_jitted_steps)')
   parser.add_argument('--devices', type=int, action='append')
   parser.add_argument('--override', action='append', default=[],
                       help='key=value applied to every config, e.g. model.nf=32')

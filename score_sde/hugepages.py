@@ -8,8 +8,8 @@ faults per step (126 MB) for the small NCSN++ of benchmarks/train.py, 329 k
 marks those mappings for transparent huge pages (2 MiB), which the kernel
 honours when its THP mode is `madvise`: ~1 k faults per step. On this
 project's 2-core machine (2026-11-29) that took the small NCSN++ step from
-0.184 to 0.161 s and the paper config from 3.8-4.3 to 3.6-3.7 s (alternating
-runs), and its compile from 39 to 35 s.
+0.203-0.223 to 0.163-0.174 s and the paper config from 3.83-4.34 to
+3.59-3.68 s, its compile from 39 to 35 s (two alternating pairs of runs each).
 
 glibc reads tunables only when a process starts, so `launch.py` re-executes
 itself once with the tunable added: same PID, arguments and environment
@@ -27,6 +27,7 @@ from typing import Mapping
 TUNABLE = 'glibc.malloc.hugetlb'
 THP_MODE_FILE = '/sys/kernel/mm/transparent_hugepage/enabled'
 OPT_OUT = 'SCORE_SDE_HUGEPAGES'
+RESTARTED = 'SCORE_SDE_HUGEPAGES_RESTARTED'   # set for the restarted process: at most one restart
 
 
 def thp_mode(path: str = THP_MODE_FILE) -> str | None:
@@ -55,28 +56,38 @@ def environ_with_huge_pages(environ: Mapping[str, str],
   """A copy of `environ` whose GLIBC_TUNABLES asks for huge pages, where that helps.
 
   Unchanged when the tunable would not help (see `tunable_would_help`), when
-  SCORE_SDE_HUGEPAGES=0, or when GLIBC_TUNABLES already sets it (either way).
+  SCORE_SDE_HUGEPAGES is 0 / false / no / off, or when GLIBC_TUNABLES already
+  sets it (either way).
   """
   environ = dict(environ)
   if would_help is None:
     would_help = tunable_would_help()
   tunables = environ.get('GLIBC_TUNABLES', '')
   already_set = any(item.split('=', 1)[0] == TUNABLE for item in tunables.split(':'))
-  if not would_help or environ.get(OPT_OUT, '1') == '0' or already_set:
+  opted_out = environ.get(OPT_OUT, '1').strip().lower() in ('0', 'false', 'no', 'off')
+  if not would_help or opted_out or already_set:
     return environ
   environ['GLIBC_TUNABLES'] = f'{tunables}:{TUNABLE}=1' if tunables else f'{TUNABLE}=1'
   return environ
 
 
-def reexec_with_huge_pages() -> None:
+def reexec_with_huge_pages(would_help: bool | None = None) -> None:
   """Restarts this Python process with the tunable when it is missing and would help.
 
   Call it first thing in a command-line entry point: the process is replaced
-  (os.execve, same PID and arguments), so nothing done before survives.
+  (os.execve: same PID, arguments and interpreter options), so nothing done
+  before survives. Restarts at most once (a loader that drops GLIBC_TUNABLES
+  cannot cause a loop) and carries on unchanged if the restart fails.
   """
-  environ = environ_with_huge_pages(os.environ)
+  if os.environ.get(RESTARTED) or not sys.executable:
+    return
+  environ = environ_with_huge_pages(os.environ, would_help)
   if environ.get('GLIBC_TUNABLES') == os.environ.get('GLIBC_TUNABLES'):
     return
+  environ[RESTARTED] = '1'
   sys.stdout.flush()
   sys.stderr.flush()
-  os.execve(sys.executable, sys.orig_argv, environ)
+  try:
+    os.execve(sys.executable, sys.orig_argv, environ)
+  except OSError:
+    pass                                # run on without huge pages

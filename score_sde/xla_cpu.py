@@ -107,6 +107,8 @@ def apply_default_flags(environ=os.environ) -> bool:
     return False
   version = jaxlib_version()
   if version not in CHECKED_JAXLIB_VERSIONS:
+    if environ.get('SCORE_SDE_HUGEPAGES_RESTARTED'):   # warned before launch.py's restart
+      return False
     logging.getLogger('score_sde').warning(
         'score_sde: XLA:CPU speed flags not set: jaxlib %s is not one they were checked with '
         '(%s); see score_sde/xla_cpu.py.', version, ', '.join(CHECKED_JAXLIB_VERSIONS))

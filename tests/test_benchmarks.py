@@ -19,6 +19,9 @@ def _run_train_benchmark(*args):
   return [json.loads(line) for line in out.splitlines() if line.startswith('{')]
 
 
+pytestmark = pytest.mark.slow       # four processes, two compiles
+
+
 @pytest.fixture(scope='module')
 def one_and_two_step_results():
   return _run_train_benchmark()[1], _run_train_benchmark('--jitted_steps', '2')[1]
@@ -32,6 +35,7 @@ def test_train_benchmark_figures_follow_from_the_measured_ones(one_and_two_step_
         result['gflop_per_step'] / result['step_s_median'])
     assert result['fraction_of_peak'] == pytest.approx(
         result['achieved_gflops'] / result['machine_peak_gflops'])
+    assert result['page_faults_per_step'] >= 0 and 'glibc_tunables' in result
 
 
 def test_jitted_steps_counts_flops_per_step_not_per_call(one_and_two_step_results):

@@ -41,29 +41,36 @@ def test_environment_asks_for_huge_pages_unless_set_or_opted_out(environ, expect
 _PROBE = """
 import os, sys
 sys.path.insert(0, {root!r})
-print('started', os.getpid(), os.environ.get('GLIBC_TUNABLES'), flush=True)
+print('started', os.getpid(), os.environ.get('GLIBC_TUNABLES'))   # buffered: the pipe
 from score_sde import hugepages
-hugepages.reexec_with_huge_pages()
-print('running', os.getpid(), os.environ.get('GLIBC_TUNABLES'), flush=True)
+hugepages.reexec_with_huge_pages(would_help=True)
+print('running', os.getpid(), os.environ.get('GLIBC_TUNABLES'), sys.flags.utf8_mode)
 """
 
 
-def _probe_output(**extra_env):
-  env = {k: v for k, v in os.environ.items()
-         if k not in ('GLIBC_TUNABLES', hugepages.OPT_OUT)}
+def _probe_lines(**extra_env):
+  env = {k: v for k, v in os.environ.items()        # (buffered stdout: no PYTHONUNBUFFERED)
+         if k not in ('GLIBC_TUNABLES', hugepages.OPT_OUT, hugepages.RESTARTED,
+                      'PYTHONUNBUFFERED')}
   env.update(extra_env)
-  return subprocess.run([sys.executable, '-c', _PROBE.format(root=ROOT)], env=env,
-                        capture_output=True, text=True, check=True).stdout.split('\n')
+  out = subprocess.run([sys.executable, '-X', 'utf8', '-c', _PROBE.format(root=ROOT)],
+                       env=env, capture_output=True, text=True, check=True).stdout
+  return [line.split() for line in out.splitlines()]
 
 
-@NEEDS_MADVISE_THP
-def test_reexec_restarts_once_in_the_same_process_with_the_tunable():
-  lines = [line.split() for line in _probe_output() if line]
+def test_reexec_restarts_once_with_the_tunable_same_process_and_options():
+  lines = _probe_lines()
+  # The first 'started' survives the exec only because the restart flushes stdout.
   assert [line[0] for line in lines] == ['started', 'started', 'running']
   assert lines[0][1] == lines[1][1] == lines[2][1]            # same PID: execve
   assert lines[0][2] == 'None' and lines[2][2] == 'glibc.malloc.hugetlb=1'
-  opted_out = [line.split()[0] for line in _probe_output(SCORE_SDE_HUGEPAGES='0') if line]
-  assert opted_out == ['started', 'running']
+  assert lines[2][3] == '1'                                   # -X utf8 kept
+
+
+@pytest.mark.parametrize('extra_env', [{'SCORE_SDE_HUGEPAGES': 'off'},
+                                       {'SCORE_SDE_HUGEPAGES_RESTARTED': '1'}])
+def test_no_restart_when_opted_out_or_already_restarted(extra_env):
+  assert [line[0] for line in _probe_lines(**extra_env)] == ['started', 'running']
 
 
 _FAULTS = """

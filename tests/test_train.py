@@ -248,7 +248,13 @@ def test_jitted_steps_as_calls_of_one_step_or_unrolled_train_alike(tmp_path, mon
     config.training.unroll_jitted_steps = unroll
     return config
 
-  unrolled = train.train_and_evaluate(config_for(True), str(tmp_path / 'unrolled'))
+  built = []
+  with monkeypatch.context() as patch:
+    make_multi_step = train.make_multi_step
+    patch.setattr(train, 'make_multi_step',
+                  lambda step, n: built.append(n) or make_multi_step(step, n))
+    unrolled = train.train_and_evaluate(config_for(True), str(tmp_path / 'unrolled'))
+  assert built == [2]                       # the unrolled run did build the 2-step program
   with monkeypatch.context() as patch:      # the default must not build the n-step program
     patch.setattr(train, 'make_multi_step', lambda *a: pytest.fail('unrolled by default'))
     looped = train.train_and_evaluate(config_for(False), str(tmp_path / 'looped'))
