@@ -19,7 +19,6 @@ same by starting Python with GLIBC_TUNABLES=glibc.malloc.hugetlb=1.
 from __future__ import annotations
 
 import os
-import platform
 import re
 import sys
 from typing import Mapping
@@ -41,9 +40,14 @@ def thp_mode(path: str = THP_MODE_FILE) -> str | None:
 
 
 def _glibc_has_tunable() -> bool:
-  libc, version = platform.libc_ver()
+  """Whether the running C library is glibc >= 2.35 (the version that added the tunable)."""
+  try:
+    running = os.confstr('CS_GNU_LIBC_VERSION') or ''    # e.g. 'glibc 2.36'
+  except (AttributeError, ValueError, OSError):           # not glibc, or no confstr
+    return False
+  name, _, version = running.partition(' ')
   numbers = tuple(int(part) for part in re.findall(r'\d+', version)[:2])
-  return libc == 'glibc' and numbers >= (2, 35)
+  return name == 'glibc' and numbers >= (2, 35)
 
 
 def tunable_would_help() -> bool:

@@ -23,6 +23,17 @@ def test_thp_mode_reads_the_bracketed_choice(tmp_path):
   assert hugepages.thp_mode(str(tmp_path / 'missing')) is None
 
 
+@pytest.mark.parametrize('running, expected', [('glibc 2.36', True), ('glibc 2.35', True),
+                                               ('glibc 2.34', False), ('', False), (None, False)])
+def test_tunable_needs_a_running_glibc_of_2_35_or_later(monkeypatch, running, expected):
+  def confstr(name):
+    if running is None:
+      raise ValueError(f'unrecognized configuration name {name}')
+    return running
+  monkeypatch.setattr(hugepages.os, 'confstr', confstr)
+  assert hugepages._glibc_has_tunable() is expected
+
+
 @pytest.mark.parametrize('environ, expected', [
     ({}, 'glibc.malloc.hugetlb=1'),
     ({'GLIBC_TUNABLES': 'glibc.malloc.arena_max=2'},
