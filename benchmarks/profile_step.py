@@ -141,4 +141,7 @@ def main():
 
 
 if __name__ == '__main__':
+  sys.path.insert(0, ROOT)
+  from score_sde import hugepages
+  hugepages.reexec_with_huge_pages()   # measure as launch.py runs (score_sde/hugepages.py)
   main()
