@@ -96,8 +96,7 @@ def build_train_step(config_path: str, batch: int, overrides, jitted_steps: int 
   if jitted_steps > 1:                 # as train.make_train_calls(..., unroll=True)
     step_fn = train.make_multi_step(step_fn, jitted_steps)
     x = np.stack([x] * jitted_steps)
-    x_sharding = jax.sharding.NamedSharding(
-        mesh, jax.sharding.PartitionSpec(None, parallel.DATA_AXIS))
+    x_sharding = parallel.batch_sharding(mesh, batch_axis=1)
   x = jax.device_put(x, x_sharding)
   jitted = jax.jit(step_fn, in_shardings=(replicated, x_sharding),
                    out_shardings=(replicated, replicated), donate_argnums=(0,))

@@ -23,6 +23,8 @@ import re
 import sys
 from typing import Mapping
 
+from score_sde import xla_cpu
+
 TUNABLE = 'glibc.malloc.hugetlb'
 THP_MODE_FILE = '/sys/kernel/mm/transparent_hugepage/enabled'
 OPT_OUT = 'SCORE_SDE_HUGEPAGES'
@@ -68,8 +70,7 @@ def environ_with_huge_pages(environ: Mapping[str, str],
     would_help = tunable_would_help()
   tunables = environ.get('GLIBC_TUNABLES', '')
   already_set = any(item.split('=', 1)[0] == TUNABLE for item in tunables.split(':'))
-  opted_out = environ.get(OPT_OUT, '1').strip().lower() in ('0', 'false', 'no', 'off')
-  if not would_help or opted_out or already_set:
+  if not would_help or xla_cpu.switched_off(environ, OPT_OUT) or already_set:
     return environ
   environ['GLIBC_TUNABLES'] = f'{tunables}:{TUNABLE}=1' if tunables else f'{TUNABLE}=1'
   return environ

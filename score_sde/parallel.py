@@ -19,9 +19,9 @@ def make_mesh(devices=None) -> Mesh:
   return Mesh(np.asarray(devices), (DATA_AXIS,))
 
 
-def batch_sharding(mesh: Mesh) -> NamedSharding:
-  """Leading (batch) axis split over 'data', other axes whole."""
-  return NamedSharding(mesh, P(DATA_AXIS))
+def batch_sharding(mesh: Mesh, batch_axis: int = 0) -> NamedSharding:
+  """Axis `batch_axis` (the batch; 1 for n stacked batches [n, B, ...]) split over 'data'."""
+  return NamedSharding(mesh, P(*([None] * batch_axis), DATA_AXIS))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

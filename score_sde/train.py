@@ -162,10 +162,8 @@ def make_train_calls(train_step, mesh, n: int, *, unroll: bool = False) -> Calla
   """
   replicated = parallel.replicated(mesh)
   if unroll:
-    n_batch_sharding = jax.sharding.NamedSharding(
-        mesh, jax.sharding.PartitionSpec(None, parallel.DATA_AXIS))
     p_steps = jax.jit(make_multi_step(train_step, n),
-                      in_shardings=(replicated, n_batch_sharding),
+                      in_shardings=(replicated, parallel.batch_sharding(mesh, batch_axis=1)),
                       out_shardings=(replicated, replicated), donate_argnums=(0,))
 
     def unrolled_calls(state, local_batches):

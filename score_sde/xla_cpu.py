@@ -38,6 +38,11 @@ OPT_OUT_VARIABLE = 'SCORE_SDE_XLA_DEFAULTS'
 CHECKED_JAXLIB_VERSIONS = ('0.10.2',)
 
 
+def switched_off(environ, variable: str) -> bool:
+  """Whether environment variable `variable` is 0 / false / no / off (unset: on)."""
+  return environ.get(variable, '1').strip().lower() in ('0', 'false', 'no', 'off')
+
+
 def jaxlib_version() -> str | None:
   """The installed jaxlib's version, without importing it (None if not installed)."""
   from importlib import metadata
@@ -98,7 +103,7 @@ def apply_default_flags(environ=os.environ) -> bool:
   or (with a warning) when the jaxlib version is not one the flags were
   checked with.
   """
-  if environ.get(OPT_OUT_VARIABLE, '1').strip().lower() in ('0', 'false', 'no', 'off'):
+  if switched_off(environ, OPT_OUT_VARIABLE):
     return False
   current = environ.get('XLA_FLAGS', '')
   if current.strip() and not current.strip().startswith('-'):
@@ -107,7 +112,7 @@ def apply_default_flags(environ=os.environ) -> bool:
     return False
   version = jaxlib_version()
   if version not in CHECKED_JAXLIB_VERSIONS:
-    if environ.get('SCORE_SDE_HUGEPAGES_RESTARTED'):   # warned before launch.py's restart
+    if environ.get('SCORE_SDE_HUGEPAGES_RESTARTED'):   # hugepages.RESTARTED: warned before
       return False
     logging.getLogger('score_sde').warning(
         'score_sde: XLA:CPU speed flags not set: jaxlib %s is not one they were checked with '
