@@ -5,7 +5,8 @@
 
 Measures, in one run: the machine's float32 matmul rate (2048^2 jitted matmul),
 then per config the XLA-counted flops of one train step (DSM loss, Adam,
-clipping, EMA: exactly `train.make_train_step`), its compile time, the median
+clipping, EMA: exactly `train.make_train_step` on the flat train state the
+launcher runs), its compile time, the median
 step time after warm-up, steps/s, examples/s, achieved GFLOP/s and its fraction
 of the measured peak, and the peak RSS. `--jitted_steps n` measures n steps
 unrolled into one program instead (`train.make_multi_step`: what the launcher
@@ -66,7 +67,7 @@ def build_train_step(config_path: str, batch: int, overrides, jitted_steps: int 
   """(compiled train step, its initial state, its input, mesh, compile seconds) of a config.
 
   The step is exactly `train.make_train_step` with the config's loss and
-  optimiser, its state replicated and the batch split over the mesh. With
+  optimiser on `train.FlatTrainState`, its state replicated and the batch split over the mesh. With
   jitted_steps n > 1 it is the launcher's `train.make_multi_step` of n steps,
   and the input is n batches [n, B, ...].
   """
@@ -89,7 +90,8 @@ def build_train_step(config_path: str, batch: int, overrides, jitted_steps: int 
                                   ema_rate=float(config.model.ema_rate))
   replicated = parallel.replicated(mesh)
   _, init = train.abstract_train_state(experiment, optimizer, mesh)
-  state = jax.jit(init, out_shardings=replicated)(jax.random.PRNGKey(0))
+  state = jax.jit(lambda key: train.flatten_state(init(key), optimizer),   # as the loop runs
+                  out_shardings=replicated)(jax.random.PRNGKey(0))
   shape = model_utils.input_shape(config, batch)
   x = np.random.default_rng(0).uniform(-1, 1, shape).astype(np.float32)
   x_sharding = parallel.batch_sharding(mesh)

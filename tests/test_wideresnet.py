@@ -189,18 +189,20 @@ def test_classifier_training_brings_the_loss_near_the_bayes_floor():
   state = train.TrainState(step=jnp.zeros((), jnp.int32), params=params,
                            opt_state=optimizer.init(params), ema_params=params,
                            key=jax.random.PRNGKey(1))
+  state = train.flatten_state(state, optimizer)          # the form the train loop runs
   step = jax.jit(train.make_train_step(loss_fn, optimizer, schedule, ema_rate=0.9))
   eval_batch = two_class_batch(jax.random.PRNGKey(99), 2048)
   eval_loss = jax.jit(lambda p: jnp.mean(jnp.stack(
       [loss_fn(p, jax.random.PRNGKey(i), eval_batch) for i in range(4)])))
-  before = float(eval_loss(state.params))
+  before = float(eval_loss(state.unravel(state.params)))
   make_batch = jax.jit(lambda k: two_class_batch(k, 64))
   for i in range(160):                                     # 160 steps, batch 64
     state, metrics = step(state, make_batch(jax.random.PRNGKey(100 + i)))
-  after = float(eval_loss(state.params))
+  params = state.unravel(state.params)
+  after = float(eval_loss(params))
   floor = bayes_cross_entropy()
   print(f'classifier loss: {before:.4f} -> {after:.4f}; Bayes floor {floor:.4f}')
   assert floor < after < floor + 0.35 * (math.log(2) - floor) < before, (before, after, floor)
   accuracy = controllable.classifier_accuracy(
-      controllable.get_logits_fn(SDE, model, state.params), SDE, KEY, eval_batch, 0.05)
+      controllable.get_logits_fn(SDE, model, params), SDE, KEY, eval_batch, 0.05)
   assert float(accuracy) > 0.99
