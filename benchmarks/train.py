@@ -6,9 +6,9 @@
 Measures, in one run: the machine's float32 matmul rate (2048^2 jitted matmul),
 then per config the XLA-counted flops of one train step (DSM loss, Adam,
 clipping, EMA: exactly `train.make_train_step` on the flat train state the
-launcher runs), its compile time, the median
-step time after warm-up, steps/s, examples/s, achieved GFLOP/s and its fraction
-of the measured peak, and the peak RSS. `--jitted_steps n` measures n steps
+launcher runs), its compile time, the median step time after warm-up,
+steps/s, examples/s, achieved GFLOP/s and its fraction of the measured peak,
+and the peak RSS. `--jitted_steps n` measures n steps
 unrolled into one program instead (`train.make_multi_step`: what the launcher
 compiles for config.training.n_jitted_steps = n with
 training.unroll_jitted_steps); times and flops are then per step, compile
@@ -67,9 +67,9 @@ def build_train_step(config_path: str, batch: int, overrides, jitted_steps: int 
   """(compiled train step, its initial state, its input, mesh, compile seconds) of a config.
 
   The step is exactly `train.make_train_step` with the config's loss and
-  optimiser on `train.FlatTrainState`, its state replicated and the batch split over the mesh. With
-  jitted_steps n > 1 it is the launcher's `train.make_multi_step` of n steps,
-  and the input is n batches [n, B, ...].
+  optimiser on `train.FlatTrainState`, its state replicated and the batch
+  split over the mesh. With jitted_steps n > 1 it is the launcher's
+  `train.make_multi_step` of n steps, and the input is n batches [n, B, ...].
   """
   import jax
   import numpy as np

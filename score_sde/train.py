@@ -553,8 +553,8 @@ def train_and_evaluate(config, workdir: str, *, final_evaluation: bool = True) -
       if (training.snapshot_sampling and not classifier
           and _crossed(previous, step, training.snapshot_freq)):
         snapshot_sampler = snapshot_sampler or _snapshot_sampler(experiment, mesh)
-        _write_samples(experiment, snapshot_sampler, tree_state or to_tree(state), step,
-                       workdir, mesh)
+        _write_samples(experiment, snapshot_sampler,
+                       to_tree(state) if tree_state is None else tree_state, step, workdir, mesh)
       del tree_state
   finally:
     manager.wait_until_finished()

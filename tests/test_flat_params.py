@@ -1,4 +1,4 @@
-"""flat_params: a parameter tree as one vector, cut out at runtime offsets, with a concatenating VJP."""
+"""flat_params: a tree as one vector, cut out at runtime offsets, with a concatenating VJP."""
 import jax
 import jax.numpy as jnp
 import numpy as np

@@ -1,4 +1,5 @@
 """Training: sharding equivalence, multi-process, exact resume, checkpoint fallback, NaN guard."""
+import json
 import os
 import shutil
 import signal
@@ -282,6 +283,31 @@ def test_metrics_logs_written(tmp_path):
   assert len(lines) == 3
   assert any(name.startswith('events.out.tfevents') for name in os.listdir(tmp_path / 'logs'))
   assert os.path.exists(tmp_path / 'config.json')
+
+
+def test_snapshot_samples_and_eval_see_the_checkpointed_ema(tmp_path, monkeypatch):
+  """Snapshot sampling and the eval loss read the flat state's EMA as the checkpoint's tree."""
+  config = small_toy_config(4)
+  config.training.snapshot_freq = 2
+  config.training.snapshot_sampling = True
+  config.training.eval_freq = 2
+  config.sampling.method = 'ode'
+  seen = {}
+  write_samples = train._write_samples
+
+  def spy(experiment, sampler, state, step, workdir, mesh):
+    seen[step] = jax.device_get(state.ema_params)
+    return write_samples(experiment, sampler, state, step, workdir, mesh)
+
+  monkeypatch.setattr(train, '_write_samples', spy)
+  train.train_and_evaluate(config, str(tmp_path))
+  assert sorted(seen) == [2, 4]
+  for step in (2, 4):
+    state, _, _ = _load(tmp_path, config, step=step)
+    _assert_trees_equal(seen[step], state.ema_params)
+  with open(tmp_path / 'logs' / 'metrics.jsonl') as f:
+    eval_losses = [json.loads(l)['eval_loss'] for l in f if 'eval_loss' in l]
+  assert len(eval_losses) == 2 and all(np.isfinite(eval_losses))
 
 
 def test_jitted_steps_as_calls_of_one_step_or_unrolled_train_alike(tmp_path, monkeypatch):
