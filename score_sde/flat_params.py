@@ -4,7 +4,7 @@ Why the train step works on flat vectors (measured on the 2-core CPU of
 issue 8, benchmarks/train.py, batch 8): XLA:CPU compiles one kernel per
 distinct fused computation. Updating a tree leaf by leaf (clipping, Adam,
 EMA) costs ~6 kernels per parameter shape, and every program then carries
-four arrays per parameter (paper NCSN++: 571 parameters). On one flat vector
+four arrays per parameter array (paper NCSN++: 571 of them). On one flat vector
 [P] the whole update is a handful of kernels, and the train step compiled
 in 23.5 instead of 33.5 s (paper NCSN++) and 9.4 instead of 13.2 s (small
 NCSN++), at the same step time.
@@ -71,14 +71,23 @@ class FlatLayout:
     return tuple(jnp.asarray(start, jnp.int32) for start in self.starts)
 
   def ravel(self, tree) -> jax.Array:
-    """tree -> flat vector [size] (leaves in tree-flatten order)."""
+    """tree -> flat vector [size] (leaves in tree-flatten order; an exact copy)."""
     leaves, treedef = jax.tree.flatten(tree)
     if treedef != self.treedef:
       raise ValueError(f'parameter tree {treedef} does not match the layout {self.treedef}.')
-    return jnp.concatenate([jnp.ravel(leaf).astype(self.dtype) for leaf in leaves])
+    for leaf, shape in zip(leaves, self.shapes):
+      if tuple(leaf.shape) != shape or np.dtype(leaf.dtype) != self.dtype:
+        raise ValueError(f'a leaf of {leaf.dtype}{list(leaf.shape)} does not match the '
+                         f'layout\'s {self.dtype}{list(shape)}.')
+    return jnp.concatenate([jnp.ravel(leaf) for leaf in leaves])
 
   def unravel(self, flat: jax.Array, offsets) -> Any:
-    """flat vector [size] -> tree, with `offsets` from `self.offsets()` (differentiable)."""
+    """flat vector [size] -> tree; `offsets` must be `self.offsets()` (as program inputs).
+
+    Reverse-mode differentiable (a custom VJP: the gradient is the leaves'
+    gradients concatenated in layout order); forward mode (jax.jvp) is not
+    supported. Other offsets would read the wrong leaves.
+    """
     return jax.tree.unflatten(self.treedef, _unravel_fn(self)(flat, tuple(offsets)))
 
   def unravel_with_static_offsets(self, flat: jax.Array) -> Any:
@@ -99,11 +108,11 @@ def _unravel_fn(layout: FlatLayout):
             for start, size, shape in zip(offsets, sizes, shapes)]
 
   def forward(flat, offsets):
-    return unravel(flat, offsets), offsets
+    return unravel(flat, offsets), len(offsets)
 
-  def backward(offsets, leaf_cotangents):
+  def backward(num_offsets, leaf_cotangents):   # the leaves tile [0, size) in layout order
     flat_cotangent = jnp.concatenate([jnp.ravel(c) for c in leaf_cotangents])
-    return flat_cotangent, tuple(None for _ in offsets)
+    return flat_cotangent, (None,) * num_offsets
 
   unravel.defvjp(forward, backward)
   return unravel

@@ -75,21 +75,23 @@ class FlatTrainState:
     return self.layout.unravel(flat, self.offsets)
 
 
-def _flat_opt_template(optimizer, layout: flat_params.FlatLayout):
-  """The optimiser state's structure for flat parameters (ShapeDtypeStruct leaves)."""
-  return jax.eval_shape(optimizer.init, jax.ShapeDtypeStruct((layout.size,), layout.dtype))
+def _flat_fields(optimizer, layout: flat_params.FlatLayout):
+  """The optimiser state's structure with True at parameter-shaped fields (e.g. Adam's moments).
 
-
-def _is_flat_field(template_leaf, layout: flat_params.FlatLayout) -> bool:
-  return tuple(template_leaf.shape) == (layout.size,)
+  A field is parameter-shaped when its shape follows the number of
+  parameters: [P] for P parameters and [P + 1] for P + 1.
+  """
+  def init_shapes(size):
+    return jax.eval_shape(optimizer.init, jax.ShapeDtypeStruct((size,), layout.dtype))
+  return jax.tree.map(lambda a, b: a.shape == (layout.size,) and b.shape == (layout.size + 1,),
+                      init_shapes(layout.size), init_shapes(layout.size + 1))
 
 
 def flatten_state(state: TrainState, optimizer) -> FlatTrainState:
   """TrainState -> FlatTrainState (an exact copy; jit it with the state's shardings)."""
   layout = flat_params.FlatLayout.of(state.params)
-  opt_state = jax.tree.map(
-      lambda t, sub: layout.ravel(sub) if _is_flat_field(t, layout) else sub,
-      _flat_opt_template(optimizer, layout), state.opt_state)
+  opt_state = jax.tree.map(lambda flat, sub: layout.ravel(sub) if flat else sub,
+                           _flat_fields(optimizer, layout), state.opt_state)
   return FlatTrainState(step=state.step, params=layout.ravel(state.params),
                         opt_state=opt_state, ema_params=layout.ravel(state.ema_params),
                         key=state.key, offsets=layout.offsets(), layout=layout)
@@ -97,9 +99,8 @@ def flatten_state(state: TrainState, optimizer) -> FlatTrainState:
 
 def unflatten_state(state: FlatTrainState, optimizer) -> TrainState:
   """FlatTrainState -> TrainState (an exact copy; what checkpoints and jobs hold)."""
-  opt_state = jax.tree.map(
-      lambda t, x: state.unravel(x) if _is_flat_field(t, state.layout) else x,
-      _flat_opt_template(optimizer, state.layout), state.opt_state)
+  opt_state = jax.tree.map(lambda flat, x: state.unravel(x) if flat else x,
+                           _flat_fields(optimizer, state.layout), state.opt_state)
   return TrainState(step=state.step, params=state.unravel(state.params), opt_state=opt_state,
                     ema_params=state.unravel(state.ema_params), key=state.key)
 
@@ -245,7 +246,7 @@ def make_train_calls(train_step, mesh, n: int, *, unroll: bool = False) -> Calla
 
 
 def make_eval_step(eval_loss_fn) -> Callable:
-  """eval_step(state, batch) -> loss of the EMA parameters (no dropout)."""
+  """eval_step(FlatTrainState, batch) -> loss of the EMA parameters (no dropout)."""
 
   def eval_step(state: FlatTrainState, batch):
     key = jax.random.fold_in(jax.random.fold_in(state.key, 1 << 30), state.step)
@@ -544,18 +545,15 @@ def train_and_evaluate(config, workdir: str, *, final_evaluation: bool = True) -
         if is_main:
           print(f'step {step}: eval loss (EMA, test split) {eval_loss:.5g}', flush=True)
 
-      tree_state = None
       if (_crossed(previous, step, training.snapshot_freq_for_preemption)
           or _crossed(previous, step, training.snapshot_freq) or step >= n_iters):
-        tree_state = to_tree(state)
+        tree_state = to_tree(state)     # a copy: the next step donates the flat state
         checkpoints.save(manager, step, tree_state, train_iter)
-
-      if (training.snapshot_sampling and not classifier
-          and _crossed(previous, step, training.snapshot_freq)):
-        snapshot_sampler = snapshot_sampler or _snapshot_sampler(experiment, mesh)
-        _write_samples(experiment, snapshot_sampler,
-                       to_tree(state) if tree_state is None else tree_state, step, workdir, mesh)
-      del tree_state
+        if (training.snapshot_sampling and not classifier
+            and _crossed(previous, step, training.snapshot_freq)):
+          snapshot_sampler = snapshot_sampler or _snapshot_sampler(experiment, mesh)
+          _write_samples(experiment, snapshot_sampler, tree_state, step, workdir, mesh)
+        del tree_state
   finally:
     manager.wait_until_finished()
     writer.close()

@@ -55,18 +55,13 @@ def test_backward_is_one_concatenation_not_a_sum_of_full_size_updates():
   assert 'dynamic_update_slice' not in text and ' pad' not in text
 
 
-def test_offsets_are_program_inputs_not_constants():
-  """Two leaves of one shape read through the same dynamic slice computation."""
-  tree = {'a': jnp.arange(6.).reshape(2, 3), 'b': jnp.arange(6., 12.).reshape(2, 3)}
-  layout = flat_params.FlatLayout.of(tree)
-  hlo = jax.jit(layout.unravel).lower(layout.ravel(tree), layout.offsets()).as_text()
-  assert hlo.count('dynamic_slice') == 2
-  assert layout.starts == (0, 6)
-
-
 def test_mixed_dtypes_and_mismatched_trees_are_clear_errors():
   with pytest.raises(ValueError, match=r"one floating dtype .*\['float32', 'int32'\]"):
     flat_params.FlatLayout.of({'w': jnp.ones(3), 'n': jnp.ones(2, jnp.int32)})
   layout = flat_params.FlatLayout.of({'w': jnp.ones(3)})
   with pytest.raises(ValueError, match='does not match the layout'):
     layout.ravel({'v': jnp.ones(3)})
+  with pytest.raises(ValueError, match=r"float32\[4\] does not match the layout's float32\[3\]"):
+    layout.ravel({'w': jnp.ones(4)})
+  with pytest.raises(ValueError, match=r"bfloat16\[3\] does not match"):
+    layout.ravel({'w': jnp.ones(3, jnp.bfloat16)})

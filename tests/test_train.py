@@ -56,7 +56,9 @@ def _load(workdir, config, step=None, with_data=False):
 
 
 def _assert_trees_equal(a, b, exact=True):
-  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+  assert jax.tree.structure(a) == jax.tree.structure(b)
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+    assert np.shape(x) == np.shape(y) and np.asarray(x).dtype == np.asarray(y).dtype
     if exact:
       np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
     else:
@@ -98,17 +100,21 @@ def test_train_step_on_one_and_four_devices_agree():
   assert int(state1.step) == int(state4.step) == 3
 
 
-def test_flat_train_step_matches_a_step_on_parameter_trees():
+@pytest.mark.parametrize('grad_clip, weight_decay', [(0.05, 0.0), (-1.0, 0.01)],
+                         ids=['adam-clipped', 'adamw-unclipped'])
+def test_flat_train_step_matches_a_step_on_parameter_trees(grad_clip, weight_decay):
   """The loop's flat state: exact round trip, and the same maths as an update leaf by leaf."""
   config = small_toy_config(2)
-  config.optim.grad_clip = 0.05                # small enough that clipping acts
+  config.optim.grad_clip = grad_clip           # 0.05: small enough that clipping acts
+  config.optim.weight_decay = weight_decay
   experiment = train.build_experiment(config)
   optimizer, schedule = train.get_optimizer(config)
   loss_fn = losses.get_loss_fn(config, experiment.sde, experiment.model_fn)
   _, init = train.abstract_train_state(experiment, optimizer, parallel.make_mesh())
   tree_state = jax.jit(init)(jax.random.PRNGKey(0))
-  tree_state = tree_state.replace(opt_state=jax.tree.map(   # non-zero moments: a real test
-      lambda x: x + 0.01 * jnp.sin(jnp.arange(x.size).reshape(x.shape)) ** 2
+  moments = iter(jax.random.split(jax.random.PRNGKey(1), 1000))   # a real test: distinct
+  tree_state = tree_state.replace(opt_state=jax.tree.map(          # non-zero mu and nu >= 0
+      lambda x: 0.01 * jnp.abs(jax.random.normal(next(moments), x.shape))
       if x.dtype == jnp.float32 and x.ndim else x, tree_state.opt_state))
   flat = jax.jit(lambda s: train.flatten_state(s, optimizer))(tree_state)
   assert flat.params.shape == (flat.layout.size,)
@@ -130,13 +136,37 @@ def test_flat_train_step_matches_a_step_on_parameter_trees():
     batch = next(it)
     tree_state, tree_metrics = jax.jit(tree_step)(tree_state, batch)
     flat, flat_metrics = flat_step(flat, batch)
-    assert float(tree_metrics['grad_norm']) > 0.05
+    assert grad_clip < 0 or float(tree_metrics['grad_norm']) > grad_clip
     np.testing.assert_allclose(flat_metrics['loss'], tree_metrics['loss'], rtol=1e-6)
     np.testing.assert_allclose(flat_metrics['grad_norm'], tree_metrics['grad_norm'], rtol=1e-5)
-  as_tree = jax.jit(lambda s: train.unflatten_state(s, optimizer))(flat)
-  assert jax.tree.structure(as_tree) == jax.tree.structure(tree_state)
-  for a, b in zip(jax.tree.leaves(as_tree), jax.tree.leaves(tree_state)):
-    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
+  _assert_trees_equal(jax.jit(lambda s: train.unflatten_state(s, optimizer))(flat), tree_state,
+                      exact=False)
+
+
+def test_train_step_reads_parameters_at_runtime_offsets():
+  """XLA must not see the offsets as constants, or it compiles a kernel per parameter."""
+  config = small_toy_config(2)
+  experiment = train.build_experiment(config)
+  optimizer, schedule = train.get_optimizer(config)
+  loss_fn = losses.get_loss_fn(config, experiment.sde, experiment.model_fn)
+  _, init = train.abstract_train_state(experiment, optimizer, parallel.make_mesh())
+  state = jax.eval_shape(lambda key: train.flatten_state(init(key), optimizer),
+                         jax.random.PRNGKey(0))
+  batch = jax.ShapeDtypeStruct((8, 2), jnp.float32)
+  step = train.make_train_step(loss_fn, optimizer, schedule, ema_rate=0.99)
+
+  def parameter_reads(fn):
+    """Compiled instructions that read a parameter out of the flat vector, by opcode."""
+    hlo = jax.jit(fn).lower(state, batch).compile().as_text()
+    opcodes = [line.split(' = ', 1)[1].split('(', 1)[0].split()[-1]
+               for line in hlo.splitlines() if 'jvp()/dynamic_slice"' in line]
+    return [op for op in opcodes if op in ('slice', 'dynamic-slice')]
+
+  reads = parameter_reads(step)
+  assert len(reads) >= len(state.layout.shapes) and set(reads) == {'dynamic-slice'}
+  # The check can fail: with the offsets as constants XLA turns the reads into static slices.
+  constant = parameter_reads(lambda s, b: step(s.replace(offsets=s.layout.offsets()), b))
+  assert 'slice' in constant and 'dynamic-slice' not in constant
 
 
 def test_batch_not_divisible_by_devices_is_a_clear_error(tmp_path):
@@ -307,7 +337,17 @@ def test_snapshot_samples_and_eval_see_the_checkpointed_ema(tmp_path, monkeypatc
     _assert_trees_equal(seen[step], state.ema_params)
   with open(tmp_path / 'logs' / 'metrics.jsonl') as f:
     eval_losses = [json.loads(l)['eval_loss'] for l in f if 'eval_loss' in l]
-  assert len(eval_losses) == 2 and all(np.isfinite(eval_losses))
+  # The eval loss, recomputed from the checkpoint's EMA tree (the loop reads the flat one).
+  experiment = train.build_experiment(config)
+  eval_loss_fn = train._loss_fns(config, experiment)[1]
+  eval_iter = data_lib.train_iterator(config, global_batch_size=config.training.batch_size,
+                                      seed=config.seed + 1, split='test', augment=False)
+  expected = []
+  for step in (2, 4):
+    state, _, _ = _load(tmp_path, config, step=step)
+    key = jax.random.fold_in(jax.random.fold_in(state.key, 1 << 30), step)
+    expected.append(float(jax.jit(eval_loss_fn)(state.ema_params, key, next(eval_iter))))
+  np.testing.assert_allclose(eval_losses, expected, rtol=1e-5)
 
 
 def test_jitted_steps_as_calls_of_one_step_or_unrolled_train_alike(tmp_path, monkeypatch):
