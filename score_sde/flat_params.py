@@ -90,12 +90,6 @@ class FlatLayout:
     """
     return jax.tree.unflatten(self.treedef, _unravel_fn(self)(flat, tuple(offsets)))
 
-  def unravel_with_static_offsets(self, flat: jax.Array) -> Any:
-    """flat vector -> tree with constant offsets (host-side and one-off uses)."""
-    return jax.tree.unflatten(self.treedef, [
-        flat[start:start + size].reshape(shape)
-        for start, size, shape in zip(self.starts, self.sizes, self.shapes)])
-
 
 @functools.lru_cache(maxsize=32)
 def _unravel_fn(layout: FlatLayout):
