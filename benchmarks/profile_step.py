@@ -95,7 +95,7 @@ def main():
   import jax
   from train import build_train_step   # benchmarks/train.py
 
-  compiled, state, x, mesh, _ = build_train_step(args.config, args.batch, args.override)
+  compiled, state, x, mesh, _, _ = build_train_step(args.config, args.batch, args.override)
   batch_per_device = args.batch // mesh.devices.size
   instructions, bodies = parse_hlo(compiled.as_text())
   for _ in range(2):

@@ -16,7 +16,8 @@ time for the whole program. Each device count runs in a fresh
 process (XLA_FLAGS must be set before JAX starts); the global batch is split
 over the simulated devices. The workers import score_sde before JAX starts, so
 they compile with score_sde's XLA:CPU flags (score_sde/xla_cpu.py; reported as
-`xla_flags`); SCORE_SDE_XLA_DEFAULTS=0 measures without them. Like launch.py,
+`xla_flags`), and the step with the per-program options the launcher gives it
+(`step_compiler_options`); SCORE_SDE_XLA_DEFAULTS=0 measures without either. Like launch.py,
 the workers start with glibc's huge-page tunable where it helps
 (score_sde/hugepages.py; reported as `glibc_tunables`, with the page faults
 per step); SCORE_SDE_HUGEPAGES=0 measures without it.
@@ -64,7 +65,10 @@ def _apply_overrides(config, overrides):
 
 
 def build_train_step(config_path: str, batch: int, overrides, jitted_steps: int = 1):
-  """(compiled train step, its initial state, its input, mesh, compile seconds) of a config.
+  """(compiled train step, its state, its input, mesh, compile seconds, compiler options).
+
+  Compiled as the launcher compiles it (`xla_cpu.compile_step`); the compile
+  seconds are lowering plus compiling, and the options those it compiled with.
 
   The step is exactly `train.make_train_step` with the config's loss and
   optimiser on `train.FlatTrainState`, its state replicated and the batch
@@ -75,7 +79,7 @@ def build_train_step(config_path: str, batch: int, overrides, jitted_steps: int 
   import numpy as np
   sys.path.insert(0, ROOT)
   import configs
-  from score_sde import losses, parallel, train
+  from score_sde import losses, parallel, train, xla_cpu
   from score_sde.models import utils as model_utils
 
   config = configs.load(config_path)
@@ -103,16 +107,16 @@ def build_train_step(config_path: str, batch: int, overrides, jitted_steps: int 
   jitted = jax.jit(step_fn, in_shardings=(replicated, x_sharding),
                    out_shardings=(replicated, replicated), donate_argnums=(0,))
   t = time.perf_counter()
-  compiled = jitted.lower(state, x).compile()
-  return compiled, state, x, mesh, time.perf_counter() - t
+  compiled, options = xla_cpu.compile_step(jitted, state, x)   # as xla_cpu.jit_step in the loop
+  return compiled, state, x, mesh, time.perf_counter() - t, options
 
 
 def measure(config_path: str, batch: int, steps: int, overrides, jitted_steps: int = 1) -> dict:
   """Per-step figures; with jitted_steps n, each call runs n steps and is divided by n."""
   import jax
   import numpy as np
-  compiled, state, x, mesh, compile_s = build_train_step(config_path, batch, overrides,
-                                                         jitted_steps)
+  compiled, state, x, mesh, compile_s, options = build_train_step(config_path, batch,
+                                                                  overrides, jitted_steps)
   from score_sde.models import utils as model_utils
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
@@ -140,6 +144,7 @@ def measure(config_path: str, batch: int, steps: int, overrides, jitted_steps: i
       'peak_rss_mb': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
       'page_faults_per_step': faults / (steps * jitted_steps),
       'loss': float(np.ravel(metrics['loss'])[-1]), 'xla_flags': os.environ.get('XLA_FLAGS', ''),
+      'step_compiler_options': options,
       'glibc_tunables': os.environ.get('GLIBC_TUNABLES', ''),
   }
 

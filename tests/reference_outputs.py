@@ -55,9 +55,12 @@ def projections(leaf_index: int, grad: np.ndarray) -> np.ndarray:
   return directions @ flat
 
 
-def compute(name: str) -> dict[str, np.ndarray]:
+def compute(name: str, compile_fn=None) -> dict[str, np.ndarray]:
   """Output [B, H, W, C], input gradient, parameter count, per-leaf names, gradient
-  norms [L] and projections [L, NUM_PROJECTIONS] (leaves in tree order)."""
+  norms [L] and projections [L, NUM_PROJECTIONS] (leaves in tree order).
+
+  compile_fn(jitted, *args) -> compiled program, if given, builds the program
+  (default: the jitted function itself, compiled by JAX on its first call)."""
   import jax
   import jax.numpy as jnp
   if ROOT not in sys.path:
@@ -86,8 +89,10 @@ def compute(name: str) -> dict[str, np.ndarray]:
     out = model_fn(params, x, labels, train=train, key=key)
     return jnp.sum(out * r), out
 
-  (_, out), (grad_params, grad_x) = jax.jit(
-      jax.value_and_grad(objective, argnums=(0, 1), has_aux=True))(params, x)
+  program = jax.jit(jax.value_and_grad(objective, argnums=(0, 1), has_aux=True))
+  if compile_fn is not None:
+    program = compile_fn(program, params, x)
+  (_, out), (grad_params, grad_x) = program(params, x)
   leaves = jax.tree_util.tree_leaves_with_path(grad_params)
   return {
       'output': np.asarray(out), 'grad_x': np.asarray(grad_x),

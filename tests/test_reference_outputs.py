@@ -3,11 +3,13 @@
 tests/data/reference_outputs.npz was written by tests/reference_outputs.py at
 commit 749604a (before the FIR rewrite, the attention layout change and the
 XLA:CPU flags); the current code, with the flags users run with, must give the
-same values within float32 round-off and the same parameter trees.
+same values within float32 round-off and the same parameter trees, both as
+jitted and as compiled with the train step's per-program options.
 """
 import numpy as np
 import pytest
 
+from score_sde import xla_cpu
 from tests import reference_outputs
 
 REFERENCE_FILE = 'tests/data/reference_outputs.npz'
@@ -34,11 +36,20 @@ def _stored(reference, case):
           if key.startswith(case + ':')}
 
 
+def _compiled_with_step_options(jitted, *args):
+  """The program as the train and eval steps are built (xla_cpu.compile_step)."""
+  compiled, used = xla_cpu.compile_step(jitted, *args, options=xla_cpu.STEP_COMPILER_OPTIONS)
+  assert used == xla_cpu.STEP_COMPILER_OPTIONS      # compiled with them, not fallen back
+  return compiled
+
+
+@pytest.mark.parametrize('compile_fn', [None, _compiled_with_step_options],
+                         ids=['jit', 'step-options'])
 @pytest.mark.parametrize('case', sorted(reference_outputs.CASES))
-def test_outputs_and_gradients_match_the_frozen_reference(reference, case):
+def test_outputs_and_gradients_match_the_frozen_reference(reference, case, compile_fn):
   stored = _stored(reference, case)
   assert stored, f'{REFERENCE_FILE} has no case {case!r}; rerun tests/reference_outputs.py'
-  current = reference_outputs.compute(case)
+  current = reference_outputs.compute(case, compile_fn)
 
   assert int(current['param_count']) == int(stored['param_count'])
   np.testing.assert_array_equal(current['leaf_names'], stored['leaf_names'])

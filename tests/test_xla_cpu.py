@@ -78,3 +78,98 @@ def test_importing_score_sde_routes_convolutions_to_the_multithreaded_kernels():
   # `import score_sde` before JAX starts moves it.
   assert _convolution_backend({'SCORE_SDE_XLA_DEFAULTS': '0'}) == 'YNN'
   assert _convolution_backend({}) == 'EIGEN'
+
+
+# ----------------------------------------------------------------------------
+# Per-program options of the train and eval steps
+# ----------------------------------------------------------------------------
+
+def test_step_options_follow_the_process_wide_conditions(monkeypatch):
+  on_cpu = {'JAX_PLATFORMS': 'cpu'}
+  assert xla_cpu.step_compiler_options(on_cpu) == xla_cpu.STEP_COMPILER_OPTIONS
+  ours = xla_cpu.with_default_flags('--a=1')                  # what `import score_sde` sets
+  assert xla_cpu.step_compiler_options(dict(on_cpu, XLA_FLAGS=ours)) == \
+      xla_cpu.STEP_COMPILER_OPTIONS
+  users = f'--{xla_cpu.LIBRARY_FUSION_OPTION}=+individual_convolution'
+  for environ in (dict(on_cpu, SCORE_SDE_XLA_DEFAULTS='0'), {'JAX_PLATFORMS': 'cuda'},
+                  dict(on_cpu, XLA_FLAGS='/path/to/flagfile'),
+                  dict(on_cpu, XLA_FLAGS=xla_cpu.with_default_flags(users))):   # theirs wins
+    assert xla_cpu.step_compiler_options(environ) == {}, environ
+  monkeypatch.setattr(xla_cpu, 'jaxlib_version', lambda: '0.0.1')
+  assert xla_cpu.step_compiler_options(on_cpu) == {}
+
+
+_HLO_WITH_LIBRARY_FUSIONS = """
+%fused_computation.1 (param_0: f32[4,3,3], param_1: f32[4,3,3]) -> f32[4,3,3] {
+  %param_0 = f32[4,3,3]{2,1,0} parameter(0)
+  %param_1 = f32[4,3,3]{LAYOUT} parameter(1)
+  ROOT %add.1 = f32[4,3,3]{2,1,0} add(%param_0, %param_1), metadata={op_name="x{1,0}"}
+}
+
+%fused_computation.2 (param_0.2: f32[4,3]) -> f32[3,4] {
+  %param_0.2 = f32[4,3]{1,0} parameter(0)
+  ROOT %transpose.2 = f32[3,4]{0,1} transpose(%param_0.2), dimensions={1,0}
+}
+
+ENTRY %main.3 (Arg_0.1: f32[4,3,3], Arg_1.2: f32[4,3]) -> (f32[4,3,3], f32[3,4]) {
+  %Arg_0.1 = f32[4,3,3]{2,1,0} parameter(0)
+  %ynn_fusion = f32[4,3,3]{2,1,0} fusion(%Arg_0.1, %Arg_0.1), kind=kCustom, calls=%fused_computation.1, backend_config={"outer_dimension_partitions":[],"fusion_config":{"kind":"__ynn_fusion"}}
+  %Arg_1.2 = f32[4,3]{1,0} parameter(1)
+  %loop_fusion = f32[3,4]{0,1} fusion(%Arg_1.2), kind=kLoop, calls=%fused_computation.2
+  ROOT %tuple.3 = (f32[4,3,3]{2,1,0}, f32[3,4]{0,1}) tuple(%ynn_fusion, %loop_fusion)
+}
+"""
+
+
+def test_library_fusion_layout_check_reads_only_library_fusions():
+  ok = _HLO_WITH_LIBRARY_FUSIONS.replace('LAYOUT', '2,1,0')
+  # A column-major array outside a library fusion (the kLoop transpose) is fine.
+  assert xla_cpu.unsupported_library_fusion_layouts(ok) == []
+  bad = xla_cpu.unsupported_library_fusion_layouts(
+      _HLO_WITH_LIBRARY_FUSIONS.replace('LAYOUT', '1,2,0'))
+  assert bad == ['%param_1 = f32[4,3,3]{1,2,0} parameter(1)']
+
+
+def _batched_cholesky(a, b):
+  """Cholesky factors [N, 1, 3, 3] of (a a^T + b b^T) / 2 + 3 I: an elementwise
+  fusion feeding LAPACK, which wants its operand column-major."""
+  import jax.numpy as jnp
+  gram = (a @ jnp.swapaxes(a, -1, -2) + b @ jnp.swapaxes(b, -1, -2)) * 0.5
+  return jnp.linalg.cholesky(gram + 3.0 * jnp.eye(3))
+
+
+def test_compile_step_falls_back_where_the_options_would_fail_at_run_time():
+  import jax
+  import numpy as np
+  import pytest
+  a, b = jax.random.normal(jax.random.PRNGKey(0), (2, 4000, 1, 3, 3))
+  jitted = jax.jit(_batched_cholesky)
+  with_options = jitted.lower(a, b).compile(xla_cpu.STEP_COMPILER_OPTIONS)
+  assert xla_cpu.unsupported_library_fusion_layouts(with_options.as_text())
+  # Why the check exists (jaxlib 0.10.2): this program fails when it runs.
+  with pytest.raises(Exception, match='unsupported layout in YNN fusion'):
+    np.asarray(with_options(a, b))
+
+  compiled, used = xla_cpu.compile_step(jitted, a, b, options=xla_cpu.STEP_COMPILER_OPTIONS)
+  assert used == {}
+  assert xla_cpu.unsupported_library_fusion_layouts(compiled.as_text()) == []
+  np.testing.assert_array_equal(np.asarray(compiled(a, b)), np.asarray(jitted(a, b)))
+
+
+def test_jit_step_compiles_once_per_signature(monkeypatch):
+  import jax.numpy as jnp
+  import numpy as np
+  calls = []
+  real = xla_cpu.compile_step
+
+  def counting(jitted, *args, **kwargs):
+    calls.append([np.shape(x) for x in args])
+    return real(jitted, *args, **kwargs)
+
+  monkeypatch.setattr(xla_cpu, 'compile_step', counting)
+  step = xla_cpu.jit_step(lambda x, y: jnp.tanh(x) * y + 1.0)
+  for _ in range(3):
+    np.testing.assert_allclose(step(jnp.ones(5), 2.0), np.tanh(1.0) * 2 + 1, rtol=1e-6)
+  assert len(calls) == 1
+  np.testing.assert_allclose(step(jnp.zeros((2, 3)), 2.0), np.ones((2, 3)))
+  assert len(calls) == 2
