@@ -39,21 +39,29 @@ DEFAULT_FLAGS: dict[str, str] = {
 }
 
 # The train and eval steps' elementwise fusions run as YNNPACK library calls
-# instead of one generated LLVM kernel each (the list replaces XLA's default
-# dot, reduce and individual-convolution fusions; convolutions stay with Eigen,
-# above). Small NCSN++ train step: compile 9.3 -> 6.1 s (lower + compile),
-# step 0.152 -> 0.150 s; paper config: 24.3 -> 18.9 s, step 3.88 -> 3.53 s
-# (two runs each way; the step time is within run-to-run spread).
-# Per program, not process-wide: this XLA puts an operand that a LAPACK call
+# instead of one generated LLVM kernel each. The list replaces the flag's
+# whole list: XLA's defaults (individual dots, reductions, individual
+# convolutions) without the convolutions (Eigen, above) and with elementwise
+# fusions. Lower + compile, alternating runs (README, Speed): small NCSN++
+# train step 8.9-9.4 -> 6.1-7.2 s, paper config 24.3-24.8 -> 14.9-18.9 s,
+# digits DDPM++ 11.3 -> 5.6 s, with step times within run-to-run spread.
+# Per program, not process-wide: this XLA puts an array that a LAPACK call
 # wants column-major (a batched Cholesky in the controllable-generation
 # samplers) into such a fusion and then fails at run time ("Instruction with
-# unsupported layout in YNN fusion"). `compile_step` checks every compiled
-# step for that and recompiles it without the option if needed.
+# unsupported layout in YNN fusion"), so `compile_step` checks each compiled
+# step and compiles it again without the option if needed.
 LIBRARY_FUSION_OPTION = 'xla_cpu_experimental_ynn_fusion_type'
 STEP_COMPILER_OPTIONS: dict[str, str] = {
-    LIBRARY_FUSION_OPTION: 'LIBRARY_FUSION_TYPE_DOT,LIBRARY_FUSION_TYPE_REDUCE,'
+    LIBRARY_FUSION_OPTION: 'LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE,'
                            'LIBRARY_FUSION_TYPE_ELTWISE',
 }
+# YNNPACK's largest tensor rank (YNN_MAX_TENSOR_RANK in jaxlib 0.10.2); XLA
+# fuses larger arrays too and then fails at run time like a column-major one.
+LIBRARY_FUSION_MAX_RANK = 8
+# Names of the DEFAULT_FLAGS that apply_default_flags put into XLA_FLAGS (the
+# environment carries it to restarted and child processes), so a value the
+# user set themselves is told apart from ours.
+ADDED_FLAGS_VARIABLE = 'SCORE_SDE_XLA_FLAGS_ADDED'
 
 OPT_OUT_VARIABLE = 'SCORE_SDE_XLA_DEFAULTS'
 # XLA aborts the process on a flag it does not know, and experimental flags
@@ -145,6 +153,8 @@ def apply_default_flags(environ=os.environ) -> bool:
   updated = with_default_flags(current)
   if updated == current.strip():
     return False
+  present = _flag_values(current)
+  environ[ADDED_FLAGS_VARIABLE] = ','.join(name for name in DEFAULT_FLAGS if name not in present)
   environ['XLA_FLAGS'] = updated
   return True
 
@@ -158,10 +168,12 @@ def _flag_values(xla_flags: str) -> dict[str, str]:
 def step_compiler_options(environ=os.environ) -> dict[str, str]:
   """STEP_COMPILER_OPTIONS where they apply, else {}.
 
-  They apply under the conditions of the process-wide defaults (not opted
-  out, JAX on the CPU alone, a checked jaxlib), and only if XLA_FLAGS does not
-  set the library-fusion flag itself to something other than this module's
-  default (the user's choice wins) and is not a flag file.
+  They apply unless opted out (SCORE_SDE_XLA_DEFAULTS=0), when JAX runs on
+  the CPU alone, for the checked jaxlib versions, and when XLA_FLAGS is not a
+  flag file and does not set the library-fusion flag itself: a value that
+  apply_default_flags added (named in SCORE_SDE_XLA_FLAGS_ADDED) is ours, any
+  other is the user's and wins. Unlike the process-wide flags, they also
+  apply when JAX started before `import score_sde`.
   """
   if switched_off(environ, OPT_OUT_VARIABLE) or not runs_on_cpu(environ):
     return {}
@@ -170,9 +182,10 @@ def step_compiler_options(environ=os.environ) -> dict[str, str]:
   current = environ.get('XLA_FLAGS', '').strip()
   if current and not current.startswith('-'):
     return {}
-  own = _flag_values(current).get(LIBRARY_FUSION_OPTION)
-  if own is not None and own != DEFAULT_FLAGS.get(LIBRARY_FUSION_OPTION):
-    return {}
+  if LIBRARY_FUSION_OPTION in _flag_values(current):
+    ours = environ.get(ADDED_FLAGS_VARIABLE, '').split(',')
+    if LIBRARY_FUSION_OPTION not in ours:
+      return {}
   return dict(STEP_COMPILER_OPTIONS)
 
 
@@ -182,11 +195,12 @@ _ARRAY_LAYOUT = re.compile(r'\b(?:pred|[a-z]+\d+)\[([\d,]*)\]\{([\d,]*)\}')
 
 
 def unsupported_library_fusion_layouts(hlo_text: str) -> list[str]:
-  """The instructions of YNNPACK fusions in compiled HLO text whose layout YNNPACK rejects.
+  """The instructions of YNNPACK fusions in compiled HLO text that YNNPACK rejects.
 
-  YNNPACK takes row-major arrays only: every array inside such a fusion must
-  have the descending layout {n-1, ..., 0}. Returns the offending HLO lines
-  (empty when the program can run).
+  YNNPACK takes row-major arrays of rank <= LIBRARY_FUSION_MAX_RANK only:
+  every array inside such a fusion must have the descending layout
+  {n-1, ..., 0}. Returns the offending HLO lines, and the fusion's line if its
+  computation is not found in the text (empty when the program can run).
   """
   bodies: dict[str, list[str]] = {}
   current = None
@@ -199,14 +213,21 @@ def unsupported_library_fusion_layouts(hlo_text: str) -> list[str]:
       current = None
     elif current is not None:
       current.append(stripped)
-  fused = {m.group(1) for m in _LIBRARY_FUSION_CALL.finditer(hlo_text)}
   bad = []
-  for name in sorted(fused):
-    for line in bodies.get(name, []):
-      for dims, layout in _ARRAY_LAYOUT.findall(line.split(', metadata=')[0]):
+  for line in hlo_text.splitlines():
+    call = _LIBRARY_FUSION_CALL.search(line)
+    if call is None:
+      continue
+    if call.group(1) not in bodies:
+      bad.append(line.strip())
+      continue
+    for instruction in bodies[call.group(1)]:
+      for dims, layout in _ARRAY_LAYOUT.findall(instruction.split(', metadata=')[0]):
         rank = len(dims.split(',')) if dims else 0
-        if layout and [int(d) for d in layout.split(',')] != list(range(rank - 1, -1, -1)):
-          bad.append(line)
+        descending = [int(d) for d in layout.split(',')] if layout else []
+        if rank > LIBRARY_FUSION_MAX_RANK or (
+            rank and descending != list(range(rank - 1, -1, -1))):
+          bad.append(instruction)
           break
   return bad
 
@@ -228,8 +249,8 @@ def compile_step(jitted, *args, options: dict[str, str] | None = None):
   bad = unsupported_library_fusion_layouts(compiled.as_text())
   if not bad:
     return compiled, options
-  logging.getLogger('score_sde').info(
-      'score_sde: %s compiled without %s: YNNPACK cannot take the layout of %s',
+  logging.getLogger('score_sde').warning(
+      'score_sde: %s compiled a second time, without %s: YNNPACK cannot take %s',
       getattr(jitted, '__name__', 'a step'), sorted(options), bad[0][:200])
   return lowered.compile(), {}
 
@@ -237,18 +258,23 @@ def compile_step(jitted, *args, options: dict[str, str] | None = None):
 def jit_step(fun: Callable, **jit_kwargs: Any) -> Callable:
   """jax.jit(fun, **jit_kwargs) whose programs are built by `compile_step`.
 
-  Each distinct signature (tree structure, shapes, dtypes, shardings of the
-  arguments) is lowered and compiled once, at its first call. Use it for
-  programs called many times with the same shapes (train and eval steps).
+  Each distinct signature (tree structure, shapes, dtypes, weak types and
+  shardings of the arguments) is lowered and compiled once, at its first
+  call. For programs called many times with the same shapes (train and eval
+  steps): positional array arguments only, no static arguments.
   """
   import jax
+  static = sorted(k for k in ('static_argnums', 'static_argnames') if jit_kwargs.get(k))
+  if static:
+    raise ValueError(f'jit_step takes array arguments only; got {", ".join(static)}.')
   jitted = jax.jit(fun, **jit_kwargs)
   compiled: dict[Any, Any] = {}
 
   def signature(args):
     leaves, treedef = jax.tree.flatten(args)
     return treedef, tuple((getattr(x, 'shape', None), getattr(x, 'dtype', type(x)),
-                           getattr(x, 'sharding', None)) for x in leaves)
+                           getattr(x, 'weak_type', False), getattr(x, 'sharding', None))
+                          for x in leaves)
 
   def call(*args):
     key = signature(args)

@@ -217,6 +217,38 @@ def test_train_step_with_the_step_options_matches_the_default_compile():
   _assert_trees_equal(state_a.opt_state, state_b.opt_state, exact=False)
 
 
+def test_the_loop_compiles_its_steps_with_the_step_options(monkeypatch):
+  """make_train_calls (both forms) builds its programs through xla_cpu.compile_step."""
+  from score_sde import xla_cpu
+  used = []
+  real = xla_cpu.compile_step
+
+  def recording(jitted, *args, **kwargs):
+    compiled, options = real(jitted, *args, **kwargs)
+    used.append(options)
+    return compiled, options
+
+  monkeypatch.setattr(xla_cpu, 'compile_step', recording)
+  config = small_toy_config(2)
+  mesh = parallel.make_mesh()
+  experiment = train.build_experiment(config)
+  optimizer, schedule = train.get_optimizer(config)
+  loss_fn = losses.get_loss_fn(config, experiment.sde, experiment.model_fn)
+  step = train.make_train_step(loss_fn, optimizer, schedule, ema_rate=0.99)
+  _, init = train.abstract_train_state(experiment, optimizer, mesh)
+  it = data_lib.train_iterator(config, global_batch_size=16, seed=0)
+  batches = [next(it) for _ in range(2)]
+  for unroll in (False, True):
+    state = jax.jit(lambda key: train.flatten_state(init(key), optimizer),
+                    out_shardings=parallel.replicated(mesh))(jax.random.PRNGKey(0))
+    calls = train.make_train_calls(step, mesh, 2, unroll=unroll)
+    for _ in range(2):
+      state, metrics = calls(state, iter(batches))
+    assert metrics['loss'].shape == (2,) and int(state.step) == 4
+  assert used == [xla_cpu.step_compiler_options()] * 2      # once per form, not per call
+  assert used[0] == xla_cpu.STEP_COMPILER_OPTIONS            # as the suite runs (CPU, defaults on)
+
+
 def test_batch_not_divisible_by_devices_is_a_clear_error(tmp_path):
   config = small_toy_config(2)
   config.training.batch_size = 6

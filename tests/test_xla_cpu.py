@@ -85,15 +85,20 @@ def test_importing_score_sde_routes_convolutions_to_the_multithreaded_kernels():
 # ----------------------------------------------------------------------------
 
 def test_step_options_follow_the_process_wide_conditions(monkeypatch):
+  monkeypatch.setattr(xla_cpu, '_backend_started', lambda: False)
   on_cpu = {'JAX_PLATFORMS': 'cpu'}
   assert xla_cpu.step_compiler_options(on_cpu) == xla_cpu.STEP_COMPILER_OPTIONS
-  ours = xla_cpu.with_default_flags('--a=1')                  # what `import score_sde` sets
-  assert xla_cpu.step_compiler_options(dict(on_cpu, XLA_FLAGS=ours)) == \
-      xla_cpu.STEP_COMPILER_OPTIONS
-  users = f'--{xla_cpu.LIBRARY_FUSION_OPTION}=+individual_convolution'
+  environ = dict(on_cpu, XLA_FLAGS='--a=1')
+  assert xla_cpu.apply_default_flags(environ)                  # as `import score_sde` does
+  assert xla_cpu.step_compiler_options(environ) == xla_cpu.STEP_COMPILER_OPTIONS
+  # The user's own library-fusion flag wins, even when it equals this module's default.
+  for value in ('+individual_convolution', xla_cpu.DEFAULT_FLAGS[xla_cpu.LIBRARY_FUSION_OPTION]):
+    environ = dict(on_cpu, XLA_FLAGS=f'--{xla_cpu.LIBRARY_FUSION_OPTION}={value}')
+    assert xla_cpu.apply_default_flags(environ)               # adds the other defaults
+    assert xla_cpu.LIBRARY_FUSION_OPTION not in environ[xla_cpu.ADDED_FLAGS_VARIABLE]
+    assert xla_cpu.step_compiler_options(environ) == {}, value
   for environ in (dict(on_cpu, SCORE_SDE_XLA_DEFAULTS='0'), {'JAX_PLATFORMS': 'cuda'},
-                  dict(on_cpu, XLA_FLAGS='/path/to/flagfile'),
-                  dict(on_cpu, XLA_FLAGS=xla_cpu.with_default_flags(users))):   # theirs wins
+                  dict(on_cpu, XLA_FLAGS='/path/to/flagfile')):
     assert xla_cpu.step_compiler_options(environ) == {}, environ
   monkeypatch.setattr(xla_cpu, 'jaxlib_version', lambda: '0.0.1')
   assert xla_cpu.step_compiler_options(on_cpu) == {}
@@ -156,6 +161,20 @@ def test_compile_step_falls_back_where_the_options_would_fail_at_run_time():
   np.testing.assert_array_equal(np.asarray(compiled(a, b)), np.asarray(jitted(a, b)))
 
 
+def test_compile_step_falls_back_for_arrays_of_a_rank_ynnpack_lacks():
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  x = jnp.linspace(-1.0, 1.0, 2 ** 14).reshape((2,) * 8 + (64,))   # rank 9 > YNNPACK's 8
+  jitted = jax.jit(lambda x: jnp.tanh(x) * 2.0 + 1.0)
+  with_options = jitted.lower(x).compile(xla_cpu.STEP_COMPILER_OPTIONS)
+  assert '"__ynn_fusion"' in with_options.as_text()
+  assert xla_cpu.unsupported_library_fusion_layouts(with_options.as_text())
+  compiled, used = xla_cpu.compile_step(jitted, x, options=xla_cpu.STEP_COMPILER_OPTIONS)
+  assert used == {}
+  np.testing.assert_array_equal(np.asarray(compiled(x)), np.asarray(jitted(x)))
+
+
 def test_jit_step_compiles_once_per_signature(monkeypatch):
   import jax.numpy as jnp
   import numpy as np
@@ -173,3 +192,14 @@ def test_jit_step_compiles_once_per_signature(monkeypatch):
   assert len(calls) == 1
   np.testing.assert_allclose(step(jnp.zeros((2, 3)), 2.0), np.ones((2, 3)))
   assert len(calls) == 2
+
+
+def test_jit_step_keys_weak_types_and_refuses_static_arguments():
+  import jax.numpy as jnp
+  import pytest
+  step = xla_cpu.jit_step(lambda x, y: x * y)
+  x = jnp.ones(3, jnp.bfloat16)
+  for y in (jnp.asarray(2.0), jnp.float32(2.0), jnp.asarray(2.0)):   # weak, strong, weak
+    assert step(x, y).dtype == (x * y).dtype
+  with pytest.raises(ValueError, match='static_argnums'):
+    xla_cpu.jit_step(lambda x, n: x * n, static_argnums=1)
