@@ -7,8 +7,9 @@ are meant for CPU runs and are left out unless JAX will run on the CPU alone
 flag the user already set in XLA_FLAGS wins, a flag file named by XLA_FLAGS
 is left alone, SCORE_SDE_XLA_DEFAULTS=0 turns them all off, and they are
 only set for the jaxlib versions they were checked with (XLA aborts on an
-unknown flag). The figures in the comments are medians on the 2-core CPU
-this project is developed on (benchmarks/train.py, batch 8, 32x32x3, jax 0.10.2).
+unknown flag). The figures in the comments are step-time medians and
+compile-time ranges on the 2-core CPU this project is developed on
+(benchmarks/train.py, batch 8, 32x32x3, jax 0.10.2).
 
 One more option is given per program rather than process-wide:
 `compile_step` / `jit_step` compile the train and eval steps with
@@ -43,8 +44,8 @@ DEFAULT_FLAGS: dict[str, str] = {
 # whole list: XLA's defaults (individual dots, reductions, individual
 # convolutions) without the convolutions (Eigen, above) and with elementwise
 # fusions. Lower + compile, alternating runs (README, Speed): small NCSN++
-# train step 8.9-9.4 -> 6.1-7.2 s, paper config 24.3-24.8 -> 14.9-18.9 s,
-# digits DDPM++ 11.3 -> 5.6 s, with step times within run-to-run spread.
+# train step 8.9-10.5 -> 6.1-7.8 s, paper config 24.3-24.8 -> 14.9-18.9 s,
+# digits DDPM++ 11.3 -> 5.6-6.8 s, with step times within run-to-run spread.
 # Per program, not process-wide: this XLA puts an array that a LAPACK call
 # wants column-major (a batched Cholesky in the controllable-generation
 # samplers) into such a fusion and then fails at run time ("Instruction with
