@@ -267,7 +267,8 @@ def jit_step(fun: Callable, **jit_kwargs: Any) -> Callable:
   import jax
   static = sorted(k for k in ('static_argnums', 'static_argnames') if jit_kwargs.get(k))
   if static:
-    raise ValueError(f'jit_step takes array arguments only; got {", ".join(static)}.')
+    raise ValueError(f'jit_step takes array arguments only; got {", ".join(static)}. '
+                     'Use jax.jit for a function with static arguments.')
   jitted = jax.jit(fun, **jit_kwargs)
   compiled: dict[Any, Any] = {}
 
