@@ -28,19 +28,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 _INSTRUCTION = re.compile(r'\s+(?:ROOT )?%(\S+) = (\S+) ([\w-]+)\((.*)')
-_COMPUTATION = re.compile(r'^(?:ENTRY )?%(\S+) .*\{$')
 
 
 def parse_hlo(text: str):
   """{instruction name: (shape, opcode, called computation, op_name)}, {computation: body}."""
-  bodies, current = {}, None
-  for line in text.splitlines():
-    match = _COMPUTATION.match(line)
-    if match:
-      current = match.group(1)
-      bodies[current] = []
-    elif current is not None:
-      bodies[current].append(line)
+  from score_sde import xla_cpu
+  bodies = xla_cpu.hlo_computations(text)
   instructions = {}
   for line in text.splitlines():
     match = _INSTRUCTION.match(line)

@@ -195,14 +195,8 @@ _LIBRARY_FUSION_CALL = re.compile(r'calls=%([\w.\-]+).*"kind":"__ynn_fusion"')
 _ARRAY_LAYOUT = re.compile(r'\b(?:pred|[a-z]+\d+)\[([\d,]*)\]\{([\d,]*)\}')
 
 
-def unsupported_library_fusion_layouts(hlo_text: str) -> list[str]:
-  """The instructions of YNNPACK fusions in compiled HLO text that YNNPACK rejects.
-
-  YNNPACK takes row-major arrays of rank <= LIBRARY_FUSION_MAX_RANK only:
-  every array inside such a fusion must have the descending layout
-  {n-1, ..., 0}. Returns the offending HLO lines, and the fusion's line if its
-  computation is not found in the text (empty when the program can run).
-  """
+def hlo_computations(hlo_text: str) -> dict[str, list[str]]:
+  """{computation name: its instruction lines, stripped} of HLO text (ENTRY included)."""
   bodies: dict[str, list[str]] = {}
   current = None
   for line in hlo_text.splitlines():
@@ -214,6 +208,18 @@ def unsupported_library_fusion_layouts(hlo_text: str) -> list[str]:
       current = None
     elif current is not None:
       current.append(stripped)
+  return bodies
+
+
+def unsupported_library_fusion_layouts(hlo_text: str) -> list[str]:
+  """The instructions of YNNPACK fusions in compiled HLO text that YNNPACK rejects.
+
+  YNNPACK takes row-major arrays of rank <= LIBRARY_FUSION_MAX_RANK only:
+  every array inside such a fusion must have the descending layout
+  {n-1, ..., 0}. Returns the offending HLO lines, and the fusion's line if its
+  computation is not found in the text (empty when the program can run).
+  """
+  bodies = hlo_computations(hlo_text)
   bad = []
   for line in hlo_text.splitlines():
     call = _LIBRARY_FUSION_CALL.search(line)

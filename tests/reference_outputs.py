@@ -55,6 +55,18 @@ def projections(leaf_index: int, grad: np.ndarray) -> np.ndarray:
   return directions @ flat
 
 
+def load_config(path: str, overrides: dict):
+  """The config file at `path` (relative to the repository) with 'section.field' overrides."""
+  if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+  import configs
+  config = configs.load(os.path.join(ROOT, path))
+  for key, value in overrides.items():
+    section, field = key.split('.')
+    config[section][field] = value
+  return config
+
+
 def compute(name: str, compile_fn=None) -> dict[str, np.ndarray]:
   """Output [B, H, W, C], input gradient, parameter count, per-leaf names, gradient
   norms [L] and projections [L, NUM_PROJECTIONS] (leaves in tree order).
@@ -63,17 +75,11 @@ def compute(name: str, compile_fn=None) -> dict[str, np.ndarray]:
   (default: the jitted function itself, compiled by JAX on its first call)."""
   import jax
   import jax.numpy as jnp
-  if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
-  import configs
+  config = load_config(*CASES[name][:2])
   from score_sde import models
   from score_sde.models import utils as model_utils
 
-  path, overrides, train = CASES[name]
-  config = configs.load(os.path.join(ROOT, path))
-  for key, value in overrides.items():
-    section, field = key.split('.')
-    config[section][field] = value
+  path, _, train = CASES[name]
   model = models.get_model(config)
   params = model_utils.init_params(jax.random.PRNGKey(0), model, config)
   model_fn = model_utils.get_model_fn(model)

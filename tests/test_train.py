@@ -172,20 +172,18 @@ def test_train_step_reads_parameters_at_runtime_offsets():
 
 def _generated_kernel_instructions(hlo_text: str) -> int:
   """Instructions inside the kLoop fusions of compiled HLO text (XLA generates their code)."""
-  bodies = dict(re.findall(r'\n%(\S+) \(.*?\{\n(.*?)\n\}', hlo_text, re.S))
+  from score_sde import xla_cpu
+  bodies = xla_cpu.hlo_computations(hlo_text)
   loops = set(re.findall(r'kind=kLoop, calls=%([\w.\-]+)', hlo_text))
-  return sum(len(bodies[name].splitlines()) for name in loops)
+  return sum(len(bodies[name]) for name in loops)
 
 
 def test_train_step_with_the_step_options_matches_the_default_compile():
   """xla_cpu.jit_step compiles the step with YNNPACK elementwise fusions: same numbers."""
-  import configs
   from score_sde import xla_cpu
-  from tests.reference_outputs import TINY_NCSNPP
-  config = configs.load(os.path.join(ROOT, 'configs/ve/cifar10_ncsnpp_continuous.py'))
-  for key, value in dict(TINY_NCSNPP, **{'model.dropout': 0.1}).items():
-    section, field = key.split('.')
-    config[section][field] = value
+  from tests.reference_outputs import TINY_NCSNPP, load_config
+  config = load_config('configs/ve/cifar10_ncsnpp_continuous.py',
+                       dict(TINY_NCSNPP, **{'model.dropout': 0.1}))
   experiment = train.build_experiment(config)
   optimizer, schedule = train.get_optimizer(config)
   loss_fn = losses.get_loss_fn(config, experiment.sde, experiment.model_fn)
