@@ -35,11 +35,12 @@ from __future__ import annotations
 import os
 import sys
 
-import score_sde  # noqa: F401  (sets score_sde's XLA:CPU flags before JAX starts)
-from score_sde import hugepages
+from score_sde.cpu import process
 
 if __name__ == '__main__':
-  hugepages.reexec_with_huge_pages()  # restarts once with glibc.malloc.hugetlb=1 (hugepages.py)
+  # Before JAX starts: the XLA:CPU flags, then one restart with glibc's huge-page
+  # tunable (score_sde/cpu/); both do nothing unless JAX runs on the CPU.
+  process.prepare()
 
 from absl import app  # noqa: E402  (after the restart above)
 from absl import flags  # noqa: E402
@@ -135,12 +136,21 @@ def _require_workdir():
   return FLAGS.workdir
 
 
+def _validated_config():
+  """The --config, its keys checked against configs/defaults.py."""
+  import configs
+  config = _require_config()
+  configs.validate(config)
+  return config
+
+
 def cmd_train(argv):
   del argv
+  from score_sde import experiment
   from score_sde import train
   workdir = _require_workdir()
-  config = _require_config()
-  if train.is_classifier(config):
+  config = _validated_config()
+  if experiment.is_classifier(config):
     raise ValueError(f'config.model.name {config.model.name!r} is a classifier: train it '
                      f'with launch.py train_classifier.')
   train.train_and_evaluate(config, workdir)
@@ -148,36 +158,37 @@ def cmd_train(argv):
 
 def cmd_train_classifier(argv):
   del argv
+  from score_sde import experiment
   from score_sde import train
   workdir = _require_workdir()
-  config = _require_config()
-  if not train.is_classifier(config):
+  config = _validated_config()
+  if not experiment.is_classifier(config):
     raise ValueError(f'train_classifier needs a classifier config (config.model.name in '
-                     f'{list(train.CLASSIFIER_MODELS)}, e.g. configs/digits/'
+                     f'{list(experiment.CLASSIFIER_MODELS)}, e.g. configs/digits/'
                      f'wrn_classifier.py); got model {config.model.name!r}.')
   train.train_and_evaluate(config, workdir)
 
 
 def _input_images(config):
   """--images as float32 [N, H, W, C] in [0, 1]."""
-  from score_sde import controllable
   from score_sde import data
+  from score_sde import io
   if FLAGS.images is None:
     raise app.UsageError('this command needs --images=<file, folder, npz, or test / train>.')
   if FLAGS.images in ('train', 'test'):
     levels = data.num_levels(config)
     images = data.load_split_uint(config, FLAGS.images, FLAGS.num_images or None)
     return images.astype('float32') / (levels - 1)
-  return controllable.load_images(FLAGS.images, config.data.image_size,
+  return io.load_images(FLAGS.images, config.data.image_size,
                                   config.data.num_channels, max_images=FLAGS.num_images or None)
 
 
 def cmd_inpaint(argv):
   del argv
-  from score_sde import controllable
+  from score_sde import jobs
   workdir = _require_workdir()
   config = _require_config()
-  paths = controllable.inpaint_job(
+  paths = jobs.inpaint_job(
       workdir, config, _input_images(config), FLAGS.mask, mask_fraction=FLAGS.mask_fraction,
       out_dir=FLAGS.out_dir, samples_per_image=FLAGS.samples_per_image, seed=FLAGS.seed,
       checkpoint=FLAGS.checkpoint)
@@ -187,10 +198,10 @@ def cmd_inpaint(argv):
 
 def cmd_colorize(argv):
   del argv
-  from score_sde import controllable
+  from score_sde import jobs
   workdir = _require_workdir()
   config = _require_config()
-  paths = controllable.colorize_job(
+  paths = jobs.colorize_job(
       workdir, config, _input_images(config), out_dir=FLAGS.out_dir, samples_per_image=FLAGS.samples_per_image,
       seed=FLAGS.seed, checkpoint=FLAGS.checkpoint)
   if paths:
@@ -201,7 +212,7 @@ def cmd_cond_sample(argv):
   del argv
   import numpy as np
   from configs import workdir as workdir_config
-  from score_sde import controllable
+  from score_sde import jobs
   from score_sde import models
   workdir = _require_workdir()
   config = _require_config()
@@ -217,7 +228,7 @@ def cmd_cond_sample(argv):
                        ) from None
   else:
     labels = np.repeat(np.arange(num_classes), FLAGS.num_per_class)
-  paths = controllable.conditional_sample_job(
+  paths = jobs.conditional_sample_job(
       workdir, config, FLAGS.classifier_workdir, classifier_config, labels, scale=FLAGS.scale,
       out_dir=FLAGS.out_dir, seed=FLAGS.seed, checkpoint=FLAGS.checkpoint)
   if paths:

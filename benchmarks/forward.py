@@ -33,6 +33,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from score_sde.cpu import process  # noqa: E402
 from score_sde.models import get_model  # noqa: E402
 from score_sde.models.utils import input_shape, param_count  # noqa: E402
 
@@ -156,4 +157,5 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
+  process.prepare(restart_for_huge_pages=False)   # XLA:CPU flags, as launch.py
   main()

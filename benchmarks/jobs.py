@@ -72,6 +72,6 @@ def main():
 
 
 if __name__ == '__main__':
-  from score_sde import hugepages
-  hugepages.reexec_with_huge_pages()   # measure as launch.py runs (score_sde/hugepages.py)
+  from score_sde.cpu import process
+  process.prepare()   # XLA:CPU flags and the huge-page restart, as launch.py (score_sde/cpu/)
   main()

@@ -33,9 +33,11 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from score_sde.cpu import process  # noqa: E402
 from score_sde import analytic  # noqa: E402
 from score_sde import likelihood  # noqa: E402
 from score_sde import sde as sde_lib  # noqa: E402
+from score_sde import score_fn
 
 SDES = {'vp': sde_lib.VPSDE, 've': sde_lib.VESDE, 'subvp': sde_lib.SubVPSDE}
 EPS = 1e-5
@@ -84,12 +86,11 @@ def mixture_benchmarks(args) -> None:
 def network_benchmarks(args) -> None:
   """Time per batch with a randomly initialised MLP score network (D = args.dim)."""
   from score_sde.models import mlp as mlp_lib
-  from score_sde.models import utils as model_utils
   sde = sde_lib.VPSDE()
   model = mlp_lib.MLP(dim=args.dim, nf=256, num_layers=3, embedding_type='positional',
                       init_scale=1.0)
   params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, args.dim)), jnp.ones((1,)))['params']
-  score_model_fn = model_utils.get_score_model_fn(sde, model_utils.get_model_fn(model))
+  score_model_fn = score_fn.get_score_model_fn(sde, score_fn.get_model_fn(model))
   x = jax.random.normal(jax.random.PRNGKey(3), (args.batch, args.dim))
   for divergence in ('hutchinson_rademacher', 'exact'):
     for tol in (1e-3, 1e-5):
@@ -117,4 +118,5 @@ def main() -> None:
 
 
 if __name__ == '__main__':
+  process.prepare(restart_for_huge_pages=False)   # XLA:CPU flags, as launch.py
   main()

@@ -32,8 +32,10 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from configs import defaults  # noqa: E402
-from score_sde import data, metrics  # noqa: E402
-from score_sde import digits_classifier as dc  # noqa: E402
+from score_sde.cpu import process  # noqa: E402
+from score_sde import data
+from score_sde.evaluation import metrics  # noqa: E402
+from score_sde.evaluation import digits_classifier as dc  # noqa: E402
 
 
 def _environment() -> dict:
@@ -80,7 +82,7 @@ def digits(args) -> None:
 
 
 def inception_speed(args) -> None:
-  from score_sde import inception
+  from score_sde.evaluation import inception
   params = inception.init_params(jax.random.PRNGKey(0))
   images = np.random.default_rng(0).integers(0, 256, (args.batch, 32, 32, 3), np.uint8)
   start = time.perf_counter()
@@ -125,4 +127,5 @@ def main(argv=None) -> None:
 
 
 if __name__ == '__main__':
+  process.prepare(restart_for_huge_pages=False)   # XLA:CPU flags, as launch.py
   main()

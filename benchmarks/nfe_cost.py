@@ -51,12 +51,12 @@ def measure(config_path: str, overrides: list[str], batch: int, steps: int,
   from benchmarks import train as train_benchmark
   from score_sde import likelihood
   from score_sde import sampling
-  from score_sde import train
+  from score_sde import experiment as experiment_lib
   from score_sde.models import utils as model_utils
 
   config = configs.load(config_path)
   train_benchmark._apply_overrides(config, overrides)   # key=value, values as Python literals
-  experiment = train.build_experiment(config)
+  experiment = experiment_lib.build_experiment(config)
   params = model_utils.init_params(jax.random.PRNGKey(0), experiment.model, config)
   shape = model_utils.input_shape(config, batch)
   score_fn = lambda x, t: experiment.score_model_fn(params, x, t)   # noqa: E731
@@ -111,6 +111,6 @@ def main():
 
 
 if __name__ == '__main__':
-  from score_sde import hugepages
-  hugepages.reexec_with_huge_pages()   # measure as launch.py runs (score_sde/hugepages.py)
+  from score_sde.cpu import process
+  process.prepare()   # XLA:CPU flags and the huge-page restart, as launch.py (score_sde/cpu/)
   main()

@@ -32,7 +32,7 @@ _INSTRUCTION = re.compile(r'\s+(?:ROOT )?%(\S+) = (\S+) ([\w-]+)\((.*)')
 
 def parse_hlo(text: str):
   """{instruction name: (shape, opcode, called computation, op_name)}, {computation: body}."""
-  from score_sde import xla_cpu
+  from score_sde.cpu import xla_flags as xla_cpu
   bodies = xla_cpu.hlo_computations(text)
   instructions = {}
   for line in text.splitlines():
@@ -84,7 +84,6 @@ def main():
   args = parser.parse_args()
 
   sys.path.insert(0, ROOT)
-  import score_sde  # noqa: F401  (XLA:CPU flags before JAX starts)
   import jax
   from train import build_train_step   # benchmarks/train.py
 
@@ -135,6 +134,6 @@ def main():
 
 if __name__ == '__main__':
   sys.path.insert(0, ROOT)
-  from score_sde import hugepages
-  hugepages.reexec_with_huge_pages()   # measure as launch.py runs (score_sde/hugepages.py)
+  from score_sde.cpu import process
+  process.prepare()   # XLA:CPU flags and the huge-page restart, as launch.py (score_sde/cpu/)
   main()

@@ -14,12 +14,12 @@ compiles for config.training.n_jitted_steps = n with
 training.unroll_jitted_steps); times and flops are then per step, compile
 time for the whole program. Each device count runs in a fresh
 process (XLA_FLAGS must be set before JAX starts); the global batch is split
-over the simulated devices. The workers import score_sde before JAX starts, so
-they compile with score_sde's XLA:CPU flags (score_sde/xla_cpu.py; reported as
+over the simulated devices. The workers apply score_sde's XLA:CPU flags before
+JAX starts, as launch.py does (score_sde/cpu/xla_flags.py; reported as
 `xla_flags`), and the step with the per-program options the launcher gives it
 (`step_compiler_options`); SCORE_SDE_XLA_DEFAULTS=0 measures without either. Like launch.py,
 the workers start with glibc's huge-page tunable where it helps
-(score_sde/hugepages.py; reported as `glibc_tunables`, with the page faults
+(score_sde/cpu/hugepages.py; reported as `glibc_tunables`, with the page faults
 per step); SCORE_SDE_HUGEPAGES=0 measures without it.
 """
 from __future__ import annotations
@@ -79,21 +79,23 @@ def build_train_step(config_path: str, batch: int, overrides, jitted_steps: int 
   import numpy as np
   sys.path.insert(0, ROOT)
   import configs
-  from score_sde import losses, parallel, train, xla_cpu
+  from score_sde import experiment as experiment_lib
+  from score_sde import losses, parallel, train
+  from score_sde.cpu import xla_flags as xla_cpu
   from score_sde.models import utils as model_utils
 
   config = configs.load(config_path)
   _apply_overrides(config, overrides)
   config.training.batch_size = batch
   mesh = parallel.make_mesh()
-  experiment = train.build_experiment(config)
-  optimizer, schedule = train.get_optimizer(config)
+  experiment = experiment_lib.build_experiment(config)
+  optimizer, schedule = experiment_lib.get_optimizer(config)
   loss_fn = losses.get_loss_fn(config, experiment.sde, experiment.model_fn,
                                num_levels=max(experiment.num_levels, 2))
   step_fn = train.make_train_step(loss_fn, optimizer, schedule,
                                   ema_rate=float(config.model.ema_rate))
   replicated = parallel.replicated(mesh)
-  _, init = train.abstract_train_state(experiment, optimizer, mesh)
+  _, init = experiment_lib.abstract_train_state(experiment, optimizer, mesh)
   state = jax.jit(lambda key: train.flatten_state(init(key), optimizer),   # as the loop runs
                   out_shardings=replicated)(jax.random.PRNGKey(0))
   shape = model_utils.input_shape(config, batch)
@@ -164,6 +166,9 @@ def main():
   args = parser.parse_args()
 
   if args._worker:                     # one measurement in this (fresh) process
+    sys.path.insert(0, ROOT)
+    from score_sde.cpu import xla_flags
+    xla_flags.apply_default_flags()    # before JAX starts, as launch.py does
     peak = float(args._worker[1])
     for path in args.config:
       result = measure(path, args.batch, args.steps, args.override, args.jitted_steps)
@@ -175,7 +180,7 @@ def main():
   peak = matmul_gflops()
   print(json.dumps({'measurement': 'f32_matmul_2048', 'gflops': peak}), flush=True)
   sys.path.insert(0, ROOT)
-  from score_sde import hugepages     # JAX has started: this import changes no XLA flags
+  from score_sde.cpu import hugepages     # JAX has started: this import changes no XLA flags
   for devices in args.devices or [1]:
     user_flags = os.environ.get('XLA_FLAGS', '')
     env = hugepages.environ_with_huge_pages(dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS=(

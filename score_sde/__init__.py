@@ -2,13 +2,11 @@
 
 `score_sde.load(workdir)` opens a trained workdir for scripts (see api.py);
 the modules (sde, analytic, losses, sampling, likelihood, ...) are imported
-on demand. Importing the package adds this project's XLA:CPU flags to
-XLA_FLAGS if JAX has not started yet (see xla_cpu.py; SCORE_SDE_XLA_DEFAULTS=0
-turns that off).
+on demand. Importing the package changes nothing in the environment: the
+XLA:CPU settings of `score_sde/cpu/` are applied by the launcher (or by a
+script that calls `score_sde.cpu.xla_flags.apply_default_flags()` before JAX
+starts), and only when JAX runs on the CPU.
 """
-from score_sde import xla_cpu as _xla_cpu
-
-_xla_cpu.apply_default_flags()
 
 
 def load(workdir: str, checkpoint: int | None = None):

@@ -15,7 +15,7 @@ import jax
 import numpy as np
 
 from score_sde import data as data_lib
-from score_sde import jobs
+from score_sde import experiment as experiment_lib
 from score_sde import likelihood
 from score_sde import parallel
 from score_sde import sampling
@@ -102,8 +102,8 @@ class TrainedModel:
 
 def load(workdir: str, checkpoint: int | None = None) -> TrainedModel:
   """The newest (or the given) checkpoint of a training workdir."""
-  config = jobs.load_config(workdir)
+  config = experiment_lib.load_config(workdir)
   mesh = parallel.make_mesh()
-  experiment, state, step = jobs.restore_state(workdir, config, mesh, checkpoint)
+  experiment, state, step = experiment_lib.restore_state(workdir, config, mesh, checkpoint)
   return TrainedModel(config=config, sde=experiment.sde, ema_params=state.ema_params,
                       step=int(step), experiment=experiment, mesh=mesh)

@@ -64,47 +64,31 @@ fold_in(key, i)), as in `score_sde.sampling`.
 
 Layers of this module: pure samplers (`replacement_pc_sampler`); builders
 returning pure functions of (key, params, inputs) for `jax.jit` with a mesh
-(`build_inpainter`, `build_colorizer`, `build_conditional_sampler`);
+(`build_inpainter`, `build_colorizer`, `build_conditional_sampler`); and
 convenience calls with a fixed score function (`inpaint`, `colorize`,
-`conditional_sample`); the classifier objective (`get_classifier_loss_fn`);
-and jobs over a trained workdir (`inpaint_job`, `colorize_job`,
-`conditional_sample_job`) that write, in their output folder,
-
-  inpainting.npz     inputs [N, H, W, C], masks [N, H, W, C] uint8, results
-                     [N, S, H, W, C] (S samples per input), floats in [0, 1]
-  colorization.npz   grey [N, H, W, 3], results [N, S, H, W, 3] (+ originals)
-  conditional.npz    samples [N, H, W, C] in [0, 1], labels [N]
-  <name>.png         one row per input: masked input, mask, results / grey,
-                     results / one row per class
-  <name>.json        checkpoint step, seed, sampler settings, NFE
-
-A job's samples depend on (seed, batch size = config.eval.batch_size rounded
-to the device count); jobs are not sharded into resumable pieces (their
-inputs are user images, usually few).
+`conditional_sample`). The classifier's logits are `score_sde.score_fn`, its
+objective `score_sde.losses.get_classifier_loss_fn`, and the jobs over a
+trained workdir `score_sde.jobs.controllable`.
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
-import json
 import math
-import os
 from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from score_sde import losses
 from score_sde import parallel
 from score_sde import sampling
-from score_sde import sde as sde_lib
 
 ScoreFn = Callable[[jax.Array, jax.Array], jax.Array]
-LogitsFn = Callable[[jax.Array, jax.Array], jax.Array]     # (x [B, ...], t [B]) -> [B, K]
+LogitsFn = losses.LogitsFn
 Info = dict
 
 PC_OPTIONS = tuple(sampling.METHODS['pc'].defaults)
-IMAGE_SUFFIXES = ('.png', '.jpg', '.jpeg', '.bmp', '.gif', '.tif', '.tiff', '.webp')
 
 
 def _identity(x):
@@ -191,6 +175,11 @@ def _pattern_name(name: str) -> str:
   return str(name).strip().lower().replace(' ', '_').replace('-', '_')
 
 
+def is_mask_pattern(name: str) -> bool:
+  """Whether `name` is one of MASK_PATTERNS (any case, '-' or '_')."""
+  return _pattern_name(name) in MASK_PATTERNS
+
+
 def make_mask(pattern: str, image_size: int, num_channels: int, *,
               fraction: float | None = None, seed: int = 0) -> np.ndarray:
   """A named mask [H, W, C] float32, 1 = known pixel (all channels alike).
@@ -266,7 +255,7 @@ def check_mask(mask, example_shape, batch_size: int | None = None) -> np.ndarray
   return np.ascontiguousarray(np.broadcast_to(full, (batch_size,) + example_shape))
 
 
-def _check_images(images, shape, what: str = 'images') -> None:
+def check_images(images, shape, what: str = 'images') -> None:
   images_shape = tuple(np.shape(images))
   shape = tuple(shape)
   if images_shape == shape:
@@ -418,7 +407,7 @@ def build_inpainter(sde, score_model_fn, shape, mesh=None, **options) -> Callabl
   constrain = _batch_constraint(mesh, shape[0], 'number of images')
 
   def inpainter(key, params, images, mask):
-    _check_images(images, shape)
+    check_images(images, shape)
     if tuple(mask.shape) != shape:
       raise ValueError(f'the mask has shape {list(mask.shape)}; inside a built inpainter it '
                        f'must have the images\' shape {list(shape)} (use check_mask).')
@@ -572,24 +561,6 @@ def colorize(key, score_fn: ScoreFn, sde, grey, *, mesh=None,
 # Class-conditional sampling
 # ----------------------------------------------------------------------------
 
-def check_class_labels(labels, batch_size: int, num_classes: int) -> np.ndarray:
-  """Integer class labels [B] in [0, num_classes); a scalar is repeated."""
-  labels = np.asarray(labels)
-  if labels.ndim == 0:
-    labels = np.full((batch_size,), labels)
-  if labels.shape != (batch_size,):
-    raise ValueError(f'class labels must have shape [B] = [{batch_size}] (one per sample) '
-                     f'or be one integer; got shape {list(labels.shape)}.')
-  if labels.size and not np.issubdtype(labels.dtype, np.integer):
-    if not np.all(np.equal(np.mod(labels, 1), 0)):
-      raise ValueError(f'class labels must be integers; got {labels[:5].tolist()}.')
-  labels = labels.astype(np.int64)
-  bad = labels[(labels < 0) | (labels >= num_classes)]
-  if bad.size:
-    raise ValueError(f'class index {int(bad[0])} is out of range: the classifier has '
-                     f'{num_classes} classes, so labels must lie in [0, {num_classes - 1}].')
-  return labels.astype(np.int32)
-
 
 def classifier_log_likelihood_grad(logits_fn: LogitsFn, x, t, labels) -> jax.Array:
   """grad_x log p(y_b | x_b, t) for every example b: [B, ...].
@@ -712,7 +683,7 @@ def conditional_sample(key, score_fn: ScoreFn, logits_fn: LogitsFn, sde, shape, 
   """
   shape = _check_shape(shape)
   num_classes = num_classes_of(logits_fn, shape[1:])
-  labels = check_class_labels(labels, shape[0], num_classes)
+  labels = losses.check_class_labels(labels, shape[0], num_classes)
   fn = _cached_conditional(score_fn, logits_fn, sde, shape, num_classes, str(method).lower(),
                            _check_scale(scale), tuple(sorted(options.items())), mesh)
   return fn(key, None, None, jnp.asarray(labels))
@@ -722,498 +693,14 @@ def conditional_sample(key, score_fn: ScoreFn, logits_fn: LogitsFn, sde, shape, 
 # The noise-conditional classifier: logits and training objective
 # ----------------------------------------------------------------------------
 
-def classifier_labels(sde, model, t) -> jax.Array:
-  """The network's conditioning label for time t [B]: s(t) ('fourier') or 999 t."""
-  t = jnp.asarray(t, jnp.float32)
-  if getattr(model, 'embedding_type', 'fourier') == 'fourier':
-    return sde_lib.transition_coeffs(sde, t)[1]
-  return 999.0 * t
-
-
-def get_logits_model_fn(sde, model) -> Callable:
-  """logits_model_fn(params, x, t, train=False, key=None) -> logits [B, K] (float32).
-
-  `t` is a continuous time (scalar or [B]); the classifier sees the noise level
-  s(t) (Fourier embedding of log s, as the reference) or 999 t.
-  """
-
-  def logits_model_fn(params, x, t, train: bool = False, key=None):
-    t = jnp.broadcast_to(jnp.asarray(t, jnp.float32), x.shape[:1])
-    rngs = {'dropout': key} if (train and key is not None) else {}
-    logits = model.apply({'params': params}, x, classifier_labels(sde, model, t),
-                         train=train, rngs=rngs)
-    return logits.astype(jnp.float32)
-
-  return logits_model_fn
-
-
-def get_logits_fn(sde, model, params) -> LogitsFn:
-  """logits_fn(x, t) of a trained classifier (eval mode), for `conditional_sample`."""
-  logits_model_fn = get_logits_model_fn(sde, model)
-  return lambda x, t: logits_model_fn(params, x, t)
-
-
-def _check_batch_structure(batch) -> None:
-  if not isinstance(batch, dict) or 'image' not in batch or 'label' not in batch:
-    found = sorted(batch) if isinstance(batch, dict) else type(batch).__name__
-    raise ValueError(f"a classifier batch is a dict {{'image': [B, H, W, C], 'label': [B]}}; "
-                     f'got {found}.')
-  if np.shape(batch['label']) != np.shape(batch['image'])[:1]:
-    raise ValueError(f"batch['label'] must have shape [B] = {list(np.shape(batch['image'])[:1])}; "
-                     f"got {list(np.shape(batch['label']))}.")
-
-
-def check_classifier_batch(batch, num_classes: int) -> None:
-  """Host-side check of a (concrete) labelled batch: structure and label range."""
-  _check_batch_structure(batch)
-  check_class_labels(np.asarray(batch['label']), len(batch['label']), num_classes)
-
-
-def get_classifier_loss_fn(sde, logits_model_fn, *, train: bool = True,
-                           eps: float = 1e-5) -> Callable:
-  """Cross-entropy of a noise-conditional classifier on perturbed data.
-
-    L = E_{t ~ U(eps, T)} E_{(x_0, y)} E_z [ -log p_phi(y | m(t) x_0 + s(t) z, t) ]
-
-  Args:
-    sde: the forward SDE (the one the score model was trained with).
-    logits_model_fn: (params, x, t, train, key) -> [B, K] (`get_logits_model_fn`).
-    train: dropout on / off.
-    eps: smallest time.
-
-  Returns:
-    loss_fn(params, key, batch) -> scalar, batch = {'image': [B, H, W, C]
-    (model space), 'label': [B] int}. The signature of
-    `score_sde.train.make_train_step`. Labels outside [0, K) give a NaN loss
-    (check data with `check_classifier_batch`).
-  """
-  if not 0 < eps < sde.T:
-    raise ValueError(f'eps must lie in (0, T={sde.T}); got {eps}.')
-
-  def loss_fn(params, key, batch):
-    _check_batch_structure(batch)
-    images = jnp.asarray(batch['image'], jnp.float32)
-    labels = jnp.asarray(batch['label'], jnp.int32)
-    k_t, k_z, k_model = jax.random.split(key, 3)
-    t = jax.random.uniform(k_t, images.shape[:1], minval=eps, maxval=sde.T)
-    z = jax.random.normal(k_z, images.shape)
-    mean, std = sde.marginal_prob(images, t)
-    logits = logits_model_fn(params, mean + std * z, t, train, k_model)
-    log_probs = jax.nn.log_softmax(logits, axis=-1)                  # [B, K]
-    num_classes = log_probs.shape[-1]
-    in_range = (labels >= 0) & (labels < num_classes)
-    picked = jnp.take_along_axis(log_probs, jnp.clip(labels, 0, num_classes - 1)[:, None],
-                                 axis=-1)[:, 0]
-    return -jnp.mean(jnp.where(in_range, picked, jnp.nan))
-
-  return loss_fn
-
-
-def classifier_correct(logits_fn: LogitsFn, sde, key, images, labels, t) -> jax.Array:
-  """[B] bool: whether the classifier recovers `labels` from x_t ~ p_0t(. | images) at time t."""
-  images = jnp.asarray(images, jnp.float32)
-  vec_t = jnp.full(images.shape[:1], t, jnp.float32)
-  mean, std = sde.marginal_prob(images, vec_t)
-  x_t = mean + std * jax.random.normal(key, images.shape)
-  return jnp.argmax(logits_fn(x_t, vec_t), axis=-1) == jnp.asarray(labels)
-
-
-def classifier_accuracy(logits_fn: LogitsFn, sde, key, batch, t: float) -> jax.Array:
-  """Accuracy at a fixed time t on batch {'image', 'label'} perturbed by p_0t."""
-  _check_batch_structure(batch)
-  return jnp.mean(classifier_correct(logits_fn, sde, key, batch['image'], batch['label'],
-                                     t).astype(jnp.float32))
-
 
 # ----------------------------------------------------------------------------
 # Inputs and outputs: images, masks, PNG grids, npz
 # ----------------------------------------------------------------------------
-
-def _image_files(path: str) -> list[str]:
-  if os.path.isdir(path):
-    files = sorted(os.path.join(path, f) for f in os.listdir(path)
-                   if f.lower().endswith(IMAGE_SUFFIXES))
-    if not files:
-      raise ValueError(f'{path} holds no image files ({", ".join(IMAGE_SUFFIXES)}).')
-    return files
-  return [path]
-
-
-def _read_image_file(path: str, num_channels: int) -> np.ndarray:
-  from PIL import Image
-  with Image.open(path) as image:
-    image = image.convert('L' if num_channels == 1 else 'RGB')
-    array = np.asarray(image, np.float32) / 255.0
-  return array[..., None] if array.ndim == 2 else array
-
-
-def load_images(path: str, image_size: int, num_channels: int, *,
-                max_images: int | None = None) -> np.ndarray:
-  """Images in [0, 1] as float32 [N, H, W, C] from a file or a folder.
-
-  .npz: key 'images' (uint8 levels, divided by levels - 1 with the file's
-  'levels' entry, else 255; or floats in [0, 1]) -- the format of sampling
-  jobs; .npy: one such array; image files (PNG, JPEG, ...) or a folder of
-  them: read as grey or RGB to match `num_channels`. Sizes must match the
-  model's; nothing is resized.
-  """
-  if not os.path.exists(path):
-    raise FileNotFoundError(f'no such file or folder: {path}')
-  lower = path.lower()
-  if lower.endswith('.npz') or lower.endswith('.npy'):
-    if lower.endswith('.npz'):
-      with np.load(path, allow_pickle=False) as f:
-        if 'images' not in f.files:
-          raise ValueError(f'{path} has no "images" array (it has {f.files}).')
-        array, levels = f['images'], (int(f['levels']) if 'levels' in f.files else 256)
-    else:
-      array, levels = np.load(path, allow_pickle=False), 256
-    if array.ndim == 3:
-      array = array[None] if array.shape[-1] in (1, 3) else array[..., None]
-    if np.issubdtype(array.dtype, np.integer):
-      images = array.astype(np.float32) / (levels - 1)
-    else:
-      images = array.astype(np.float32)
-  else:
-    images = np.stack([_read_image_file(f, num_channels) for f in _image_files(path)])
-  if images.ndim != 4:
-    raise ValueError(f'{path}: images must be [N, H, W, C]; got shape {list(images.shape)}.')
-  if images.shape[-1] != num_channels:
-    raise ValueError(f'{path}: images have {images.shape[-1]} channel(s) but the model takes '
-                     f'{num_channels} (config.data.num_channels).')
-  if images.shape[1:3] != (image_size, image_size):
-    raise ValueError(f'{path}: images are {images.shape[1]}x{images.shape[2]} but the model '
-                     f'takes {image_size}x{image_size} (config.data.image_size); resize them.')
-  if images.size and (images.min() < -1e-6 or images.max() > 1 + 1e-6):
-    raise ValueError(f'{path}: float images must lie in [0, 1]; got values in '
-                     f'[{images.min():.3g}, {images.max():.3g}].')
-  return images[:max_images] if max_images else images
-
-
-def load_mask(spec: str, image_size: int, num_channels: int, *,
-              fraction: float | None = None, seed: int = 0) -> np.ndarray:
-  """A mask [H, W, C] or [N, H, W, C] (1 = known) from a pattern name or a file.
-
-  Files: .npy, .npz (key 'mask' or 'masks'), or an image (white = known, black
-  = missing; other grey levels are an error).
-  """
-  if _pattern_name(spec) in MASK_PATTERNS:
-    return make_mask(spec, image_size, num_channels, fraction=fraction, seed=seed)
-  if not os.path.exists(spec):
-    raise ValueError(f'{spec!r} is neither a mask pattern {sorted(MASK_PATTERNS)} nor an '
-                     f'existing mask file.')
-  lower = spec.lower()
-  if lower.endswith('.npz'):
-    with np.load(spec, allow_pickle=False) as f:
-      names = [n for n in ('mask', 'masks') if n in f.files]
-      if not names:
-        raise ValueError(f'{spec} has no "mask" or "masks" array (it has {f.files}).')
-      mask = f[names[0]]
-  elif lower.endswith('.npy'):
-    mask = np.load(spec, allow_pickle=False)
-  else:
-    mask = _read_image_file(spec, 1)[..., 0] * 255.0
-    if not np.all(np.isin(np.unique(mask), (0.0, 255.0))):
-      raise ValueError(f'{spec}: a mask image must be black (missing) and white (known) '
-                       f'only; it has other grey levels.')
-    mask = mask / 255.0
-  shape = (image_size, image_size, num_channels)
-  mask = np.asarray(mask)
-  per_example = mask.ndim == 2 or (mask.ndim == 3 and mask.shape[-1] in (1, num_channels)
-                                   and mask.shape[:2] == shape[:2])
-  return check_mask(mask, shape, None if per_example else mask.shape[0])
-
-
-def _masked_view(images: np.ndarray, masks: np.ndarray) -> np.ndarray:
-  """Images with the missing entries shown mid-grey."""
-  return images * masks + 0.5 * (1.0 - masks)
-
-
-def panel_grid(path: str, columns: list[np.ndarray], scale: int | None = None) -> str:
-  """PNG of examples in rows and `columns` ([N, H, W, C] each, [0, 1]) side by side."""
-  from score_sde import evaluation
-  n = columns[0].shape[0]
-  channels = max(c.shape[-1] for c in columns)
-  columns = [np.repeat(c, channels, axis=-1) if c.shape[-1] != channels else c
-             for c in columns]
-  tiles = np.stack(columns, axis=1).reshape((n * len(columns),) + columns[0].shape[1:])
-  scale = scale or max(1, 64 // columns[0].shape[1])
-  return evaluation.save_image_grid(path, tiles, ncols=len(columns), scale=scale)
-
-
-def _write_npz(path: str, **arrays) -> None:
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  tmp = path + '.tmp.npz'
-  np.savez(tmp, **arrays)
-  os.replace(tmp, path)
-
-
-def save_inpainting(out_dir: str, inputs, masks, results, *, info: dict | None = None) -> dict:
-  """Writes inpainting.npz and inpainting.png (rows: masked input, mask, results...).
-
-  inputs, masks: [N, H, W, C]; results: [N, S, H, W, C] (S samples per input)
-  or [N, H, W, C]; images in [0, 1]. Returns the paths.
-  """
-  inputs, masks = np.asarray(inputs, np.float32), np.asarray(masks, np.float32)
-  results = np.asarray(results, np.float32)
-  if results.ndim == inputs.ndim:
-    results = results[:, None]
-  npz = os.path.join(out_dir, 'inpainting.npz')
-  _write_npz(npz, inputs=inputs, masks=masks.astype(np.uint8), results=results)
-  columns = [_masked_view(inputs, masks), masks] + [results[:, s] for s in range(results.shape[1])]
-  png = panel_grid(os.path.join(out_dir, 'inpainting.png'),
-                   [np.clip(c, 0.0, 1.0) for c in columns])
-  _write_info(out_dir, 'inpainting', info)
-  return {'npz': npz, 'png': png}
-
-
-def save_colorization(out_dir: str, grey, results, *, originals=None,
-                      info: dict | None = None) -> dict:
-  """Writes colorization.npz and .png (rows: [original,] grey, results...), in [0, 1]."""
-  grey = np.asarray(grey, np.float32)
-  results = np.asarray(results, np.float32)
-  if results.ndim == grey.ndim:
-    results = results[:, None]
-  arrays = {'grey': grey, 'results': results}
-  columns = [grey] + [results[:, s] for s in range(results.shape[1])]
-  if originals is not None:
-    arrays['originals'] = np.asarray(originals, np.float32)
-    columns = [arrays['originals']] + columns
-  npz = os.path.join(out_dir, 'colorization.npz')
-  _write_npz(npz, **arrays)
-  png = panel_grid(os.path.join(out_dir, 'colorization.png'),
-                   [np.clip(c, 0.0, 1.0) for c in columns])
-  _write_info(out_dir, 'colorization', info)
-  return {'npz': npz, 'png': png}
-
-
-def save_conditional_samples(out_dir: str, samples, labels, *, info: dict | None = None) -> dict:
-  """Writes conditional.npz (samples, labels) and conditional.png (one row per class)."""
-  samples = np.asarray(samples, np.float32)
-  labels = np.asarray(labels)
-  npz = os.path.join(out_dir, 'conditional.npz')
-  _write_npz(npz, samples=samples, labels=labels)
-  paths = {'npz': npz}
-  if samples.ndim == 4:
-    classes = np.unique(labels)
-    per_class = min(int(np.sum(labels == c)) for c in classes)
-    columns = [np.stack([samples[labels == c][j] for c in classes]) for j in range(per_class)]
-    paths['png'] = panel_grid(os.path.join(out_dir, 'conditional.png'),
-                              [np.clip(c, 0.0, 1.0) for c in columns])
-  _write_info(out_dir, 'conditional', info)
-  return paths
-
-
-def _write_info(out_dir: str, name: str, info: dict | None) -> None:
-  if info is None or jax.process_index() != 0:
-    return
-  with open(os.path.join(out_dir, f'{name}.json'), 'w') as f:
-    json.dump(info, f, indent=2, sort_keys=True, default=str)
 
 
 # ----------------------------------------------------------------------------
 # Jobs over a trained workdir (what launch.py calls)
 # ----------------------------------------------------------------------------
 
-def pc_options_from_config(config) -> dict:
-  """The PC options of config.sampling (inpainting / colourisation always use PC)."""
-  sampling_config = config.sampling
-  return {name: sampling_config.get(name, default)
-          for name, default in sampling.METHODS['pc'].defaults.items() if name != 'eps'}
-
-
-def _batches(n: int, batch_size: int):
-  for start in range(0, n, batch_size):
-    yield start, min(start + batch_size, n)
-
-
-def _pad(array: np.ndarray, size: int) -> np.ndarray:
-  if len(array) == size:
-    return array
-  pad = np.repeat(array[-1:], size - len(array), axis=0)
-  return np.concatenate([array, pad])
-
-
-def _job_batch_size(config, n: int, mesh) -> int:
-  n_dev = mesh.devices.size
-  size = min(int(config.eval.batch_size), n)
-  return max(1, math.ceil(size / n_dev)) * n_dev
-
-
-def _restore(workdir, config, mesh, checkpoint, state, step):
-  from score_sde import jobs
-  from score_sde import train
-  if state is None:
-    return jobs.restore_state(workdir, config, mesh, checkpoint)
-  return train.build_experiment(config), state, step
-
-
-def inpaint_job(workdir: str, config, images: np.ndarray, mask, *,
-                mask_fraction: float | None = None, mask_seed: int = 0,
-                out_dir: str | None = None, samples_per_image: int = 1, seed: int | None = None,
-                checkpoint: int | None = None, mesh=None, state=None,
-                step: int | None = None) -> dict:
-  """Inpaints `images` ([N, H, W, C] in [0, 1]) with the workdir's EMA score model.
-
-  mask: a pattern name or mask file (see `load_mask`; `mask_fraction`,
-  `mask_seed` for patterns), or an array [H, W(, C)] for all images or
-  [N, H, W(, C)] per image (1 = known). Writes <out_dir>/inpainting.{npz,png,
-  json} (default out_dir <workdir>/samples/inpainting_step<step>_seed<seed>).
-  The sampler settings come from config.sampling (PC options). Returns the
-  file paths (an empty dict on processes other than 0).
-  """
-  from score_sde import data as data_lib
-  mesh = mesh or parallel.make_mesh()
-  experiment, state, step = _restore(workdir, config, mesh, checkpoint, state, step)
-  images = np.asarray(images, np.float32)
-  example_shape = (config.data.image_size, config.data.image_size, config.data.num_channels)
-  _check_images(images, (len(images),) + example_shape, 'input images')
-  if isinstance(mask, str):
-    mask = load_mask(mask, example_shape[0], example_shape[2], fraction=mask_fraction,
-                     seed=mask_seed)
-  masks = check_mask(mask, example_shape, len(images))
-  seed = config.seed if seed is None else int(seed)
-  samples_per_image = int(samples_per_image)
-  if samples_per_image < 1:
-    raise ValueError(f'samples_per_image must be >= 1; got {samples_per_image}.')
-  scaler = data_lib.get_data_scaler(config)
-  inverse = data_lib.get_data_inverse_scaler(config)
-  repeated = np.repeat(images, samples_per_image, axis=0)
-  repeated_masks = np.repeat(masks, samples_per_image, axis=0)
-  batch = _job_batch_size(config, len(repeated), mesh)
-  options = pc_options_from_config(config)
-  fn = jit_inpainter(build_inpainter(experiment.sde, experiment.score_model_fn,
-                                     (batch,) + example_shape, mesh,
-                                     eps=experiment.sampling_eps, **options), mesh)
-  results, nfe = [], 0
-  for index, (start, stop) in enumerate(_batches(len(repeated), batch)):
-    x, info = fn(jax.random.fold_in(jax.random.PRNGKey(seed), index), state.ema_params,
-                 jnp.asarray(scaler(_pad(repeated[start:stop], batch))),
-                 jnp.asarray(_pad(repeated_masks[start:stop], batch)))
-    results.append(np.asarray(inverse(_gather(x)))[:stop - start])
-    nfe = int(info['nfe'])
-  results = np.concatenate(results).reshape((len(images), samples_per_image) + example_shape)
-  out_dir = out_dir or os.path.join(workdir, 'samples', f'inpainting_step{step}_seed{seed}')
-  meta = {'checkpoint_step': int(step), 'seed': seed, 'nfe': nfe,
-          'sampler': {k: v for k, v in options.items()}, 'eps': experiment.sampling_eps}
-  if jax.process_index() != 0:
-    return {}
-  return save_inpainting(out_dir, images, masks, results, info=meta)
-
-
-def colorize_job(workdir: str, config, images: np.ndarray, *, out_dir: str | None = None,
-                 samples_per_image: int = 1, seed: int | None = None,
-                 checkpoint: int | None = None, mesh=None, state=None,
-                 step: int | None = None) -> dict:
-  """Colours grey-scale `images` ([N, H, W, 1] or RGB, whose channel mean is used; [0, 1]).
-
-  Writes <out_dir>/colorization.{npz,png,json} (RGB inputs are kept as the
-  'originals' column). Sampler settings from config.sampling (PC options).
-  """
-  from score_sde import data as data_lib
-  images = np.asarray(images, np.float32)
-  size = config.data.image_size
-  example_shape = (size, size, 3)
-  if images.ndim != 4 or images.shape[-1] not in (1, 3):
-    raise ValueError(f'images to colourise must be [N, H, W, 1] (grey) or [N, H, W, 3]; got '
-                     f'shape {list(images.shape)}.')
-  originals = images if images.shape[-1] == 3 else None
-  grey = to_grayscale(images)
-  check_grayscale(grey, (size, size, config.data.num_channels))   # before any restore
-  mesh = mesh or parallel.make_mesh()
-  experiment, state, step = _restore(workdir, config, mesh, checkpoint, state, step)
-  seed = config.seed if seed is None else int(seed)
-  scaler = data_lib.get_data_scaler(config)
-  inverse = data_lib.get_data_inverse_scaler(config)
-  repeated = np.repeat(grey, int(samples_per_image), axis=0)
-  batch = _job_batch_size(config, len(repeated), mesh)
-  options = pc_options_from_config(config)
-  fn = jit_colorizer(build_colorizer(experiment.sde, experiment.score_model_fn,
-                                     (batch,) + example_shape, mesh,
-                                     eps=experiment.sampling_eps, **options), mesh)
-  results, nfe = [], 0
-  for index, (start, stop) in enumerate(_batches(len(repeated), batch)):
-    x, info = fn(jax.random.fold_in(jax.random.PRNGKey(seed), index), state.ema_params,
-                 jnp.asarray(scaler(_pad(repeated[start:stop], batch))))
-    results.append(np.asarray(inverse(_gather(x)))[:stop - start])
-    nfe = int(info['nfe'])
-  results = np.concatenate(results).reshape((len(images), int(samples_per_image))
-                                            + example_shape)
-  out_dir = out_dir or os.path.join(workdir, 'samples', f'colorization_step{step}_seed{seed}')
-  meta = {'checkpoint_step': int(step), 'seed': seed, 'nfe': nfe, 'sampler': options,
-          'eps': experiment.sampling_eps}
-  if jax.process_index() != 0:
-    return {}
-  return save_colorization(out_dir, np.repeat(grey, 3, axis=-1), results,
-                           originals=originals, info=meta)
-
-
-def conditional_sample_job(workdir: str, config, classifier_workdir: str, classifier_config,
-                           labels, *, scale: float = 1.0, out_dir: str | None = None,
-                           seed: int | None = None, checkpoint: int | None = None,
-                           classifier_checkpoint: int | None = None, mesh=None,
-                           state=None, step: int | None = None, classifier_state=None,
-                           classifier_step: int | None = None) -> dict:
-  """Class-conditional samples: the workdir's EMA score model guided by the
-  EMA classifier of classifier_workdir (its config: model.name 'wideresnet').
-
-  labels: [N] class indices (e.g. np.repeat(np.arange(10), 8)). Sampler from
-  config.sampling (any method). Writes <out_dir>/conditional.{npz,png,json}.
-  """
-  from score_sde import data as data_lib
-  from score_sde import models
-  mesh = mesh or parallel.make_mesh()
-  experiment, state, step = _restore(workdir, config, mesh, checkpoint, state, step)
-  if classifier_state is None:
-    _, classifier_state, classifier_step = _restore(classifier_workdir, classifier_config,
-                                                    mesh, classifier_checkpoint, None, None)
-  classifier_sde, _ = sde_lib.sde_from_config(classifier_config)
-  if dataclasses.replace(classifier_sde, N=experiment.sde.N) != experiment.sde:
-    raise ValueError(f'the classifier was trained under {classifier_sde} but the score model '
-                     f'under {experiment.sde}; train the classifier with the same SDE.')
-  classifier = models.get_model(classifier_config)
-  num_classes = int(classifier.num_classes)
-  labels = np.asarray(labels)
-  labels = check_class_labels(labels, len(labels), num_classes)
-  seed = config.seed if seed is None else int(seed)
-  example_shape = (config.data.image_size, config.data.image_size, config.data.num_channels)
-  batch = _job_batch_size(config, len(labels), mesh)
-  method, options = sampling.config_options(config)
-  fn = jit_conditional_sampler(build_conditional_sampler(
-      experiment.sde, experiment.score_model_fn, get_logits_model_fn(experiment.sde, classifier),
-      (batch,) + example_shape, num_classes, method, mesh, scale,
-      eps=experiment.sampling_eps, **options), mesh)
-  inverse = data_lib.get_data_inverse_scaler(config)
-  results, nfe = [], 0
-  for index, (start, stop) in enumerate(_batches(len(labels), batch)):
-    x, info = fn(jax.random.fold_in(jax.random.PRNGKey(seed), index), state.ema_params,
-                 classifier_state.ema_params, jnp.asarray(_pad(labels[start:stop], batch)))
-    results.append(np.asarray(inverse(_gather(x)))[:stop - start])
-    nfe = int(info['nfe'])
-  samples = np.concatenate(results)
-  out_dir = out_dir or os.path.join(workdir, 'samples',
-                                    f'conditional_step{step}_scale{scale:g}_seed{seed}')
-  meta = {'checkpoint_step': int(step), 'classifier_step': classifier_step, 'seed': seed,
-          'scale': float(scale), 'nfe': nfe, 'method': method, 'sampler': options,
-          'classifier_workdir': classifier_workdir}
-  if jax.process_index() != 0:
-    return {}
-  if data_lib.dataset_name(config) == 'DIGITS':   # an independent check of the labels
-    from score_sde import digits_classifier
-    levels = data_lib.num_levels(config)
-    uint = np.clip(np.round(samples * (levels - 1)), 0, levels - 1).astype(np.uint8)
-    meta['digits_label_agreement'] = digits_classifier.label_agreement(uint, labels, config)
-    print(f'The digits classifier (test accuracy '
-          f'{meta["digits_label_agreement"]["classifier_test_accuracy"]:.3f}) reads the '
-          f'requested class in {meta["digits_label_agreement"]["agreement"]:.1%} of the '
-          f'{len(labels)} samples.', flush=True)
-  return save_conditional_samples(out_dir, samples, labels, info=meta)
-
-
-def _gather(x) -> np.ndarray:
-  """A (possibly multi-process) global array as one numpy array."""
-  if jax.process_count() == 1:
-    return np.asarray(jax.device_get(x))
-  from jax.experimental import multihost_utils
-  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 

@@ -19,9 +19,11 @@ or half the sum (the reference convention); the batch is then averaged.
 
 A loss receives a `model_fn(params, x, labels, train, key)` and the SDE and
 knows nothing of the network behind it. For the continuous loss the model_fn
-must return scores (see `score_sde.models.utils.get_score_model_fn`); for the
+must return scores (see `score_sde.score_fn.get_score_model_fn`); for the
 discrete losses it returns the network output in that loss's parameterisation
 (a score for SMLD, eps for DDPM, [eps, v] on the last axis for hybrid).
+Noise-conditional classifiers are trained by cross-entropy on perturbed data
+(`get_classifier_loss_fn`).
 """
 from __future__ import annotations
 
@@ -30,8 +32,12 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
+from score_sde import score_fn as score_fn_lib
 from score_sde import sde as sde_lib
+
+LogitsFn = Callable[[jax.Array, jax.Array], jax.Array]     # (x [B, ...], t [B]) -> [B, K]
 
 LossFn = Callable[[object, jax.Array, jax.Array], jax.Array]
 
@@ -314,11 +320,10 @@ def loss_name_from_config(config) -> str:
 def get_loss_fn(config, sde, model_fn, *, train: bool = True, eps: float = 1e-5,
                 num_levels: int = 256) -> LossFn:
   """The loss a config asks for; `model_fn` is the raw network (see module doc)."""
-  from score_sde.models import utils as model_utils  # the score parameterisation
   name = loss_name_from_config(config)
   reduce_mean = config.training.reduce_mean
   if name == 'dsm':
-    score_model_fn = model_utils.get_score_model_fn(sde, model_fn, continuous=True)
+    score_model_fn = score_fn_lib.get_score_model_fn(sde, model_fn, continuous=True)
     return get_dsm_loss_fn(
         sde, score_model_fn, train=train, reduce_mean=reduce_mean,
         likelihood_weighting=config.training.likelihood_weighting,
@@ -330,3 +335,98 @@ def get_loss_fn(config, sde, model_fn, *, train: bool = True, eps: float = 1e-5,
   return get_hybrid_loss_fn(sde, model_fn, train=train, reduce_mean=reduce_mean,
                             hybrid_lambda=config.training.get('hybrid_lambda', 1e-3),
                             num_levels=num_levels)
+
+
+# ----------------------------------------------------------------------------
+# Noise-conditional classifiers: cross-entropy on perturbed data
+# ----------------------------------------------------------------------------
+
+def check_class_labels(labels, batch_size: int, num_classes: int) -> np.ndarray:
+  """Integer class labels [B] in [0, num_classes); a scalar is repeated."""
+  labels = np.asarray(labels)
+  if labels.ndim == 0:
+    labels = np.full((batch_size,), labels)
+  if labels.shape != (batch_size,):
+    raise ValueError(f'class labels must have shape [B] = [{batch_size}] (one per sample) '
+                     f'or be one integer; got shape {list(labels.shape)}.')
+  if labels.size and not np.issubdtype(labels.dtype, np.integer):
+    if not np.all(np.equal(np.mod(labels, 1), 0)):
+      raise ValueError(f'class labels must be integers; got {labels[:5].tolist()}.')
+  labels = labels.astype(np.int64)
+  bad = labels[(labels < 0) | (labels >= num_classes)]
+  if bad.size:
+    raise ValueError(f'class index {int(bad[0])} is out of range: the classifier has '
+                     f'{num_classes} classes, so labels must lie in [0, {num_classes - 1}].')
+  return labels.astype(np.int32)
+
+
+def _check_batch_structure(batch) -> None:
+  if not isinstance(batch, dict) or 'image' not in batch or 'label' not in batch:
+    found = sorted(batch) if isinstance(batch, dict) else type(batch).__name__
+    raise ValueError(f"a classifier batch is a dict {{'image': [B, H, W, C], 'label': [B]}}; "
+                     f'got {found}.')
+  if np.shape(batch['label']) != np.shape(batch['image'])[:1]:
+    raise ValueError(f"batch['label'] must have shape [B] = {list(np.shape(batch['image'])[:1])}; "
+                     f"got {list(np.shape(batch['label']))}.")
+
+
+def check_classifier_batch(batch, num_classes: int) -> None:
+  """Host-side check of a (concrete) labelled batch: structure and label range."""
+  _check_batch_structure(batch)
+  check_class_labels(np.asarray(batch['label']), len(batch['label']), num_classes)
+
+
+def get_classifier_loss_fn(sde, logits_model_fn, *, train: bool = True,
+                           eps: float = 1e-5) -> Callable:
+  """Cross-entropy of a noise-conditional classifier on perturbed data.
+
+    L = E_{t ~ U(eps, T)} E_{(x_0, y)} E_z [ -log p_phi(y | m(t) x_0 + s(t) z, t) ]
+
+  Args:
+    sde: the forward SDE (the one the score model was trained with).
+    logits_model_fn: (params, x, t, train, key) -> [B, K] (`get_logits_model_fn`).
+    train: dropout on / off.
+    eps: smallest time.
+
+  Returns:
+    loss_fn(params, key, batch) -> scalar, batch = {'image': [B, H, W, C]
+    (model space), 'label': [B] int}. The signature of
+    `score_sde.train.make_train_step`. Labels outside [0, K) give a NaN loss
+    (check data with `check_classifier_batch`).
+  """
+  if not 0 < eps < sde.T:
+    raise ValueError(f'eps must lie in (0, T={sde.T}); got {eps}.')
+
+  def loss_fn(params, key, batch):
+    _check_batch_structure(batch)
+    images = jnp.asarray(batch['image'], jnp.float32)
+    labels = jnp.asarray(batch['label'], jnp.int32)
+    k_t, k_z, k_model = jax.random.split(key, 3)
+    t = jax.random.uniform(k_t, images.shape[:1], minval=eps, maxval=sde.T)
+    z = jax.random.normal(k_z, images.shape)
+    mean, std = sde.marginal_prob(images, t)
+    logits = logits_model_fn(params, mean + std * z, t, train, k_model)
+    log_probs = jax.nn.log_softmax(logits, axis=-1)                  # [B, K]
+    num_classes = log_probs.shape[-1]
+    in_range = (labels >= 0) & (labels < num_classes)
+    picked = jnp.take_along_axis(log_probs, jnp.clip(labels, 0, num_classes - 1)[:, None],
+                                 axis=-1)[:, 0]
+    return -jnp.mean(jnp.where(in_range, picked, jnp.nan))
+
+  return loss_fn
+
+
+def classifier_correct(logits_fn: LogitsFn, sde, key, images, labels, t) -> jax.Array:
+  """[B] bool: whether the classifier recovers `labels` from x_t ~ p_0t(. | images) at time t."""
+  images = jnp.asarray(images, jnp.float32)
+  vec_t = jnp.full(images.shape[:1], t, jnp.float32)
+  mean, std = sde.marginal_prob(images, vec_t)
+  x_t = mean + std * jax.random.normal(key, images.shape)
+  return jnp.argmax(logits_fn(x_t, vec_t), axis=-1) == jnp.asarray(labels)
+
+
+def classifier_accuracy(logits_fn: LogitsFn, sde, key, batch, t: float) -> jax.Array:
+  """Accuracy at a fixed time t on batch {'image', 'label'} perturbed by p_0t."""
+  _check_batch_structure(batch)
+  return jnp.mean(classifier_correct(logits_fn, sde, key, batch['image'], batch['label'],
+                                     t).astype(jnp.float32))

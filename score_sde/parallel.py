@@ -75,3 +75,28 @@ def global_batch(local_batch: np.ndarray, mesh: Mesh, batch_axis: int = 0) -> ja
   spec[batch_axis] = DATA_AXIS
   sharding = NamedSharding(mesh, P(*spec))
   return jax.make_array_from_process_local_data(sharding, local_batch)
+
+
+def host_to_global(batch: np.ndarray, mesh: Mesh, batch_axis: int = 0) -> jax.Array:
+  """The global array equal to `batch`, a full batch that every process holds alike.
+
+  Each device receives its own rows (multi-process safe: a process only
+  touches its own devices). Axis `batch_axis` is split over 'data'.
+  """
+  batch = np.asarray(batch)
+  return jax.make_array_from_callback(batch.shape, batch_sharding(mesh, batch_axis),
+                                      lambda index: batch[index])
+
+
+def gather(x) -> np.ndarray:
+  """A (possibly multi-process) global array as one numpy array on every process."""
+  if jax.process_count() == 1:
+    return np.asarray(jax.device_get(x))
+  from jax.experimental import multihost_utils
+  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def round_up_to_devices(size: int, mesh: Mesh) -> int:
+  """The smallest multiple of the mesh's device count that is >= size (and >= 1 device)."""
+  n = mesh.devices.size
+  return max(1, -(-int(size) // n)) * n

@@ -172,6 +172,9 @@ class VESDE:
   sigma_min: float = _static(0.01)
   sigma_max: float = _static(50.0)
   N: int = _static(1000)
+  # How its networks are conditioned and what they output (score_fn.py).
+  continuous_parameterisation = 'sigma_score'
+  discrete_parameterisation = 'index_score'
 
   def __post_init__(self):
     object.__setattr__(self, 'sigma_min', _check_positive('sigma_min', self.sigma_min))
@@ -288,6 +291,8 @@ class VPSDE(_BetaSchedule):
   beta_max: float = _static(20.0)
   N: int = _static(1000)
   schedule: str = _static('linear')
+  continuous_parameterisation = 'time_noise'     # score_fn.py
+  discrete_parameterisation = 'chain_noise'      # the DDPM chain's std
 
   def __post_init__(self):
     self._validate_schedule()
@@ -321,6 +326,8 @@ class SubVPSDE(_BetaSchedule):
   beta_max: float = _static(20.0)
   N: int = _static(1000)
   schedule: str = _static('linear')
+  continuous_parameterisation = 'time_noise'     # score_fn.py
+  discrete_parameterisation = 'time_noise'       # no discrete chain of its own
 
   def __post_init__(self):
     self._validate_schedule()

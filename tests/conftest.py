@@ -8,14 +8,17 @@ os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
 os.environ.setdefault('JAX_COMPILATION_CACHE_DIR', os.path.join(
     tempfile.gettempdir(), f'score_sde_tests_xla_cache_{os.getuid()}'))
 
-# Importing score_sde sets the XLA:CPU flags users run with (score_sde/xla_cpu.py).
-from score_sde import xla_cpu  # noqa: E402
+# The XLA:CPU flags users run with (score_sde/cpu/xla_flags.py), applied as the
+# launcher applies them: explicitly, before JAX starts, only on the CPU backend.
+from score_sde.cpu import xla_flags  # noqa: E402
+
+xla_flags.apply_default_flags()
 
 # Must happen before JAX initialises its backend. Tests that need a given
 # number of devices pick a sub-mesh of these.
 # An XLA_FLAGS of the user's own keeps its flags and gains the device count,
 # unless it sets one itself (tests needing 4 devices then skip and say why).
-os.environ['XLA_FLAGS'] = xla_cpu.with_default_flags(
+os.environ['XLA_FLAGS'] = xla_flags.with_default_flags(
     os.environ.get('XLA_FLAGS', ''), {'xla_force_host_platform_device_count': '4'})
 
 import jax  # noqa: E402

@@ -77,12 +77,13 @@ def compute(name: str, compile_fn=None) -> dict[str, np.ndarray]:
   import jax.numpy as jnp
   config = load_config(*CASES[name][:2])
   from score_sde import models
+  from score_sde import score_fn
   from score_sde.models import utils as model_utils
 
   path, _, train = CASES[name]
   model = models.get_model(config)
   params = model_utils.init_params(jax.random.PRNGKey(0), model, config)
-  model_fn = model_utils.get_model_fn(model)
+  model_fn = score_fn.get_model_fn(model)
   shape = model_utils.input_shape(config, BATCH)
   rng = np.random.default_rng(0)
   x = jnp.asarray(rng.uniform(-1, 1, shape), jnp.float32)

@@ -10,6 +10,7 @@ import pytest
 from score_sde import sde as sde_lib
 from score_sde.models import get_model
 from score_sde.models import ncsnv2
+from score_sde import score_fn as score_fn_lib
 from score_sde.models import utils as mutils
 
 # config -> (model, dataset, image size, num_scales, sigma_max, ema_rate,
@@ -138,7 +139,7 @@ def test_bfloat16_option(name):
 @pytest.mark.parametrize('name', ['ve.ncsn.cifar10_124', 've.ncsnv2.celeba'])
 def test_model_noise_levels_match_the_sde(name):
   """Label i of the model is sigma_i = sigma_max (sigma_min/sigma_max)^(i/(N-1)), the
-  VESDE's discrete sigmas in reverse, and utils.get_score_fn maps t to that label."""
+  VESDE's discrete sigmas in reverse, and score_fn.get_score_fn maps t to that label."""
   config = load(name)
   model = get_model(config)
   sde, _ = sde_lib.sde_from_config(config)
@@ -148,7 +149,7 @@ def test_model_noise_levels_match_the_sde(name):
   model = get_model(config)
   x = jax.random.uniform(jax.random.PRNGKey(1), (2, 8, 8, 3))
   params = synthetic_params(model, x, jnp.array([0, 0]))
-  score_fn = mutils.get_score_fn(sde, model, params, continuous=False)
+  score_fn = score_fn_lib.get_score_fn(sde, model, params, continuous=False)
   t = jnp.array([1.0, 0.25])
   labels = jnp.round((1.0 - t) * (config.model.num_scales - 1)).astype(jnp.int32)
   np.testing.assert_allclose(np.asarray(score_fn(x, t)),

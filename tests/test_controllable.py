@@ -17,19 +17,16 @@ exact component posteriors: at scale 1 the guided score is exactly the score
 of the class's own mixture, so samples must fall in the class's components in
 the proportions of their weights.
 """
-import json
-import os
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from PIL import Image
 
 from score_sde import analytic
 from score_sde import controllable
 from score_sde import parallel
 from score_sde import sde as sde_lib
+from score_sde import losses
 
 KEY = jax.random.PRNGKey(0)
 NUM_SAMPLES = 4000
@@ -410,41 +407,6 @@ def test_check_mask_broadcasts_pixel_masks_to_channels_and_batches():
   assert full[0].min() == 1 and full[1].max() == 0
 
 
-def test_load_images_and_masks_from_files(tmp_path):
-  rgb = (np.arange(2 * 4 * 4 * 3) % 256).astype(np.uint8).reshape(2, 4, 4, 3)
-  for i in range(2):
-    Image.fromarray(rgb[i]).save(tmp_path / f'img{i}.png')
-  loaded = controllable.load_images(str(tmp_path), 4, 3)
-  np.testing.assert_allclose(loaded, rgb / 255.0, atol=1e-7)
-  np.savez(tmp_path / 'digits.npz', images=np.full((3, 4, 4, 1), 16, np.uint8), levels=17)
-  np.testing.assert_allclose(controllable.load_images(str(tmp_path / 'digits.npz'), 4, 1), 1.0)
-  mask_png = np.full((4, 4), 255, np.uint8)
-  mask_png[1:3, 1:3] = 0
-  Image.fromarray(mask_png).save(tmp_path / 'mask.png')
-  mask = controllable.load_mask(str(tmp_path / 'mask.png'), 4, 3)
-  assert mask.shape == (4, 4, 3) and mask.sum() == 12 * 3 and np.all(mask[1:3, 1:3] == 0)
-  assert controllable.load_mask('left half', 4, 3).shape == (4, 4, 3)
-
-
-def test_outputs_npz_and_png_grid(tmp_path):
-  inputs = np.random.default_rng(0).uniform(size=(3, 4, 4, 3)).astype(np.float32)
-  masks = np.broadcast_to(controllable.make_mask('left half', 4, 3), inputs.shape)
-  results = np.stack([inputs, 1 - inputs], axis=1)                  # 2 samples per input
-  paths = controllable.save_inpainting(str(tmp_path), inputs, masks, results,
-                                       info={'nfe': 10})
-  with np.load(paths['npz']) as f:
-    np.testing.assert_allclose(f['results'], results)
-    np.testing.assert_array_equal(f['masks'], masks)
-  grid = np.asarray(Image.open(paths['png']))
-  scale = 64 // 4
-  # 3 rows, 4 columns (masked input, mask, 2 results), 1-pixel padding, enlarged.
-  assert grid.shape == ((3 * 5 + 1) * scale, (4 * 5 + 1) * scale, 3)
-  with open(os.path.join(tmp_path, 'inpainting.json')) as f:
-    assert json.load(f)['nfe'] == 10
-  paths = controllable.save_conditional_samples(str(tmp_path), inputs, np.array([0, 1, 1])[:3])
-  assert os.path.exists(paths['npz'])
-
-
 # ----------------------------------------------------------------------------
 # Bad input
 # ----------------------------------------------------------------------------
@@ -474,21 +436,13 @@ def test_bad_masks_are_rejected():
     inpainter(KEY, None, _images(), jnp.ones((2, 4, 4, 1)))
 
 
-def test_bad_images_are_rejected(tmp_path):
+def test_bad_images_are_rejected():
   sde = SDES['vp']
   inpainter = controllable.build_inpainter(sde, lambda p, x, t: -x, (2, 4, 4, 3))
   with pytest.raises(ValueError, match='have 1 channel.*takes 3'):
     inpainter(KEY, None, _images(channels=1), jnp.ones((2, 4, 4, 3)))
   with pytest.raises(ValueError, match='size .* resize'):
     inpainter(KEY, None, _images(size=8), jnp.ones((2, 4, 4, 3)))
-  np.save(tmp_path / 'big.npy', np.zeros((2, 8, 8, 3), np.float32))
-  with pytest.raises(ValueError, match='8x8 but the model takes 4x4'):
-    controllable.load_images(str(tmp_path / 'big.npy'), 4, 3)
-  with pytest.raises(ValueError, match='3 channel.*takes 1'):
-    controllable.load_images(str(tmp_path / 'big.npy'), 8, 1)
-  np.save(tmp_path / 'range.npy', np.full((1, 4, 4, 3), 2.0, np.float32))
-  with pytest.raises(ValueError, match=r'must lie in \[0, 1\]'):
-    controllable.load_images(str(tmp_path / 'range.npy'), 4, 3)
   with pytest.raises(ValueError, match='unknown option'):
     controllable.inpaint(KEY, _zero_score, sde, _images(), np.ones((4, 4)), solver='x')
   with pytest.raises(ValueError, match='unknown predictor .* valid'):
@@ -519,85 +473,7 @@ def test_bad_class_labels_are_rejected():
     controllable.conditional_sample(KEY, MIX_SCORE, exact_class_logits, MIX_SDE, (4, 2),
                                     [0, 1])
   with pytest.raises(ValueError, match='must be integers'):
-    controllable.check_class_labels([0.5, 1.0], 2, 2)
+    losses.check_class_labels([0.5, 1.0], 2, 2)
   with pytest.raises(ValueError, match='scale must be'):
     controllable.conditional_sample(KEY, MIX_SCORE, exact_class_logits, MIX_SDE, (4, 2), 0,
                                     scale=-1.0)
-
-
-# ----------------------------------------------------------------------------
-# Jobs over a workdir (what launch.py calls), with an injected train state
-# ----------------------------------------------------------------------------
-
-def tiny_rgb_config():
-  from configs import defaults
-  config = defaults.digits_ncsnpp(defaults.cifar10(), nf=8)
-  config.data.image_size = 8
-  config.data.centered = True
-  config.training.sde = 'vpsde'
-  config.model.num_scales = 50      # DDPM betas up to 20 / N: N >= 21
-  config.model.ch_mult = (1,)
-  config.model.num_res_blocks = 1
-  config.model.attn_resolutions = ()
-  config.model.resblock_type = 'ddpm'
-  config.sampling.predictor = 'reverse_diffusion'
-  config.sampling.corrector = 'none'
-  config.eval.batch_size = 4
-  return config
-
-
-@pytest.mark.slow
-def test_jobs_write_npz_png_and_json(tmp_path):
-  from types import SimpleNamespace
-
-  from score_sde import models
-  from score_sde import train
-  from score_sde.models import utils as model_utils
-  config = tiny_rgb_config()
-  experiment = train.build_experiment(config)
-  params = model_utils.init_params(KEY, experiment.model, config)
-  state = SimpleNamespace(ema_params=params)
-  images = np.random.default_rng(0).uniform(size=(3, 8, 8, 3)).astype(np.float32)
-  mesh = parallel.make_mesh(jax.devices()[:2])
-
-  paths = controllable.inpaint_job(str(tmp_path), config, images, 'center box', mesh=mesh,
-                                   samples_per_image=2, state=state, step=7)
-  with np.load(paths['npz']) as f:
-    results, masks = f['results'], f['masks']
-  assert results.shape == (3, 2, 8, 8, 3) and masks.shape == (3, 8, 8, 3)
-  known = masks.astype(bool)
-  np.testing.assert_allclose(results[:, 0][known], images[known], atol=1e-6)
-  np.testing.assert_allclose(results[:, 1][known], images[known], atol=1e-6)
-  assert np.all(np.isfinite(results))
-  assert 'step7' in paths['npz'] and os.path.exists(paths['png'])
-
-  paths = controllable.colorize_job(str(tmp_path), config, images, mesh=mesh, state=state,
-                                    step=7)
-  with np.load(paths['npz']) as f:
-    colour = f['results'][:, 0]
-    np.testing.assert_allclose(f['originals'], images)
-  np.testing.assert_allclose(colour.mean(-1), images.mean(-1), atol=1e-5)
-
-  classifier_config = tiny_rgb_config()
-  classifier_config.model.name = 'wideresnet'
-  classifier_config.model.blocks_per_group = 1
-  classifier_config.model.channel_multiplier = 1
-  classifier_config.model.base_channels = 8
-  classifier_config.model.embedding_size = 16
-  classifier = models.get_model(classifier_config)
-  classifier_params = classifier.init(KEY, jnp.zeros((1, 8, 8, 3)), jnp.ones((1,)))['params']
-  labels = np.repeat(np.arange(3), 2)
-  paths = controllable.conditional_sample_job(
-      str(tmp_path), config, str(tmp_path / 'classifier'), classifier_config, labels,
-      scale=2.0, mesh=mesh, state=state, step=7,
-      classifier_state=SimpleNamespace(ema_params=classifier_params), classifier_step=3)
-  with np.load(paths['npz']) as f:
-    assert f['samples'].shape == (6, 8, 8, 3) and np.all(np.isfinite(f['samples']))
-    np.testing.assert_array_equal(f['labels'], labels)
-  with open(paths['npz'].replace('.npz', '.json')) as f:
-    meta = json.load(f)
-  assert meta['scale'] == 2.0 and meta['classifier_step'] == 3
-  with pytest.raises(ValueError, match='class index 10 is out of range'):
-    controllable.conditional_sample_job(
-        str(tmp_path), config, '', classifier_config, [10], mesh=mesh, state=state, step=7,
-        classifier_state=SimpleNamespace(ema_params=classifier_params))

@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 
 from configs import defaults
-from score_sde import data, metrics
-from score_sde import digits_classifier as dc
+from score_sde import data
+from score_sde.evaluation import metrics
+from score_sde.evaluation import digits_classifier as dc
 
 
 @pytest.fixture(scope='module')

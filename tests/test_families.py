@@ -10,6 +10,7 @@ import configs
 from score_sde import sampling
 from score_sde import train
 from score_sde.models import utils as model_utils
+from score_sde import experiment as experiment_lib
 
 FAMILIES = ['ncsn', 'ncsnv2', 'ddpm', 'iddpm', 've_ncsnpp_continuous', 'ddpmpp_continuous',
             'subvp_ddpmpp_continuous']
@@ -59,7 +60,7 @@ def test_family_trains_and_samples(name, data_dir, tmp_path):
   first, last = np.mean(loss[:20]), np.mean(loss[-20:])
   assert last < 0.8 * first, (name, first, last)
 
-  experiment = train.build_experiment(config)
+  experiment = experiment_lib.build_experiment(config)
   sampler = sampling.get_sampling_fn(config, experiment.sde, experiment.score_model_fn,
                                      model_utils.input_shape(config, 4),
                                      experiment.sampling_eps)

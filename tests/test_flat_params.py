@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from score_sde import flat_params
+from score_sde.cpu import flat_params
 
 
 def _tree(key=jax.random.PRNGKey(0)):

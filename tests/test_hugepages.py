@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from score_sde import hugepages
+from score_sde.cpu import hugepages
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NEEDS_MADVISE_THP = pytest.mark.skipif(
@@ -53,7 +53,7 @@ _PROBE = """
 import os, sys
 sys.path.insert(0, {root!r})
 print('started', os.getpid(), os.environ.get('GLIBC_TUNABLES'))   # buffered: the pipe
-from score_sde import hugepages
+from score_sde.cpu import hugepages
 hugepages.reexec_with_huge_pages(would_help=True)
 print('running', os.getpid(), os.environ.get('GLIBC_TUNABLES'), sys.flags.utf8_mode)
 """

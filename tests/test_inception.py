@@ -6,7 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from score_sde import inception, metrics, parallel
+from score_sde import parallel
+from score_sde.evaluation import inception, metrics
 
 SMALL = inception.MIN_IMAGE_SIZE     # fast compile / run; the architecture is the same
 

@@ -13,10 +13,12 @@ import pytest
 import configs
 import score_sde
 from score_sde import checkpoints
-from score_sde import hugepages
+from score_sde.cpu import hugepages
 from score_sde import jobs
 from score_sde import parallel
 from score_sde import train
+from score_sde import experiment as experiment_lib
+from score_sde import io
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -52,7 +54,7 @@ def _shards(out_dir):
 
 
 def test_sample_job_shards_manifest_and_resume(workdir):
-  config = jobs.load_config(workdir)
+  config = experiment_lib.load_config(workdir)
   out_dir = jobs.sample_job(workdir, config, num_samples=20, shard_size=8, tag='a')
   assert _shards(out_dir) == ['shard_00000.npz', 'shard_00001.npz', 'shard_00002.npz']
   with open(os.path.join(out_dir, 'manifest.json')) as f:
@@ -65,12 +67,12 @@ def test_sample_job_shards_manifest_and_resume(workdir):
   images = jobs.load_samples(out_dir)
   assert images.shape == (20, 8, 8, 1) and images.dtype == np.uint8 and images.max() <= 16
   assert os.path.exists(os.path.join(out_dir, 'grid.png'))
-  before = jobs.load_npz(os.path.join(out_dir, 'shard_00001.npz'))
+  before = io.load_npz(os.path.join(out_dir, 'shard_00001.npz'))
   os.remove(os.path.join(out_dir, 'shard_00001.npz'))    # an interrupted run
   mtime = os.path.getmtime(os.path.join(out_dir, 'shard_00000.npz'))
   jobs.sample_job(workdir, config, num_samples=20, shard_size=8, tag='a')
   assert os.path.getmtime(os.path.join(out_dir, 'shard_00000.npz')) == mtime  # not redone
-  after = jobs.load_npz(os.path.join(out_dir, 'shard_00001.npz'))
+  after = io.load_npz(os.path.join(out_dir, 'shard_00001.npz'))
   np.testing.assert_array_equal(before['images'], after['images'])
   config.sampling.num_steps = 10
   with pytest.raises(ValueError, match='different sampler'):
@@ -78,17 +80,17 @@ def test_sample_job_shards_manifest_and_resume(workdir):
 
 
 def test_one_and_four_devices_give_the_same_samples(workdir):
-  config = jobs.load_config(workdir)
+  config = experiment_lib.load_config(workdir)
   one = jobs.sample_job(workdir, config, num_samples=8, shard_size=8, tag='one',
                         save_floats=True, mesh=parallel.make_mesh(jax.devices()[:1]))
   four = jobs.sample_job(workdir, config, num_samples=8, shard_size=8, tag='four',
                          save_floats=True, mesh=parallel.make_mesh(jax.devices()[:4]))
-  a, b = jobs.load_npz(one + '/shard_00000.npz'), jobs.load_npz(four + '/shard_00000.npz')
+  a, b = io.load_npz(one + '/shard_00000.npz'), io.load_npz(four + '/shard_00000.npz')
   np.testing.assert_allclose(a['samples'], b['samples'], rtol=1e-4, atol=1e-5)
 
 
 def test_bpd_job_resumes_to_the_same_result(workdir):
-  config = jobs.load_config(workdir)
+  config = experiment_lib.load_config(workdir)
   result = jobs.bpd_job(workdir, config, split='test', num_repeats=2, batch_size=8,
                         max_examples=16)
   assert result['num_examples'] == 16 and result['num_repeats'] == 2
@@ -183,8 +185,8 @@ def test_sigkill_during_sampling_then_rerun_gives_identical_shards(workdir, tmp_
   assert rerun.returncode == 0, output
   assert f'{len(done_before)} already done' in output
   for name in _shards(os.path.join(workdir, 'samples', 'full')):
-    a = jobs.load_npz(os.path.join(workdir, 'samples', 'full', name))
-    b = jobs.load_npz(os.path.join(workdir, 'samples', 'killed', name))
+    a = io.load_npz(os.path.join(workdir, 'samples', 'full', name))
+    b = io.load_npz(os.path.join(workdir, 'samples', 'killed', name))
     np.testing.assert_array_equal(a['images'], b['images'])
   assert len(jobs.load_samples(os.path.join(workdir, 'samples', 'killed'))) == 24
 

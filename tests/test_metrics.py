@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import scipy.linalg
 
-from score_sde import metrics
+from score_sde.evaluation import metrics
 
 
 def _random_covariance(rng, dim, eigenvalues=None):

@@ -9,7 +9,7 @@ jitted and as compiled with the train step's per-program options.
 import numpy as np
 import pytest
 
-from score_sde import xla_cpu
+from score_sde.cpu import xla_flags as xla_cpu
 from tests import reference_outputs
 
 REFERENCE_FILE = 'tests/data/reference_outputs.npz'

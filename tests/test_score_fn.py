@@ -1,4 +1,4 @@
-"""The score parameterisations of models/utils.py, with a network whose output is known."""
+"""The score parameterisations of score_fn.py, with a network whose output is known."""
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -7,6 +7,7 @@ import configs
 from score_sde import describe
 from score_sde import sde as sde_lib
 from score_sde.models import utils as model_utils
+from score_sde import score_fn
 
 X = jnp.arange(2 * 2 * 2 * 1, dtype=jnp.float32).reshape(2, 2, 2, 1) / 10 + 0.1
 OUT = jnp.full_like(X, 3.0)
@@ -27,7 +28,7 @@ def _recording_model():
 def test_ve_continuous_conditions_on_sigma_and_returns_output():
   sde = sde_lib.VESDE()
   model_fn, seen = _recording_model()
-  score = model_utils.get_score_model_fn(sde, model_fn, continuous=True)(None, X, 0.3, True)
+  score = score_fn.get_score_model_fn(sde, model_fn, continuous=True)(None, X, 0.3, True)
   np.testing.assert_array_equal(score, OUT)
   np.testing.assert_allclose(seen['labels'], [0.01 * 5000 ** 0.3] * 2, rtol=1e-5)
   assert seen['train'] is True
@@ -36,7 +37,7 @@ def test_ve_continuous_conditions_on_sigma_and_returns_output():
 def test_ve_discrete_uses_the_ncsn_index():
   sde = sde_lib.VESDE(N=11)
   model_fn, seen = _recording_model()
-  fn = model_utils.get_score_model_fn(sde, model_fn, continuous=False)
+  fn = score_fn.get_score_model_fn(sde, model_fn, continuous=False)
   np.testing.assert_array_equal(fn(None, X, jnp.array([1.0, 0.0])), OUT)
   np.testing.assert_array_equal(seen['labels'], [0, 10])   # 0 = sigma_max at t = T
   assert seen['labels'].dtype == np.int32
@@ -46,7 +47,7 @@ def test_ve_discrete_uses_the_ncsn_index():
 def test_vp_family_continuous_divides_noise_by_minus_std(sde):
   model_fn, seen = _recording_model()
   t = jnp.array([0.2, 0.7])
-  score = model_utils.get_score_model_fn(sde, model_fn, continuous=True)(None, X, t)
+  score = score_fn.get_score_model_fn(sde, model_fn, continuous=True)(None, X, t)
   std = np.asarray(sde_lib.transition_coeffs(sde, t)[1])
   np.testing.assert_allclose(score, -3.0 / std[:, None, None, None] * np.ones(X.shape),
                              rtol=1e-6)
@@ -57,7 +58,7 @@ def test_vp_discrete_uses_ddpm_timesteps_and_chain_std():
   sde = sde_lib.VPSDE(N=50)
   model_fn, seen = _recording_model()
   t = jnp.array([10 / 49, 1.0])
-  score = model_utils.get_score_model_fn(sde, model_fn, continuous=False)(None, X, t)
+  score = score_fn.get_score_model_fn(sde, model_fn, continuous=False)(None, X, t)
   np.testing.assert_allclose(seen['labels'], [10.0, 49.0], rtol=1e-6)
   std = np.sqrt(1 - np.asarray(sde.alphas_cumprod))[[10, 49]]
   np.testing.assert_allclose(score[:, 0, 0, 0], -3.0 / std, rtol=1e-5)
@@ -66,16 +67,37 @@ def test_vp_discrete_uses_ddpm_timesteps_and_chain_std():
 def test_learned_variance_uses_the_eps_half():
   sde = sde_lib.VPSDE()
   model_fn, _ = _recording_model()
-  fn = model_utils.get_score_model_fn(sde, model_fn, learned_variance=True)
+  fn = score_fn.get_score_model_fn(sde, model_fn, learned_variance=True)
   score = fn('two-halves', X, 0.5)
   std = float(sde_lib.transition_coeffs(sde, 0.5)[1])
   assert score.shape == X.shape
   np.testing.assert_allclose(score, -3.0 / std, rtol=1e-6)
 
 
-def test_unknown_sde_type_is_a_clear_error():
-  with pytest.raises(ValueError, match='no score parameterisation for SDE type'):
-    model_utils.get_score_model_fn(object(), None)
+def test_an_sde_without_a_declared_parameterisation_is_a_clear_error():
+  with pytest.raises(ValueError, match='declares no known score parameterisation'):
+    score_fn.get_score_model_fn(object(), None)
+  with pytest.raises(ValueError, match='unknown score parameterisation .eps.'):
+    score_fn.get_score_model_fn(sde_lib.VPSDE(), None, parameterisation='eps')
+
+
+def test_the_parameterisation_is_the_declared_one_not_the_sde_class():
+  # An SDE of a new class (not VE / VP / sub-VP) works through its declaration alone,
+  # and gives exactly what the VP SDE gives under the same declared parameterisation.
+  class NewVP(sde_lib.VPSDE):
+    continuous_parameterisation = 'time_noise'
+  model_fn, seen = _recording_model()
+  expected = score_fn.get_score_model_fn(sde_lib.VPSDE(), model_fn)(None, X, 0.3)
+  labels_vp = seen['labels']
+  got = score_fn.get_score_model_fn(NewVP(), model_fn)(None, X, 0.3)
+  np.testing.assert_array_equal(got, expected)
+  np.testing.assert_array_equal(seen['labels'], labels_vp)
+  # Declaring another parameterisation changes the conversion (the output is now the score).
+  class ScoreVP(sde_lib.VPSDE):
+    continuous_parameterisation = 'sigma_score'
+  got = score_fn.get_score_model_fn(ScoreVP(), model_fn)(None, X, 0.3)
+  np.testing.assert_array_equal(got, OUT)
+  np.testing.assert_allclose(seen['labels'], sde_lib.transition_coeffs(sde_lib.VPSDE(), 0.3)[1])
 
 
 @pytest.mark.parametrize('path', [p for p in configs.all_config_paths()

@@ -6,7 +6,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -21,6 +20,8 @@ from score_sde import losses
 from score_sde import parallel
 from score_sde import train
 from score_sde.models import utils as model_utils
+from score_sde import experiment as experiment_lib
+from score_sde.jobs import sample as sample_job_lib
 from tests.train_worker import small_toy_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -44,9 +45,9 @@ def _run_worker(workdir, n_iters, devices=1, extra=()):
 def _load(workdir, config, step=None, with_data=False):
   """(state, step, next batch or None) of a workdir's checkpoint."""
   mesh = parallel.make_mesh()
-  experiment = train.build_experiment(config)
-  optimizer, _ = train.get_optimizer(config)
-  abstract, _ = train.abstract_train_state(experiment, optimizer, mesh)
+  experiment = experiment_lib.build_experiment(config)
+  optimizer, _ = experiment_lib.get_optimizer(config)
+  abstract, _ = experiment_lib.abstract_train_state(experiment, optimizer, mesh)
   manager = checkpoints.make_manager(str(workdir), read_only=True)
   iterator = None
   if with_data:
@@ -72,11 +73,11 @@ def _assert_trees_equal(a, b, exact=True):
 
 def _steps_on(devices, config, batches):
   mesh = parallel.make_mesh(jax.devices()[:devices])
-  experiment = train.build_experiment(config)
-  optimizer, schedule = train.get_optimizer(config)
+  experiment = experiment_lib.build_experiment(config)
+  optimizer, schedule = experiment_lib.get_optimizer(config)
   loss_fn = losses.get_loss_fn(config, experiment.sde, experiment.model_fn)
   step = train.make_train_step(loss_fn, optimizer, schedule, ema_rate=0.99)
-  _, init = train.abstract_train_state(experiment, optimizer, mesh)
+  _, init = experiment_lib.abstract_train_state(experiment, optimizer, mesh)
   replicated = parallel.replicated(mesh)
   state = jax.jit(lambda key: train.flatten_state(init(key), optimizer),
                   out_shardings=replicated)(jax.random.PRNGKey(0))
@@ -108,10 +109,10 @@ def test_flat_train_step_matches_a_step_on_parameter_trees(grad_clip, weight_dec
   config = small_toy_config(2)
   config.optim.grad_clip = grad_clip           # 0.05: small enough that clipping acts
   config.optim.weight_decay = weight_decay
-  experiment = train.build_experiment(config)
-  optimizer, schedule = train.get_optimizer(config)
+  experiment = experiment_lib.build_experiment(config)
+  optimizer, schedule = experiment_lib.get_optimizer(config)
   loss_fn = losses.get_loss_fn(config, experiment.sde, experiment.model_fn)
-  _, init = train.abstract_train_state(experiment, optimizer, parallel.make_mesh())
+  _, init = experiment_lib.abstract_train_state(experiment, optimizer, parallel.make_mesh())
   tree_state = jax.jit(init)(jax.random.PRNGKey(0))
   moments = iter(jax.random.split(jax.random.PRNGKey(1), 1000))   # a real test: distinct
   tree_state = tree_state.replace(opt_state=jax.tree.map(          # non-zero mu and nu >= 0
@@ -147,10 +148,10 @@ def test_flat_train_step_matches_a_step_on_parameter_trees(grad_clip, weight_dec
 def test_train_step_reads_parameters_at_runtime_offsets():
   """XLA must not see the offsets as constants, or it compiles a kernel per parameter."""
   config = small_toy_config(2)
-  experiment = train.build_experiment(config)
-  optimizer, schedule = train.get_optimizer(config)
+  experiment = experiment_lib.build_experiment(config)
+  optimizer, schedule = experiment_lib.get_optimizer(config)
   loss_fn = losses.get_loss_fn(config, experiment.sde, experiment.model_fn)
-  _, init = train.abstract_train_state(experiment, optimizer, parallel.make_mesh())
+  _, init = experiment_lib.abstract_train_state(experiment, optimizer, parallel.make_mesh())
   state = jax.eval_shape(lambda key: train.flatten_state(init(key), optimizer),
                          jax.random.PRNGKey(0))
   batch = jax.ShapeDtypeStruct((8, 2), jnp.float32)
@@ -172,7 +173,7 @@ def test_train_step_reads_parameters_at_runtime_offsets():
 
 def _generated_kernel_instructions(hlo_text: str) -> int:
   """Instructions inside the kLoop fusions of compiled HLO text (XLA generates their code)."""
-  from score_sde import xla_cpu
+  from score_sde.cpu import xla_flags as xla_cpu
   bodies = xla_cpu.hlo_computations(hlo_text)
   loops = set(re.findall(r'kind=kLoop, calls=%([\w.\-]+)', hlo_text))
   return sum(len(bodies[name]) for name in loops)
@@ -180,14 +181,14 @@ def _generated_kernel_instructions(hlo_text: str) -> int:
 
 def test_train_step_with_the_step_options_matches_the_default_compile():
   """xla_cpu.jit_step compiles the step with YNNPACK elementwise fusions: same numbers."""
-  from score_sde import xla_cpu
+  from score_sde.cpu import xla_flags as xla_cpu
   from tests.reference_outputs import TINY_NCSNPP, load_config
   config = load_config('configs/ve/cifar10_ncsnpp_continuous.py',
                        dict(TINY_NCSNPP, **{'model.dropout': 0.1}))
-  experiment = train.build_experiment(config)
-  optimizer, schedule = train.get_optimizer(config)
+  experiment = experiment_lib.build_experiment(config)
+  optimizer, schedule = experiment_lib.get_optimizer(config)
   loss_fn = losses.get_loss_fn(config, experiment.sde, experiment.model_fn)
-  _, init = train.abstract_train_state(experiment, optimizer, parallel.make_mesh())
+  _, init = experiment_lib.abstract_train_state(experiment, optimizer, parallel.make_mesh())
   state = jax.jit(lambda key: train.flatten_state(init(key), optimizer))(jax.random.PRNGKey(0))
   batches = np.random.default_rng(0).uniform(-1, 1, (3, 2, 16, 16, 3)).astype(np.float32)
   jitted = jax.jit(train.make_train_step(loss_fn, optimizer, schedule, ema_rate=0.99))
@@ -217,7 +218,7 @@ def test_train_step_with_the_step_options_matches_the_default_compile():
 
 def test_the_loop_compiles_its_steps_with_the_step_options(monkeypatch):
   """make_train_calls (both forms) builds its programs through xla_cpu.compile_step."""
-  from score_sde import xla_cpu
+  from score_sde.cpu import xla_flags as xla_cpu
   used = []
   real = xla_cpu.compile_step
 
@@ -229,11 +230,11 @@ def test_the_loop_compiles_its_steps_with_the_step_options(monkeypatch):
   monkeypatch.setattr(xla_cpu, 'compile_step', recording)
   config = small_toy_config(2)
   mesh = parallel.make_mesh()
-  experiment = train.build_experiment(config)
-  optimizer, schedule = train.get_optimizer(config)
+  experiment = experiment_lib.build_experiment(config)
+  optimizer, schedule = experiment_lib.get_optimizer(config)
   loss_fn = losses.get_loss_fn(config, experiment.sde, experiment.model_fn)
   step = train.make_train_step(loss_fn, optimizer, schedule, ema_rate=0.99)
-  _, init = train.abstract_train_state(experiment, optimizer, mesh)
+  _, init = experiment_lib.abstract_train_state(experiment, optimizer, mesh)
   it = data_lib.train_iterator(config, global_batch_size=16, seed=0)
   batches = [next(it) for _ in range(2)]
   for unroll in (False, True):
@@ -256,10 +257,19 @@ def test_batch_not_divisible_by_devices_is_a_clear_error(tmp_path):
 
 
 def test_unknown_config_key_fails_before_compiling(tmp_path):
-  config = small_toy_config(2)
-  config.model.nff = 32
-  with pytest.raises(ValueError, match=r"unknown config key\(s\) \['model.nff'\]"):
-    train.train_and_evaluate(config, str(tmp_path))
+  # The launcher validates a config's keys (configs/ is not the library's to import)
+  # before it hands the config to train_and_evaluate.
+  config_file = tmp_path / 'typo.py'
+  config_file.write_text('from configs.toy import vp_mlp_continuous\n\n\ndef get_config():\n'
+                         '  config = vp_mlp_continuous.get_config()\n  config.model.nff = 32\n'
+                         '  return config\n')
+  env = dict(os.environ, PYTHONPATH=ROOT, SCORE_SDE_HUGEPAGES='0')
+  out = subprocess.run([sys.executable, os.path.join(ROOT, 'launch.py'), 'train',
+                        f'--config={config_file}', f'--workdir={tmp_path / "run"}'],
+                       env=env, capture_output=True, text=True, cwd=ROOT, timeout=300)
+  assert out.returncode == 1
+  assert re.search(r"unknown config key\(s\) \['model.nff'\]", out.stderr), out.stderr
+  assert not os.path.exists(tmp_path / 'run' / 'checkpoints')
 
 
 # ----------------------------------------------------------------------------
@@ -378,7 +388,7 @@ def test_ema_warmup_and_learning_rate_schedule():
   assert float(train.ema_decay(5, 0.999, False)) == pytest.approx(0.999)
   config = small_toy_config(2)
   config.optim.lr, config.optim.warmup = 2e-4, 100
-  schedule = train.learning_rate_schedule(config)
+  schedule = experiment_lib.learning_rate_schedule(config)
   np.testing.assert_allclose([schedule(0), schedule(49), schedule(99), schedule(500)],
                              [2e-6, 1e-4, 2e-4, 2e-4], rtol=1e-6)
 
@@ -401,13 +411,13 @@ def test_snapshot_samples_and_eval_see_the_checkpointed_ema(tmp_path, monkeypatc
   config.training.eval_freq = 2
   config.sampling.method = 'ode'
   seen = {}
-  write_samples = train._write_samples
+  write_samples = sample_job_lib.write_snapshot_samples
 
   def spy(experiment, sampler, state, step, workdir, mesh):
     seen[step] = jax.device_get(state.ema_params)
     return write_samples(experiment, sampler, state, step, workdir, mesh)
 
-  monkeypatch.setattr(train, '_write_samples', spy)
+  monkeypatch.setattr(sample_job_lib, 'write_snapshot_samples', spy)
   train.train_and_evaluate(config, str(tmp_path))
   assert sorted(seen) == [2, 4]
   for step in (2, 4):
@@ -416,7 +426,7 @@ def test_snapshot_samples_and_eval_see_the_checkpointed_ema(tmp_path, monkeypatc
   with open(tmp_path / 'logs' / 'metrics.jsonl') as f:
     eval_losses = [json.loads(l)['eval_loss'] for l in f if 'eval_loss' in l]
   # The eval loss, recomputed from the checkpoint's EMA tree (the loop reads the flat one).
-  experiment = train.build_experiment(config)
+  experiment = experiment_lib.build_experiment(config)
   eval_loss_fn = train._loss_fns(config, experiment)[1]
   eval_iter = data_lib.train_iterator(config, global_batch_size=config.training.batch_size,
                                       seed=config.seed + 1, split='test', augment=False)

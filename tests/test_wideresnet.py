@@ -19,11 +19,13 @@ import numpy as np
 import optax
 import pytest
 
-from score_sde import controllable
 from score_sde import sde as sde_lib
 from score_sde import train
 from score_sde.models import utils as model_utils
 from score_sde.models import wideresnet
+from score_sde import experiment as experiment_lib
+from score_sde import losses
+from score_sde import score_fn
 
 KEY = jax.random.PRNGKey(0)
 TINY = dict(num_classes=2, blocks_per_group=1, channel_multiplier=1, base_channels=8,
@@ -91,12 +93,12 @@ def test_logits_model_fn_feeds_the_noise_level_or_the_time(tiny):
   sde = sde_lib.VPSDE()
   x = jax.random.normal(KEY, (3, 8, 8, 1))
   t = jnp.asarray([0.1, 0.5, 0.9])
-  got = controllable.get_logits_model_fn(sde, model)(params, x, t)
+  got = score_fn.get_logits_model_fn(sde, model)(params, x, t)
   std = sde_lib.transition_coeffs(sde, t)[1]
   np.testing.assert_allclose(got, model.apply({'params': params}, x, std), rtol=1e-6)
   positional = wideresnet.WideResNet(**{**TINY, 'embedding_type': 'positional'})
   p = positional.init(KEY, x[:1], jnp.zeros((1,)))['params']
-  got = controllable.get_logits_model_fn(sde, positional)(p, x, t)
+  got = score_fn.get_logits_model_fn(sde, positional)(p, x, t)
   np.testing.assert_allclose(got, positional.apply({'params': p}, x, 999 * t), rtol=1e-6)
 
 
@@ -159,7 +161,7 @@ def bayes_cross_entropy(eps=1e-5, num_t=400, num_z=4001):
 
 def test_classifier_loss_matches_an_independent_computation(tiny):
   model, params = tiny
-  loss_fn = controllable.get_classifier_loss_fn(SDE, controllable.get_logits_model_fn(
+  loss_fn = losses.get_classifier_loss_fn(SDE, score_fn.get_logits_model_fn(
       SDE, model), train=False)
   batch = two_class_batch(KEY, 16)
   key = jax.random.PRNGKey(7)
@@ -173,7 +175,7 @@ def test_classifier_loss_matches_an_independent_computation(tiny):
   bad = {'image': batch['image'], 'label': batch['label'].at[0].set(2)}
   assert np.isnan(float(loss_fn(params, key, bad)))
   with pytest.raises(ValueError, match='class index 2 is out of range'):
-    controllable.check_classifier_batch(bad, 2)
+    losses.check_classifier_batch(bad, 2)
   with pytest.raises(ValueError, match="a classifier batch is a dict"):
     loss_fn(params, key, batch['image'])
 
@@ -182,11 +184,11 @@ def test_classifier_loss_matches_an_independent_computation(tiny):
 def test_classifier_training_brings_the_loss_near_the_bayes_floor():
   model = wideresnet.WideResNet(**TINY)
   params = model.init(KEY, jnp.zeros((1, 8, 8, 1)), jnp.ones((1,)))['params']
-  logits_model_fn = controllable.get_logits_model_fn(SDE, model)
-  loss_fn = controllable.get_classifier_loss_fn(SDE, logits_model_fn)
+  logits_model_fn = score_fn.get_logits_model_fn(SDE, model)
+  loss_fn = losses.get_classifier_loss_fn(SDE, logits_model_fn)
   schedule = lambda count: 2e-3 * jnp.ones_like(count, jnp.float32)  # noqa: E731
   optimizer = optax.adam(schedule)
-  state = train.TrainState(step=jnp.zeros((), jnp.int32), params=params,
+  state = experiment_lib.TrainState(step=jnp.zeros((), jnp.int32), params=params,
                            opt_state=optimizer.init(params), ema_params=params,
                            key=jax.random.PRNGKey(1))
   state = train.flatten_state(state, optimizer)          # the form the train loop runs
@@ -203,6 +205,6 @@ def test_classifier_training_brings_the_loss_near_the_bayes_floor():
   floor = bayes_cross_entropy()
   print(f'classifier loss: {before:.4f} -> {after:.4f}; Bayes floor {floor:.4f}')
   assert floor < after < floor + 0.35 * (math.log(2) - floor) < before, (before, after, floor)
-  accuracy = controllable.classifier_accuracy(
-      controllable.get_logits_fn(SDE, model, params), SDE, KEY, eval_batch, 0.05)
+  accuracy = losses.classifier_accuracy(
+      score_fn.get_logits_fn(SDE, model, params), SDE, KEY, eval_batch, 0.05)
   assert float(accuracy) > 0.99

@@ -1,9 +1,10 @@
-"""score_sde/xla_cpu.py: the XLA:CPU flags reach XLA, the user's own flags win, opt-out works."""
+"""score_sde/cpu/xla_flags.py: the XLA:CPU flags reach XLA when the launcher applies them (never
+on import), the user's own flags win, opt-out works."""
 import os
 import subprocess
 import sys
 
-from score_sde import xla_cpu
+from score_sde.cpu import xla_flags as xla_cpu
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -55,7 +56,12 @@ def test_flags_are_not_set_after_the_backend_started():
 
 
 _PROBE = """
-import score_sde, jax, jax.numpy as jnp
+import sys
+import score_sde
+if sys.argv[1] == 'prepare':                 # what launch.py does first
+  from score_sde.cpu import process
+  process.prepare(restart_for_huge_pages=False)
+import jax, jax.numpy as jnp
 conv = lambda x, w: jax.lax.conv_general_dilated(x, w, (1, 1), 'SAME',
                                                  dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
 text = jax.jit(conv).lower(jnp.ones((4, 16, 16, 32)), jnp.ones((3, 3, 32, 32))).compile().as_text()
@@ -64,20 +70,34 @@ print('YNN' if 'ynn_fusion' in root else 'EIGEN')
 """
 
 
-def _convolution_backend(extra_env):
+def _convolution_backend(extra_env, mode='prepare'):
   env = {k: v for k, v in os.environ.items() if k not in ('XLA_FLAGS', 'SCORE_SDE_XLA_DEFAULTS')}
   env.update(JAX_PLATFORMS='cpu', PYTHONPATH=ROOT, **extra_env)
-  out = subprocess.run([sys.executable, '-c', _PROBE], env=env, capture_output=True,
+  out = subprocess.run([sys.executable, '-c', _PROBE, mode], env=env, capture_output=True,
                        text=True, check=True, cwd=ROOT)
   return out.stdout.strip().splitlines()[-1]
 
 
-def test_importing_score_sde_routes_convolutions_to_the_multithreaded_kernels():
+def test_the_launchers_set_up_routes_convolutions_to_the_multithreaded_kernels():
   # Without the flags XLA:CPU hands the convolution to a YNNPACK fusion
   # (single-threaded at this size; XLA keeps much smaller ones for itself);
-  # `import score_sde` before JAX starts moves it.
+  # the launcher's process.prepare() before JAX starts moves it. Importing
+  # score_sde alone changes nothing.
+  assert _convolution_backend({}, mode='import') == 'YNN'
   assert _convolution_backend({'SCORE_SDE_XLA_DEFAULTS': '0'}) == 'YNN'
   assert _convolution_backend({}) == 'EIGEN'
+
+
+def test_importing_the_library_leaves_the_environment_alone():
+  code = ('import os, json; before = dict(os.environ); import score_sde, score_sde.api, '
+          'score_sde.train, score_sde.jobs, score_sde.cpu.process; '
+          'print(json.dumps(sorted(k for k in set(before) | set(os.environ) '
+          'if before.get(k) != os.environ.get(k))))')
+  env = {k: v for k, v in os.environ.items() if k not in ('XLA_FLAGS', 'SCORE_SDE_XLA_FLAGS_ADDED')}
+  env.update(JAX_PLATFORMS='cpu', PYTHONPATH=ROOT)
+  out = subprocess.run([sys.executable, '-c', code], env=env, capture_output=True, text=True,
+                       check=True, cwd=ROOT)
+  assert out.stdout.strip().splitlines()[-1] == '[]'
 
 
 # ----------------------------------------------------------------------------
@@ -89,7 +109,7 @@ def test_step_options_follow_the_process_wide_conditions(monkeypatch):
   on_cpu = {'JAX_PLATFORMS': 'cpu'}
   assert xla_cpu.step_compiler_options(on_cpu) == xla_cpu.STEP_COMPILER_OPTIONS
   environ = dict(on_cpu, XLA_FLAGS='--a=1')
-  assert xla_cpu.apply_default_flags(environ)                  # as `import score_sde` does
+  assert xla_cpu.apply_default_flags(environ)                  # as the launcher does
   assert xla_cpu.step_compiler_options(environ) == xla_cpu.STEP_COMPILER_OPTIONS
   # The user's own library-fusion flag wins, even when it equals this module's default.
   for value in ('+individual_convolution', xla_cpu.DEFAULT_FLAGS[xla_cpu.LIBRARY_FUSION_OPTION]):

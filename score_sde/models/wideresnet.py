@@ -27,7 +27,7 @@ output layer U[-1/sqrt(K), 1/sqrt(K)].
 
 Call: `model.apply({'params': p}, x [B, H, W, C], labels [B], train)` ->
 logits [B, K] float32; `labels` is the noise level s(t) ('fourier') or 999 t
-('positional'), as chosen by `score_sde.controllable.get_logits_model_fn`.
+('positional'), as chosen by `score_sde.score_fn.get_logits_model_fn`.
 """
 from __future__ import annotations
 

@@ -42,12 +42,13 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import math
-import os
 from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import scipy.linalg
 import scipy.special
+
+from score_sde import io
 
 STATS_FORMAT = 'score_sde/feature_stats/v1'
 UNKNOWN = 'unknown'
@@ -175,47 +176,7 @@ def save_stats(path: str, stats: FeatureStats) -> str:
                 split=np.str_(stats.split), format=np.str_(STATS_FORMAT))
   if stats.features is not None:
     arrays['features'] = np.asarray(stats.features, np.float32)
-  return savez_atomic(path, **arrays)
-
-
-def savez_atomic(path: str, **arrays) -> str:
-  """Writes an .npz at exactly `path` (no '.npz' appended) via a temporary file and a
-  rename, so a file at `path` is always complete; returns the path."""
-  directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
-  temporary = os.path.join(directory, f'.{os.path.basename(path)}.{os.getpid()}.tmp')
-  with open(temporary, 'wb') as f:
-    np.savez(f, **arrays)
-  os.replace(temporary, path)
-  return path
-
-
-def load_npz_plain(path: str, what: str, error: type = ValueError,
-                   missing_hint: str = '') -> dict:
-  """All arrays of an .npz read with allow_pickle=False.
-
-  Raises FileNotFoundError (with `missing_hint`) for a missing file and `error`
-  naming the key for an object (pickled) array or an unreadable file.
-  """
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f'{what} file {path} does not exist.' +
-                            (f' {missing_hint}' if missing_hint else ''))
-  arrays, key = {}, None
-  try:
-    with np.load(path, allow_pickle=False) as npz:
-      for key in npz.files:
-        arrays[key] = npz[key]
-  except ValueError as cause:
-    if key is None:
-      raise error(f'{path} is not an .npz file ({cause}).') from None
-    if 'allow_pickle' in str(cause) or 'Object arrays' in str(cause):
-      raise error(f'{path}: array {key!r} is a pickled object array, which is never '
-                  f'loaded (allow_pickle=False); store plain numeric or string '
-                  f'arrays.') from None
-    raise error(f'{path} is not a readable .npz {what} file ({cause}).') from None
-  except (OSError, EOFError) as cause:
-    raise error(f'{path} is not a readable .npz {what} file ({cause}).') from None
-  return arrays
+  return io.savez_atomic(path, **arrays)
 
 
 def params_fingerprint(params) -> str:
@@ -238,7 +199,7 @@ def _flatten(tree, prefix: str = '') -> dict:
 
 def load_stats(path: str) -> FeatureStats:
   """A statistics file written by `save_stats` (or pytorch-fid's / the reference's)."""
-  arrays = load_npz_plain(path, 'statistics', missing_hint=(
+  arrays = io.load_npz_plain(path, 'statistics', missing_hint=(
       'Compute it first (metrics.compute_statistics + save_stats, e.g. via '
       '`launch.py stats`).'))
   text = lambda key, default: str(arrays[key]) if key in arrays else default  # noqa: E731

@@ -58,8 +58,9 @@ import numpy as np
 from flax import traverse_util
 from jax import lax
 
-from score_sde import metrics
+from score_sde import io
 from score_sde import parallel
+from score_sde.evaluation import metrics
 
 NUM_CLASSES = 1008
 POOL_DIM = 2048
@@ -324,7 +325,7 @@ def save_params(path: str, params, source: str = 'random initialisation') -> str
   """Writes the weights file (format in the module docstring); returns the path."""
   arrays = {k: np.asarray(v, np.float32) for k, v in flatten_params(params).items()}
   check_param_shapes(arrays, path)
-  return metrics.savez_atomic(path, **arrays, **{'meta/format': np.str_(WEIGHTS_FORMAT),
+  return io.savez_atomic(path, **arrays, **{'meta/format': np.str_(WEIGHTS_FORMAT),
                                                  'meta/source': np.str_(source)})
 
 
@@ -371,7 +372,7 @@ def load_params(path: str | None = None) -> dict:
   path = default_weights_path() if path is None else os.path.expanduser(path)
   if not os.path.isfile(path):
     raise FileNotFoundError(_missing_weights_message(path))
-  arrays = metrics.load_npz_plain(path, 'Inception weights', error=WeightsError)
+  arrays = io.load_npz_plain(path, 'Inception weights', error=WeightsError)
   fmt = str(arrays.pop('meta/format', ''))
   arrays.pop('meta/source', None)
   if fmt and fmt != WEIGHTS_FORMAT:

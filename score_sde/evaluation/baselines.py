@@ -12,36 +12,8 @@ bound on its discrete negative log-likelihood, so it compares directly.
 from __future__ import annotations
 
 import math
-import os
 
 import numpy as np
-
-
-def image_grid(images: np.ndarray, ncols: int | None = None, padding: int = 1) -> np.ndarray:
-  """[N, H, W, C] values in [0, 1] -> one uint8 [rows (H+p), cols (W+p), C] grid."""
-  images = np.clip(np.asarray(images, np.float32), 0.0, 1.0)
-  n, h, w, c = images.shape
-  ncols = ncols or int(math.ceil(math.sqrt(n)))
-  nrows = int(math.ceil(n / ncols))
-  grid = np.ones((nrows * (h + padding) + padding, ncols * (w + padding) + padding, c),
-                 np.float32)
-  for i in range(n):
-    r, col = divmod(i, ncols)
-    top, left = padding + r * (h + padding), padding + col * (w + padding)
-    grid[top:top + h, left:left + w] = images[i]
-  return np.round(grid * 255).astype(np.uint8)
-
-
-def save_image_grid(path: str, images: np.ndarray, ncols: int | None = None,
-                    scale: int = 1) -> str:
-  """Writes a PNG grid of [N, H, W, C] images in [0, 1]; `scale` enlarges pixels."""
-  from PIL import Image
-  grid = image_grid(images, ncols)
-  if scale > 1:
-    grid = grid.repeat(scale, axis=0).repeat(scale, axis=1)
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid).save(path)
-  return path
 
 
 def uniform_bpd(num_levels: int) -> float:

@@ -23,7 +23,7 @@ import re
 import sys
 from typing import Mapping
 
-from score_sde import xla_cpu
+from score_sde.cpu import xla_flags
 
 TUNABLE = 'glibc.malloc.hugetlb'
 THP_MODE_FILE = '/sys/kernel/mm/transparent_hugepage/enabled'
@@ -70,7 +70,7 @@ def environ_with_huge_pages(environ: Mapping[str, str],
     would_help = tunable_would_help()
   tunables = environ.get('GLIBC_TUNABLES', '')
   already_set = any(item.split('=', 1)[0] == TUNABLE for item in tunables.split(':'))
-  if not would_help or xla_cpu.switched_off(environ, OPT_OUT) or already_set:
+  if not would_help or xla_flags.switched_off(environ, OPT_OUT) or already_set:
     return environ
   environ['GLIBC_TUNABLES'] = f'{tunables}:{TUNABLE}=1' if tunables else f'{TUNABLE}=1'
   return environ
@@ -84,8 +84,8 @@ def reexec_with_huge_pages(would_help: bool | None = None) -> None:
   before survives. Restarts at most once (a loader that drops GLIBC_TUNABLES
   cannot cause a loop) and carries on unchanged if the restart fails.
   """
-  if os.environ.get(RESTARTED) or not sys.executable:
-    return
+  if os.environ.get(RESTARTED) or not sys.executable or not xla_flags.runs_on_cpu():
+    return                              # XLA:CPU's buffers only: pointless on GPU / TPU
   environ = environ_with_huge_pages(os.environ, would_help)
   if environ.get('GLIBC_TUNABLES') == os.environ.get('GLIBC_TUNABLES'):
     return

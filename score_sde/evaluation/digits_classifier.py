@@ -44,7 +44,8 @@ import optax
 from flax import traverse_util
 
 from score_sde import data as data_lib
-from score_sde import metrics
+from score_sde import io
+from score_sde.evaluation import metrics
 
 NUM_CLASSES = 10
 FEATURE_DIM = 64
@@ -201,7 +202,7 @@ def train_digits_classifier(config, path: str, seed: int = 0, steps: int = TRAIN
   train_accuracy = _accuracy(params, train_images, train_labels)
   arrays = {f'params/{k}': np.asarray(v, np.float32)
             for k, v in traverse_util.flatten_dict(params, sep='/').items()}
-  metrics.savez_atomic(path, **arrays, test_accuracy=np.float64(test_accuracy),
+  io.savez_atomic(path, **arrays, test_accuracy=np.float64(test_accuracy),
                        train_accuracy=np.float64(train_accuracy), seed=np.int64(seed),
                        steps=np.int64(steps), format=np.str_(CLASSIFIER_FORMAT))
   return test_accuracy
@@ -216,7 +217,7 @@ def _param_shapes() -> dict:
 
 def load_digits_classifier(path: str) -> DigitsClassifier:
   """The classifier stored at `path` by `train_digits_classifier` (shapes checked)."""
-  arrays = metrics.load_npz_plain(path, 'digits classifier', missing_hint=(
+  arrays = io.load_npz_plain(path, 'digits classifier', missing_hint=(
       'Train it with digits_classifier.train_digits_classifier(config, path) (seconds on '
       'CPU).'))
   fmt = str(arrays.get('format', ''))

@@ -149,7 +149,7 @@ def apply_default_flags(environ=os.environ) -> bool:
       return False
     logging.getLogger('score_sde').warning(
         'score_sde: XLA:CPU speed flags not set: jaxlib %s is not one they were checked with '
-        '(%s); see score_sde/xla_cpu.py.', version, ', '.join(CHECKED_JAXLIB_VERSIONS))
+        '(%s); see score_sde/cpu/xla_flags.py.', version, ', '.join(CHECKED_JAXLIB_VERSIONS))
     return False
   updated = with_default_flags(current)
   if updated == current.strip():

@@ -1,0 +1,218 @@
+"""An experiment built from its config: the SDE, network, score function, optimiser and
+train state, and a workdir's stored config and checkpoints restored into them.
+
+Training (`train.py`), the jobs (`jobs/`) and the Python API (`api.py`) all
+start here; this module imports neither of them. Config files themselves
+(`configs/`) are read by the launcher, which validates them and passes the
+ConfigDict down.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import json
+import os
+from typing import Any, Callable
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+
+from score_sde import checkpoints
+from score_sde import data as data_lib
+from score_sde import io
+from score_sde import losses
+from score_sde import models
+from score_sde import parallel
+from score_sde import score_fn as score_fn_lib
+from score_sde import sde as sde_lib
+from score_sde.models import utils as model_utils
+
+CLASSIFIER_MODELS = ('wideresnet',)
+
+
+# ----------------------------------------------------------------------------
+# The experiment, the optimiser and the train state
+# ----------------------------------------------------------------------------
+
+@flax.struct.dataclass
+class TrainState:
+  """Arrays only: step [], params, opt_state, ema_params, key (root PRNG key)."""
+  step: jax.Array
+  params: Any
+  opt_state: Any
+  ema_params: Any
+  key: jax.Array
+
+
+def learning_rate_schedule(config) -> optax.Schedule:
+  """lr * min((count + 1) / warmup, 1): linear warm-up as in the reference."""
+  lr, warmup = float(config.optim.lr), int(config.optim.warmup)
+  if warmup > 0:
+    return lambda count: lr * jnp.minimum((count + 1.0) / warmup, 1.0)
+  return lambda count: lr * jnp.ones_like(count, jnp.float32)
+
+
+def get_optimizer(config) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  """Adam (AdamW when weight_decay > 0) after global-norm clipping (grad_clip >= 0)."""
+  optim = config.optim
+  if str(optim.optimizer).lower() != 'adam':
+    raise ValueError(f'unknown optimizer {optim.optimizer!r} (config.optim.optimizer); '
+                     f"valid: ['Adam'].")
+  schedule = learning_rate_schedule(config)
+  parts = []
+  if optim.grad_clip >= 0:
+    parts.append(optax.clip_by_global_norm(float(optim.grad_clip)))
+  if optim.weight_decay:
+    parts.append(optax.adamw(schedule, b1=optim.beta1, b2=0.999, eps=optim.eps,
+                             weight_decay=optim.weight_decay))
+  else:
+    parts.append(optax.adam(schedule, b1=optim.beta1, b2=0.999, eps=optim.eps))
+  return optax.chain(*parts), schedule
+
+
+def init_train_state(key, *, model, config, optimizer) -> TrainState:
+  k_init, k_train = jax.random.split(key)
+  params = model_utils.init_params(k_init, model, config)
+  ema_params = jax.tree.map(jnp.copy, params)   # own buffers: the step donates both
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                    opt_state=optimizer.init(params), ema_params=ema_params, key=k_train)
+
+
+# Keys a resumed run may change (schedules of the loop, not the maths; with
+# unroll_jitted_steps changed, the steps agree to round-off, not bitwise).
+RESUMABLE_CHANGES = ('training.n_iters', 'training.log_freq', 'training.eval_freq',
+                     'training.unroll_jitted_steps',
+                     'training.snapshot_freq', 'training.snapshot_freq_for_preemption',
+                     'training.snapshot_sampling', 'eval.', 'sampling.', 'data.data_dir')
+
+
+def _flatten(tree: dict, prefix: str = '') -> dict:
+  flat = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      flat.update(_flatten(value, f'{prefix}{key}.'))
+    else:
+      flat[f'{prefix}{key}'] = value
+  return flat
+
+
+def config_to_dict(config) -> dict:
+  """JSON-ready dict of a ConfigDict (tuples become lists)."""
+  return json.loads(config.to_json())
+
+
+def write_or_check_config(config, workdir: str) -> None:
+  """Writes <workdir>/config.json, or checks a resumed run's config against it."""
+  path = os.path.join(workdir, 'config.json')
+  current = config_to_dict(config)
+  if os.path.exists(path):
+    with open(path) as f:
+      stored = json.load(f)
+    old, new = _flatten(stored), _flatten(current)
+    changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k)
+                     and not any(k == p or (p.endswith('.') and k.startswith(p))
+                                 for p in RESUMABLE_CHANGES))
+    if changed:
+      details = ', '.join(f'{k}: {old.get(k)!r} -> {new.get(k)!r}' for k in changed[:8])
+      raise ValueError(f'{workdir} holds a run with a different config ({details}); '
+                       f'resuming would not be exact. Use a new --workdir.')
+  if jax.process_index() == 0:
+    tmp = path + '.tmp'
+    with open(tmp, 'w') as f:
+      json.dump(current, f, indent=2, sort_keys=True)
+    os.replace(tmp, path)
+
+
+def check_config(config, mesh=None) -> None:
+  """Everything about the experiment that can be checked before compiling anything
+  (the launcher checks the config's keys first, with `configs.validate`)."""
+  data_lib.check_config_matches_dataset(config)
+  models.get_model(config)        # validates the network's hyper-parameters
+  sde_lib.sde_from_config(config)
+  losses.loss_name_from_config(config)
+  get_optimizer(config)
+  if mesh is not None:
+    parallel.check_batch_divisible(config.training.batch_size, mesh, 'batch size')
+  n_jit = config.training.n_jitted_steps
+  if n_jit < 1:
+    raise ValueError(f'config.training.n_jitted_steps must be >= 1; got {n_jit}.')
+
+
+@dataclasses.dataclass(frozen=True)
+class Experiment:
+  """The pieces a config defines, shared by training and the evaluation jobs."""
+  config: Any
+  sde: Any
+  sampling_eps: float
+  model: Any
+  model_fn: Callable
+  score_model_fn: Callable      # (params, x, t) -> score, eval mode
+  num_levels: int
+
+  @property
+  def continuous(self) -> bool:
+    return bool(self.config.training.continuous)
+
+
+def is_classifier(config) -> bool:
+  """Whether the config trains a noise-conditional classifier (`train_classifier`)."""
+  return str(config.model.name).lower() in CLASSIFIER_MODELS
+
+
+def build_experiment(config) -> Experiment:
+  """The SDE, network and score function of a config (for a classifier config:
+  model_fn = logits (params, x, t, train, key) -> [B, K] and no score function)."""
+  sde, sampling_eps = sde_lib.sde_from_config(config)
+  model = models.get_model(config)
+  if is_classifier(config):
+    return Experiment(config=config, sde=sde, sampling_eps=sampling_eps, model=model,
+                      model_fn=score_fn_lib.get_logits_model_fn(sde, model),
+                      score_model_fn=None, num_levels=data_lib.num_levels(config))
+  model_fn = score_fn_lib.get_model_fn(model)
+  score4 = score_fn_lib.get_score_model_fn(
+      sde, model_fn, continuous=config.training.continuous,
+      learned_variance=bool(config.model.get('learned_variance', False)))
+  return Experiment(config=config, sde=sde, sampling_eps=sampling_eps, model=model,
+                    model_fn=model_fn,
+                    score_model_fn=lambda params, x, t: score4(params, x, t, False, None),
+                    num_levels=data_lib.num_levels(config))
+
+
+def abstract_train_state(experiment: Experiment, optimizer, mesh):
+  """Shapes, dtypes and (replicated) shardings of the train state."""
+  init = functools.partial(init_train_state, model=experiment.model,
+                           config=experiment.config, optimizer=optimizer)
+  shapes = jax.eval_shape(init, jax.random.PRNGKey(0))
+  replicated = parallel.replicated(mesh)
+  return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated),
+                      shapes), init
+
+
+# ----------------------------------------------------------------------------
+# A workdir: its stored config and checkpoints
+# ----------------------------------------------------------------------------
+
+def load_config(workdir: str):
+  """The resolved config a training run stored in <workdir>/config.json."""
+  return io.read_config_json(workdir)
+
+
+def config_hash(config) -> str:
+  return hashlib.sha256(config.to_json(sort_keys=True).encode()).hexdigest()[:16]
+
+
+def restore_state(workdir: str, config, mesh, checkpoint: int | None = None):
+  """(train state, step) of a workdir's newest (or given) checkpoint."""
+  experiment = build_experiment(config)
+  optimizer, _ = get_optimizer(config)
+  abstract, _ = abstract_train_state(experiment, optimizer, mesh)
+  manager = checkpoints.make_manager(workdir, read_only=True)
+  if not manager.all_steps():
+    raise checkpoints.NoCheckpointError(
+        f'{workdir} has no checkpoints ({checkpoints.checkpoint_dir(workdir)} is empty or '
+        f'missing); train first with launch.py train --workdir {workdir}.')
+  state, step = checkpoints.restore(manager, abstract, step=checkpoint)
+  return experiment, state, step

@@ -1,0 +1,237 @@
+"""Files: atomic writes, plain npz reads, images and PNG grids, stored configs, metric logs.
+
+Everything a job or the training loop writes goes through a temporary file and
+a rename, so a file under its final name is always complete. Nothing here
+unpickles: npz files are read with allow_pickle=False.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import jax
+import ml_collections
+import numpy as np
+
+
+# ----------------------------------------------------------------------------
+# Atomic writes and plain reads
+# ----------------------------------------------------------------------------
+
+def savez_atomic(path: str, **arrays) -> str:
+  """Writes an .npz at exactly `path` (no '.npz' appended) via a temporary file and a
+  rename, so a file at `path` is always complete; returns the path."""
+  directory = os.path.dirname(os.path.abspath(path))
+  os.makedirs(directory, exist_ok=True)
+  temporary = os.path.join(directory, f'.{os.path.basename(path)}.{os.getpid()}.tmp')
+  with open(temporary, 'wb') as f:
+    np.savez(f, **arrays)
+  os.replace(temporary, path)
+  return path
+
+
+def load_npz_plain(path: str, what: str, error: type = ValueError,
+                   missing_hint: str = '') -> dict:
+  """All arrays of an .npz read with allow_pickle=False.
+
+  Raises FileNotFoundError (with `missing_hint`) for a missing file and `error`
+  naming the key for an object (pickled) array or an unreadable file.
+  """
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f'{what} file {path} does not exist.' +
+                            (f' {missing_hint}' if missing_hint else ''))
+  arrays, key = {}, None
+  try:
+    with np.load(path, allow_pickle=False) as npz:
+      for key in npz.files:
+        arrays[key] = npz[key]
+  except ValueError as cause:
+    if key is None:
+      raise error(f'{path} is not an .npz file ({cause}).') from None
+    if 'allow_pickle' in str(cause) or 'Object arrays' in str(cause):
+      raise error(f'{path}: array {key!r} is a pickled object array, which is never '
+                  f'loaded (allow_pickle=False); store plain numeric or string '
+                  f'arrays.') from None
+    raise error(f'{path} is not a readable .npz {what} file ({cause}).') from None
+  except (OSError, EOFError) as cause:
+    raise error(f'{path} is not a readable .npz {what} file ({cause}).') from None
+  return arrays
+
+
+def load_npz(path: str) -> dict:
+  """Plain arrays of an npz file; never unpickles objects."""
+  with np.load(path, allow_pickle=False) as f:
+    return {k: f[k] for k in f.files}
+
+
+def atomic_json(path: str, value) -> None:
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  tmp = path + '.tmp'
+  with open(tmp, 'w') as f:
+    json.dump(value, f, indent=2, sort_keys=True)
+  os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------
+# Images and PNG grids
+# ----------------------------------------------------------------------------
+
+def image_grid(images: np.ndarray, ncols: int | None = None, padding: int = 1) -> np.ndarray:
+  """[N, H, W, C] values in [0, 1] -> one uint8 [rows (H+p), cols (W+p), C] grid."""
+  images = np.clip(np.asarray(images, np.float32), 0.0, 1.0)
+  n, h, w, c = images.shape
+  ncols = ncols or int(math.ceil(math.sqrt(n)))
+  nrows = int(math.ceil(n / ncols))
+  grid = np.ones((nrows * (h + padding) + padding, ncols * (w + padding) + padding, c),
+                 np.float32)
+  for i in range(n):
+    r, col = divmod(i, ncols)
+    top, left = padding + r * (h + padding), padding + col * (w + padding)
+    grid[top:top + h, left:left + w] = images[i]
+  return np.round(grid * 255).astype(np.uint8)
+
+
+def save_image_grid(path: str, images: np.ndarray, ncols: int | None = None,
+                    scale: int = 1) -> str:
+  """Writes a PNG grid of [N, H, W, C] images in [0, 1]; `scale` enlarges pixels."""
+  from PIL import Image
+  grid = image_grid(images, ncols)
+  if scale > 1:
+    grid = grid.repeat(scale, axis=0).repeat(scale, axis=1)
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid).save(path)
+  return path
+
+
+IMAGE_SUFFIXES = ('.png', '.jpg', '.jpeg', '.bmp', '.gif', '.tif', '.tiff', '.webp')
+
+
+def image_files(path: str) -> list[str]:
+  if os.path.isdir(path):
+    files = sorted(os.path.join(path, f) for f in os.listdir(path)
+                   if f.lower().endswith(IMAGE_SUFFIXES))
+    if not files:
+      raise ValueError(f'{path} holds no image files ({", ".join(IMAGE_SUFFIXES)}).')
+    return files
+  return [path]
+
+
+def read_image_file(path: str, num_channels: int) -> np.ndarray:
+  from PIL import Image
+  with Image.open(path) as image:
+    image = image.convert('L' if num_channels == 1 else 'RGB')
+    array = np.asarray(image, np.float32) / 255.0
+  return array[..., None] if array.ndim == 2 else array
+
+
+def load_images(path: str, image_size: int, num_channels: int, *,
+                max_images: int | None = None) -> np.ndarray:
+  """Images in [0, 1] as float32 [N, H, W, C] from a file or a folder.
+
+  .npz: key 'images' (uint8 levels, divided by levels - 1 with the file's
+  'levels' entry, else 255; or floats in [0, 1]) -- the format of sampling
+  jobs; .npy: one such array; image files (PNG, JPEG, ...) or a folder of
+  them: read as grey or RGB to match `num_channels`. Sizes must match the
+  model's; nothing is resized.
+  """
+  if not os.path.exists(path):
+    raise FileNotFoundError(f'no such file or folder: {path}')
+  lower = path.lower()
+  if lower.endswith('.npz') or lower.endswith('.npy'):
+    if lower.endswith('.npz'):
+      with np.load(path, allow_pickle=False) as f:
+        if 'images' not in f.files:
+          raise ValueError(f'{path} has no "images" array (it has {f.files}).')
+        array, levels = f['images'], (int(f['levels']) if 'levels' in f.files else 256)
+    else:
+      array, levels = np.load(path, allow_pickle=False), 256
+    if array.ndim == 3:
+      array = array[None] if array.shape[-1] in (1, 3) else array[..., None]
+    if np.issubdtype(array.dtype, np.integer):
+      images = array.astype(np.float32) / (levels - 1)
+    else:
+      images = array.astype(np.float32)
+  else:
+    images = np.stack([read_image_file(f, num_channels) for f in image_files(path)])
+  if images.ndim != 4:
+    raise ValueError(f'{path}: images must be [N, H, W, C]; got shape {list(images.shape)}.')
+  if images.shape[-1] != num_channels:
+    raise ValueError(f'{path}: images have {images.shape[-1]} channel(s) but the model takes '
+                     f'{num_channels} (config.data.num_channels).')
+  if images.shape[1:3] != (image_size, image_size):
+    raise ValueError(f'{path}: images are {images.shape[1]}x{images.shape[2]} but the model '
+                     f'takes {image_size}x{image_size} (config.data.image_size); resize them.')
+  if images.size and (images.min() < -1e-6 or images.max() > 1 + 1e-6):
+    raise ValueError(f'{path}: float images must lie in [0, 1]; got values in '
+                     f'[{images.min():.3g}, {images.max():.3g}].')
+  return images[:max_images] if max_images else images
+
+
+def panel_grid(path: str, columns: list[np.ndarray], scale: int | None = None) -> str:
+  """PNG of examples in rows and `columns` ([N, H, W, C] each, [0, 1]) side by side."""
+  n = columns[0].shape[0]
+  channels = max(c.shape[-1] for c in columns)
+  columns = [np.repeat(c, channels, axis=-1) if c.shape[-1] != channels else c
+             for c in columns]
+  tiles = np.stack(columns, axis=1).reshape((n * len(columns),) + columns[0].shape[1:])
+  scale = scale or max(1, 64 // columns[0].shape[1])
+  return save_image_grid(path, tiles, ncols=len(columns), scale=scale)
+
+
+# ----------------------------------------------------------------------------
+# A workdir's stored config
+# ----------------------------------------------------------------------------
+
+def _tuples(tree):
+  if isinstance(tree, dict):
+    return {k: _tuples(v) for k, v in tree.items()}
+  if isinstance(tree, list):
+    return tuple(_tuples(v) for v in tree)
+  return tree
+
+
+def read_config_json(workdir: str) -> ml_collections.ConfigDict:
+  """The resolved config a training run stored in <workdir>/config.json."""
+  path = os.path.join(workdir, 'config.json')
+  if not os.path.exists(path):
+    raise FileNotFoundError(f'{workdir} has no config.json: it is not a score_sde '
+                            f'workdir (train into it with launch.py train first).')
+  with open(path) as f:
+    return ml_collections.ConfigDict(_tuples(json.load(f)))
+
+
+# ----------------------------------------------------------------------------
+# Training logs
+# ----------------------------------------------------------------------------
+
+class MetricWriter:
+  """Scalars to <workdir>/logs/metrics.jsonl and TensorBoard event files (process 0)."""
+
+  def __init__(self, workdir: str):
+    self._active = jax.process_index() == 0
+    self._dir = os.path.join(workdir, 'logs')
+    self._tb = None
+    if self._active:
+      os.makedirs(self._dir, exist_ok=True)
+      from tensorboardX import SummaryWriter
+      self._tb = SummaryWriter(self._dir)
+
+  def write(self, step: int, scalars: dict) -> None:
+    if not self._active:
+      return
+    with open(os.path.join(self._dir, 'metrics.jsonl'), 'a') as f:
+      f.write(json.dumps({'step': int(step), **{k: float(v) for k, v in scalars.items()}})
+              + '\n')
+    for name, value in scalars.items():
+      self._tb.add_scalar(name, float(value), int(step))
+
+  def close(self):
+    if self._tb is not None:
+      self._tb.close()
+
+
+def format_seconds(seconds: float) -> str:
+  seconds = int(max(seconds, 0))
+  return f'{seconds // 3600}h{seconds % 3600 // 60:02d}m' if seconds >= 3600 else \
+      f'{seconds // 60}m{seconds % 60:02d}s'
