@@ -1,5 +1,7 @@
 """FID Inception-v3 in Flax with random weights: shapes, layout, resizing, weights files."""
 import importlib.util
+import os
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -275,6 +277,26 @@ def test_conversion_from_a_pytorch_state_dict(params):
 def test_pth_conversion_without_torch_explains_itself(tmp_path):
   with pytest.raises(ImportError, match='pip install torch'):
     inception.convert_pytorch_fid_weights(str(tmp_path / 'x.pth'), str(tmp_path / 'x.npz'))
+
+
+def test_pth_conversion_refuses_a_torch_that_would_unpickle(tmp_path, monkeypatch):
+  # torch < 1.13 has no weights_only: loading would run arbitrary pickled code. A stand-in
+  # torch module of that kind must be refused before any unrestricted load happens.
+  import types
+  calls = []
+
+  def old_load(path, map_location=None, **kwargs):
+    calls.append(kwargs)
+    if 'weights_only' in kwargs:
+      raise TypeError("load() got an unexpected keyword argument 'weights_only'")
+    raise AssertionError('an unrestricted torch.load must never be called')
+
+  monkeypatch.setitem(sys.modules, 'torch', types.SimpleNamespace(load=old_load,
+                                                                 __version__='1.12.1'))
+  with pytest.raises(ImportError, match='torch 1.12.1 cannot load .* upgrade torch'):
+    inception.convert_pytorch_fid_weights(str(tmp_path / 'x.pth'), str(tmp_path / 'x.npz'))
+  assert calls == [{'weights_only': True}]
+  assert not os.path.exists(tmp_path / 'x.npz')
 
 
 @pytest.mark.slow   # ~10-20 s on 2 CPU cores: two 2048-d eigendecompositions

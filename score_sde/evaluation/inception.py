@@ -430,7 +430,9 @@ def convert_pytorch_fid_weights(pth_path: str, npz_path: str) -> str:
   try:
     state_dict = torch.load(pth_path, map_location='cpu', weights_only=True)
   except TypeError:                      # torch < 1.13 has no weights_only
-    state_dict = torch.load(pth_path, map_location='cpu')
+    raise ImportError(f'torch {torch.__version__} cannot load {pth_path} without unpickling '
+                      f'arbitrary code (torch.load has no weights_only before 1.13); '
+                      f'upgrade torch (`pip install -U torch`) to convert it.') from None
   arrays = convert_torch_state_dict({k: v.detach().cpu().numpy()
                                      for k, v in state_dict.items()})
   params = traverse_util.unflatten_dict(arrays, sep='/')
