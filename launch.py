@@ -32,6 +32,7 @@ a trained --workdir read its stored config when --config is not given, e.g.
 """
 from __future__ import annotations
 
+import errno
 import os
 import sys
 
@@ -99,8 +100,8 @@ FLAGS = flags.FLAGS
 
 def _require_config():
   if FLAGS.config is None:
-    raise app.UsageError('this command needs --config=<config file>, e.g. '
-                         '--config=configs/digits/ddpmpp_continuous.py')
+    raise ValueError('this command needs --config=<config file>, e.g. '
+                     '--config=configs/digits/ddpmpp_continuous.py')
   return FLAGS.config
 
 
@@ -132,7 +133,8 @@ def cmd_noise_scales(argv):
 
 def _require_workdir():
   if FLAGS.workdir is None:
-    raise app.UsageError('this command needs --workdir=<experiment directory>.')
+    raise ValueError('this command needs --workdir=<experiment directory>, e.g. '
+                     '--workdir=runs/digits.')
   return FLAGS.workdir
 
 
@@ -291,6 +293,56 @@ COMMANDS = {
 }
 
 
+# Commands that read a trained score-model workdir (its stored config without --config).
+WORKDIR_COMMANDS = ('sample', 'bpd', 'eval', 'inpaint', 'colorize', 'cond_sample')
+# errno values of a file system that cannot take what a command writes.
+STORAGE_ERRORS = {errno.ENOSPC: 'no space left on device', errno.EDQUOT: 'disk quota exceeded',
+                  errno.EROFS: 'read-only file system', errno.EACCES: 'permission denied'}
+
+
+def _check_trained_workdir(command: str) -> None:
+  """One-line errors for a missing workdir, a folder that is no workdir, a malformed
+  config.json, or a classifier workdir given to a score-model command."""
+  if command not in WORKDIR_COMMANDS:
+    return
+  from score_sde import experiment
+  from score_sde import io
+  workdir = _require_workdir()
+  if not os.path.isdir(workdir):
+    raise FileNotFoundError(f'no workdir at {workdir}; train one first with launch.py train '
+                            f'--config <config file> --workdir {workdir}.')
+  config = FLAGS.config if FLAGS.config is not None else io.read_config_json(workdir)
+  if experiment.is_classifier(config):
+    raise ValueError(f'{workdir} holds a noise-conditional classifier (launch.py '
+                     f'train_classifier), not a score model; {command} needs a score-model '
+                     f'workdir' + (' (the classifier goes in --classifier_workdir).'
+                                   if command == 'cond_sample' else '.'))
+
+
+def _check_names() -> None:
+  """--tag names a folder inside the workdir: a plain name, no path."""
+  tag = FLAGS.tag
+  if tag is not None and (not tag or tag in ('.', '..') or tag.startswith('.')
+                          or any(sep in tag for sep in ('/', '\\', os.sep))):
+    raise ValueError(f'--tag {tag!r} must be a plain folder name (letters, digits, _ - .; no '
+                     f'path separators, not starting with "."): results stay inside the '
+                     f'workdir.')
+
+
+def _storage_error_message(error: OSError) -> str:
+  """'<what> under <path>' and, for a training workdir, the newest intact checkpoint."""
+  path = error.filename or FLAGS.workdir or '.'
+  message = f'{STORAGE_ERRORS[error.errno]} under {path}'
+  checkpoint_dir = os.path.join(FLAGS.workdir or '', 'checkpoints')
+  steps = sorted(int(d) for d in (os.listdir(checkpoint_dir) if FLAGS.workdir and
+                                  os.path.isdir(checkpoint_dir) else []) if d.isdigit())
+  if steps:
+    message += f'; the last checkpoint, step {steps[-1]}, is intact'
+  return message + ('; free some space and run the same command again.'
+                    if error.errno in (errno.ENOSPC, errno.EDQUOT) else
+                    '; choose a --workdir you can write to.')
+
+
 def main(argv):
   if len(argv) < 2 or argv[1] not in COMMANDS:
     given = argv[1] if len(argv) > 1 else '(none)'
@@ -298,16 +350,24 @@ def main(argv):
                          + __doc__)
   if not FLAGS['verbosity'].present:    # library INFO logs (tfds, orbax) only on request
     logging.set_verbosity(logging.WARNING)
-  from score_sde import checkpoints, compile_cache, data, parallel, train
-  compile_cache.enable(FLAGS.compilation_cache)
-  parallel.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes,
-                                  FLAGS.process_id, FLAGS.cpu_collectives)
+  from score_sde import checkpoints, compile_cache, data, locks, parallel, train
   user_errors = (ValueError, FileNotFoundError, data.DatasetNotFoundError,
-                 checkpoints.NoCheckpointError, train.NonFiniteLossError)
+                 checkpoints.NoCheckpointError, train.NonFiniteLossError,
+                 locks.WorkdirLockedError)
   try:
+    _check_names()
+    _check_trained_workdir(argv[1])
+    compile_cache.enable(FLAGS.compilation_cache)
+    parallel.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes,
+                                    FLAGS.process_id, FLAGS.cpu_collectives)
     COMMANDS[argv[1]](argv[2:])
   except user_errors as error:   # a clear message, not a stack trace
     sys.stderr.write(f'error: {error}\n')
+    sys.exit(1)
+  except OSError as error:
+    if error.errno not in STORAGE_ERRORS:
+      raise
+    sys.stderr.write(f'error: {_storage_error_message(error)}\n')
     sys.exit(1)
 
 
@@ -343,6 +403,8 @@ def _with_workdir_config(argv):
     workdir = argv[argv.index('--workdir') + 1]
   if workdir is None or not os.path.exists(os.path.join(workdir, 'config.json')):
     return argv
+  from score_sde import io
+  io.read_config_json(workdir)     # a malformed file stops here, with a one-line message
   here = os.path.dirname(os.path.abspath(__file__))
   config_arg = f'--config={os.path.join(here, "configs", "workdir.py")}:{workdir}'
   return argv[:1] + [config_arg] + argv[1:]   # before any --config.<key> override
@@ -350,7 +412,11 @@ def _with_workdir_config(argv):
 
 def parse_flags(argv):
   """absl flag parsing that names an unknown --config.<key> override."""
-  argv = _with_workdir_config(argv)
+  try:
+    argv = _with_workdir_config(argv)
+  except ValueError as error:
+    sys.stderr.write(f'error: {error}\n')
+    sys.exit(2)
   try:
     return FLAGS(argv)
   except Exception as error:  # absl / ml_collections raise several types
@@ -359,6 +425,8 @@ def parse_flags(argv):
       message = _unknown_override(argv)
     except Exception:  # noqa: BLE001 -- fall back to the original error
       pass
+    if message is None and 'Traceback' in str(error):   # a config file's own error: its last line
+      message = str(error).strip().splitlines()[-1]
     sys.stderr.write(f'error: {message or error}\n')
     sys.exit(2)
 

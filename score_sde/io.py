@@ -197,8 +197,17 @@ def read_config_json(workdir: str) -> ml_collections.ConfigDict:
   if not os.path.exists(path):
     raise FileNotFoundError(f'{workdir} has no config.json: it is not a score_sde '
                             f'workdir (train into it with launch.py train first).')
-  with open(path) as f:
-    return ml_collections.ConfigDict(_tuples(json.load(f)))
+  try:
+    with open(path) as f:
+      stored = json.load(f)
+  except (ValueError, UnicodeDecodeError) as error:
+    raise ValueError(f'{path} is not valid JSON ({error}); it is the stored config of the '
+                     f'run in {workdir}: restore it from a backup, or start a new --workdir.'
+                     ) from None
+  if not isinstance(stored, dict):
+    raise ValueError(f'{path} holds a {type(stored).__name__}, not a config; restore it from '
+                     f'a backup, or start a new --workdir.')
+  return ml_collections.ConfigDict(_tuples(stored))
 
 
 # ----------------------------------------------------------------------------

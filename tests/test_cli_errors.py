@@ -1,0 +1,87 @@
+"""Bad command lines end in one line that names the problem and the fix (launch.py), and
+nothing is written outside the workdir."""
+import os
+import re
+import subprocess
+import sys
+
+
+import configs
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LAUNCH = os.path.join(ROOT, 'launch.py')
+
+
+def _run(*args, code=None):
+  env = dict(os.environ, PYTHONPATH=ROOT, SCORE_SDE_HUGEPAGES='0')
+  command = [sys.executable, '-c', code, *args] if code else [sys.executable, LAUNCH, *args]
+  return subprocess.run(command, env=env, capture_output=True, text=True, cwd=ROOT,
+                        timeout=300)
+
+
+def _one_line_error(out, pattern):
+  assert out.returncode in (1, 2), out
+  lines = out.stderr.strip().splitlines()
+  assert len(lines) == 1, out.stderr[-2000:]
+  assert lines[0].startswith('error: ')
+  assert re.search(pattern, lines[0]), lines[0]
+
+
+def _stored_config(workdir, config_file):
+  os.makedirs(workdir, exist_ok=True)
+  config = configs.load(os.path.join(configs.CONFIG_DIR, *config_file.split('/')))
+  with open(os.path.join(workdir, 'config.json'), 'w') as f:
+    f.write(config.to_json())
+
+
+def test_a_missing_or_foreign_workdir(tmp_path):
+  _one_line_error(_run('sample', f'--workdir={tmp_path / "nope"}'),
+                  r'no workdir at .*nope; train one first with launch.py train')
+  _one_line_error(_run('bpd', f'--workdir={tmp_path}'),
+                  r'has no config.json: it is not a score_sde workdir')
+  _one_line_error(_run('sample'), r'needs --workdir=')
+
+
+def test_a_malformed_config_json(tmp_path):
+  (tmp_path / 'config.json').write_text('{not json')
+  _one_line_error(_run('sample', f'--workdir={tmp_path}'),
+                  r'config.json is not valid JSON .*restore it from a backup')
+
+
+def test_a_classifier_workdir_given_to_a_score_model_command(tmp_path):
+  _stored_config(str(tmp_path), 'digits/wrn_classifier.py')
+  _one_line_error(_run('sample', f'--workdir={tmp_path}'),
+                  r'holds a noise-conditional classifier .* sample needs a score-model workdir')
+
+
+def test_a_tag_cannot_leave_the_workdir(tmp_path):
+  workdir = tmp_path / 'run'
+  _stored_config(str(workdir), 'digits/ddpmpp_continuous.py')
+  for tag in ('../../escape', '/tmp/abs', '..', '.hidden'):
+    _one_line_error(_run('sample', f'--workdir={workdir}', f'--tag={tag}'),
+                    r'must be a plain folder name')
+  assert sorted(os.listdir(tmp_path)) == ['run']
+  assert sorted(os.listdir(workdir)) == ['config.json']
+
+
+_FULL_DISK = """
+import errno, os, sys
+sys.argv = ['launch.py'] + sys.argv[1:]
+import launch
+from absl import app
+
+def full(argv):
+  raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), os.path.join(launch.FLAGS.workdir, 'x'))
+
+launch.COMMANDS['sample'] = full
+app.run(launch.main, flags_parser=launch.parse_flags)
+"""
+
+
+def test_a_full_disk_names_the_place_and_the_intact_checkpoint(tmp_path):
+  _stored_config(str(tmp_path), 'digits/ddpmpp_continuous.py')
+  for step in ('100', '200'):
+    os.makedirs(tmp_path / 'checkpoints' / step)
+  _one_line_error(_run('sample', f'--workdir={tmp_path}', code=_FULL_DISK),
+                  r'no space left on device under .*; the last checkpoint, step 200, is intact; '
+                  r'free some space')
