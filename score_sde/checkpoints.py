@@ -4,29 +4,83 @@ One `CheckpointManager` under <workdir>/checkpoints. A step directory appears
 only once fully written (orbax writes to a temporary directory and renames
 it), so a run killed mid-save leaves at worst a temporary directory that is
 ignored. Steps that are multiples of `keep_period` (the snapshot frequency)
-are kept; of the others only the newest survives (preemption checkpoints).
+are kept, and so are the steps a run was told to preserve (the ones that
+existed when it started: a changed period never deletes them); of the others
+only the newest survives (preemption checkpoints). A newest checkpoint that
+does not restore is moved aside to <workdir>/checkpoints_unreadable/ (never
+deleted or overwritten), so a resumed run can save that step again.
 """
 from __future__ import annotations
 
+import contextlib
+import datetime
 import logging
 import os
 
 import grain
 import orbax.checkpoint as ocp
+from orbax.checkpoint import checkpoint_managers
+
+UNREADABLE_DIR = 'checkpoints_unreadable'
+
+
+@contextlib.contextmanager
+def _quiet_orbax():
+  """Orbax's notices that mean nothing to a user ('Given directory is read only', ...)
+  are absl warnings: held back to errors while a manager is made."""
+  absl_logger = logging.getLogger('absl')
+  level = absl_logger.level
+  absl_logger.setLevel(max(level, logging.ERROR))
+  try:
+    yield
+  finally:
+    absl_logger.setLevel(level)
 
 
 def checkpoint_dir(workdir: str) -> str:
   return os.path.join(os.path.abspath(workdir), 'checkpoints')
 
 
-def make_manager(workdir: str, *, keep_period: int | None = None,
-                 read_only: bool = False) -> ocp.CheckpointManager:
-  """The experiment's checkpoint manager (async saves)."""
+def existing_steps(workdir: str) -> list[int]:
+  """The steps of the finished checkpoints in a workdir, ascending (no manager needed)."""
+  directory = checkpoint_dir(workdir)
+  names = os.listdir(directory) if os.path.isdir(directory) else []
+  return sorted(int(name) for name in names if name.isdigit())
+
+
+def make_manager(workdir: str, *, keep_period: int | None = None, read_only: bool = False,
+                 preserve_steps=()) -> ocp.CheckpointManager:
+  """The experiment's checkpoint manager (async saves).
+
+  Keeps the newest step, every multiple of `keep_period` and every step in
+  `preserve_steps`.
+  """
+  policies = [checkpoint_managers.LatestN(1)]
+  if keep_period:
+    policies.append(checkpoint_managers.EveryNSteps(int(keep_period)))
+  if len(preserve_steps):
+    policies.append(checkpoint_managers.CustomSteps(steps=sorted(int(s) for s in preserve_steps)))
   options = ocp.CheckpointManagerOptions(
-      max_to_keep=1, keep_period=keep_period, create=not read_only, read_only=read_only,
-      cleanup_tmp_directories=not read_only, enable_async_checkpointing=True)
-  return ocp.CheckpointManager(checkpoint_dir(workdir), options=options,
-                               item_names=('state', 'data'))
+      preservation_policy=checkpoint_managers.AnyPreservationPolicy(policies),
+      create=not read_only, read_only=read_only, cleanup_tmp_directories=not read_only,
+      enable_async_checkpointing=True)
+  with _quiet_orbax():
+    return ocp.CheckpointManager(checkpoint_dir(workdir), options=options,
+                                 item_names=('state', 'data'))
+
+
+def _move_aside(manager: ocp.CheckpointManager, step: int) -> str:
+  """Moves an unreadable step's directory to <workdir>/checkpoints_unreadable/ (renamed
+  with the time, never overwritten) and returns its new path."""
+  directory = str(manager.directory)
+  source = os.path.join(directory, str(step))
+  target_dir = os.path.join(os.path.dirname(directory.rstrip('/')), UNREADABLE_DIR)
+  os.makedirs(target_dir, exist_ok=True)
+  stamp = datetime.datetime.now().strftime('%Y%m%d-%H%M%S-%f')
+  target = os.path.join(target_dir, f'{step}_{stamp}')
+  os.replace(source, target)
+  manager.reload()
+  return target
 
 
 def save(manager: ocp.CheckpointManager, step: int, state, data_iterator=None) -> None:
@@ -42,13 +96,15 @@ class NoCheckpointError(FileNotFoundError):
 
 
 def restore(manager: ocp.CheckpointManager, abstract_state, data_iterator=None,
-            step: int | None = None):
+            step: int | None = None, move_unreadable: bool = False):
   """(state, step) from `step` or the newest checkpoint that restores.
 
   A newest checkpoint that fails to restore (corrupt, truncated) is reported
-  and the previous one is tried. `abstract_state` gives shapes, dtypes and
-  shardings (e.g. `jax.eval_shape` of the init function with shardings set).
-  The data iterator, if given, is moved to the saved position in place.
+  and the previous one is tried; with `move_unreadable` (training, process 0)
+  it is first moved aside (`_move_aside`), so the resumed run can write that
+  step again. `abstract_state` gives shapes, dtypes and shardings (e.g.
+  `jax.eval_shape` of the init function with shardings set). The data
+  iterator, if given, is moved to the saved position in place.
   """
   steps = sorted(manager.all_steps(), reverse=True)
   if step is not None:
@@ -64,10 +120,13 @@ def restore(manager: ocp.CheckpointManager, abstract_state, data_iterator=None,
     if data_iterator is not None:
       items['data'] = grain.checkpoint.CheckpointRestore(data_iterator)
     try:
-      restored = manager.restore(candidate, args=ocp.args.Composite(**items))
+      with _quiet_orbax():
+        restored = manager.restore(candidate, args=ocp.args.Composite(**items))
     except Exception as error:  # orbax / tensorstore raise many types for bad files
       message = (f'checkpoint at step {candidate} in {manager.directory} could not be '
                  f'restored ({type(error).__name__}: {str(error).splitlines()[0][:300]})')
+      if move_unreadable:
+        message += f'; moved to {_move_aside(manager, candidate)}'
       logging.warning('%s; trying the previous one.', message)
       print(f'warning: {message}; trying the previous one.', flush=True)
       errors.append(message)
