@@ -3,7 +3,9 @@
   python benchmarks/profile_step.py --config configs/ve/cifar10_ncsnpp_continuous.py \
       --batch 8 --override model.nf=32 --top 15
 
-Compiles exactly the step benchmarks/train.py measures, runs it --steps times
+Compiles exactly the step benchmarks/train.py measures (the launcher's form,
+`train.param_layout`: flat on the CPU backend; `--param_layout tree` for the
+parameter-tree form, reported as `param_layout`), runs it --steps times
 under jax.profiler, and prints JSON: the step's wall time, the time each XLA
 worker thread spent in each kind of op per step (convolution forward / input
 gradient / weight gradient, dot, layout transposes, elementwise fusions by
@@ -81,13 +83,16 @@ def main():
   parser.add_argument('--steps', type=int, default=3)
   parser.add_argument('--top', type=int, default=10)
   parser.add_argument('--override', action='append', default=[])
+  parser.add_argument('--param_layout', choices=('auto', 'tree', 'flat'), default=None,
+                      help="the train step's form (training.param_layout); default: the config's")
   args = parser.parse_args()
 
   sys.path.insert(0, ROOT)
   import jax
   from train import build_train_step   # benchmarks/train.py
 
-  compiled, state, x, mesh, _, _ = build_train_step(args.config, args.batch, args.override)
+  compiled, state, x, mesh, _, _, layout = build_train_step(
+      args.config, args.batch, args.override, param_layout=args.param_layout)
   batch_per_device = args.batch // mesh.devices.size
   instructions, bodies = parse_hlo(compiled.as_text())
   for _ in range(2):
@@ -124,7 +129,7 @@ def main():
                 'source': op_name.split('/', 1)[-1]})
   print(json.dumps({
       'config': os.path.relpath(os.path.abspath(args.config), ROOT),
-      'overrides': args.override, 'batch': args.batch,
+      'overrides': args.override, 'batch': args.batch, 'param_layout': layout,
       'step_s_profiled': round(wall, 4), 'worker_threads': threads,
       'unattributed_thread_ms': round(threads * wall * 1e3 - attributed, 1),
       'thread_ms_per_step_by_kind': {k: round(v, 1) for k, v in by_kind.most_common()},

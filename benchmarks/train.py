@@ -5,22 +5,25 @@
 
 Measures, in one run: the machine's float32 matmul rate (2048^2 jitted matmul),
 then per config the XLA-counted flops of one train step (DSM loss, Adam,
-clipping, EMA: exactly `train.make_train_step` on the flat train state the
-launcher runs), its compile time, the median step time after warm-up,
-steps/s, examples/s, achieved GFLOP/s and its fraction of the measured peak,
-and the peak RSS. `--jitted_steps n` measures n steps
-unrolled into one program instead (`train.make_multi_step`: what the launcher
-compiles for config.training.n_jitted_steps = n with
-training.unroll_jitted_steps); times and flops are then per step, compile
-time for the whole program. Each device count runs in a fresh
-process (XLA_FLAGS must be set before JAX starts); the global batch is split
-over the simulated devices. The workers apply score_sde's XLA:CPU flags before
-JAX starts, as launch.py does (score_sde/cpu/xla_flags.py; reported as
-`xla_flags`), and the step with the per-program options the launcher gives it
-(`step_compiler_options`); SCORE_SDE_XLA_DEFAULTS=0 measures without either. Like launch.py,
-the workers start with glibc's huge-page tunable where it helps
-(score_sde/cpu/hugepages.py; reported as `glibc_tunables`, with the page faults
-per step); SCORE_SDE_HUGEPAGES=0 measures without it.
+clipping, EMA: exactly `train.make_train_step` in the form the launcher runs,
+`train.param_layout`, reported as `param_layout`: flat parameter vectors on
+the CPU backend; `--param_layout tree` measures the parameter-tree form), its
+compile time, the median step time after warm-up, steps/s, examples/s,
+achieved GFLOP/s and its fraction of the measured peak, and the peak RSS.
+`--jitted_steps n` measures n steps unrolled into one program instead
+(`train.make_multi_step`: what the launcher compiles for
+config.training.n_jitted_steps = n with training.unroll_jitted_steps); times
+and flops are then per step, compile time for the whole program. Each device
+count runs in a fresh process (XLA_FLAGS must be set before JAX starts); the
+global batch is split over the simulated devices. The workers apply
+score_sde's XLA:CPU flags before JAX starts, as launch.py does
+(score_sde/cpu/xla_flags.py; reported as `xla_flags`), and compile the flat
+step with the per-program options the launcher gives it
+(`step_compiler_options`; the tree form is plain jax.jit: {});
+SCORE_SDE_XLA_DEFAULTS=0 measures without either. Like launch.py, the workers
+start with glibc's huge-page tunable where it helps (score_sde/cpu/hugepages.py;
+reported as `glibc_tunables`, with the page faults per step);
+SCORE_SDE_HUGEPAGES=0 measures without it.
 """
 from __future__ import annotations
 
@@ -64,16 +67,22 @@ def _apply_overrides(config, overrides):
       node[last] = value
 
 
-def build_train_step(config_path: str, batch: int, overrides, jitted_steps: int = 1):
-  """(compiled train step, its state, its input, mesh, compile seconds, compiler options).
+def build_train_step(config_path: str, batch: int, overrides, jitted_steps: int = 1,
+                     param_layout: str | None = None):
+  """(compiled train step, its state, its input, mesh, compile seconds, compiler options,
+  the step's form 'flat' or 'tree').
 
-  Compiled as the launcher compiles it (`xla_cpu.compile_step`); the compile
-  seconds are lowering plus compiling, and the options those it compiled with.
+  Compiled as the launcher compiles it: the flat form by `xla_cpu.compile_step`
+  (as `xla_flags.jit_step` in the loop), the tree form by plain jax.jit; the
+  compile seconds are lowering plus compiling, and the options those it
+  compiled with.
 
   The step is exactly `train.make_train_step` with the config's loss and
-  optimiser on `train.FlatTrainState`, its state replicated and the batch
-  split over the mesh. With jitted_steps n > 1 it is the launcher's
-  `train.make_multi_step` of n steps, and the input is n batches [n, B, ...].
+  optimiser on the state of `train.param_layout(config)` (param_layout, when
+  given, overrides config.training.param_layout): `flat_state.FlatTrainState`
+  or `experiment.TrainState`, replicated, with the batch split over the mesh.
+  With jitted_steps n > 1 it is the launcher's `train.make_multi_step` of n
+  steps, and the input is n batches [n, B, ...].
   """
   import jax
   import numpy as np
@@ -81,12 +90,16 @@ def build_train_step(config_path: str, batch: int, overrides, jitted_steps: int 
   import configs
   from score_sde import experiment as experiment_lib
   from score_sde import losses, parallel, train
+  from score_sde.cpu import flat_state
   from score_sde.cpu import xla_flags as xla_cpu
   from score_sde.models import utils as model_utils
 
   config = configs.load(config_path)
   _apply_overrides(config, overrides)
   config.training.batch_size = batch
+  if param_layout is not None:
+    config.training.param_layout = param_layout
+  layout = train.param_layout(config)
   mesh = parallel.make_mesh()
   experiment = experiment_lib.build_experiment(config)
   optimizer, schedule = experiment_lib.get_optimizer(config)
@@ -96,7 +109,9 @@ def build_train_step(config_path: str, batch: int, overrides, jitted_steps: int 
                                   ema_rate=float(config.model.ema_rate))
   replicated = parallel.replicated(mesh)
   _, init = experiment_lib.abstract_train_state(experiment, optimizer, mesh)
-  state = jax.jit(lambda key: train.flatten_state(init(key), optimizer),   # as the loop runs
+  to_form = ((lambda tree: flat_state.flatten_state(tree, optimizer)) if layout == 'flat'
+             else (lambda tree: tree))
+  state = jax.jit(lambda key: to_form(init(key)),            # as the loop runs
                   out_shardings=replicated)(jax.random.PRNGKey(0))
   shape = model_utils.input_shape(config, batch)
   x = np.random.default_rng(0).uniform(-1, 1, shape).astype(np.float32)
@@ -109,16 +124,20 @@ def build_train_step(config_path: str, batch: int, overrides, jitted_steps: int 
   jitted = jax.jit(step_fn, in_shardings=(replicated, x_sharding),
                    out_shardings=(replicated, replicated), donate_argnums=(0,))
   t = time.perf_counter()
-  compiled, options = xla_cpu.compile_step(jitted, state, x)   # as xla_cpu.jit_step in the loop
-  return compiled, state, x, mesh, time.perf_counter() - t, options
+  if layout == 'flat':                 # as xla_cpu.jit_step in the loop (train.step_jit)
+    compiled, options = xla_cpu.compile_step(jitted, state, x)
+  else:                                # plain jax.jit
+    compiled, options = jitted.lower(state, x).compile(), {}
+  return compiled, state, x, mesh, time.perf_counter() - t, options, layout
 
 
-def measure(config_path: str, batch: int, steps: int, overrides, jitted_steps: int = 1) -> dict:
+def measure(config_path: str, batch: int, steps: int, overrides, jitted_steps: int = 1,
+            param_layout: str | None = None) -> dict:
   """Per-step figures; with jitted_steps n, each call runs n steps and is divided by n."""
   import jax
   import numpy as np
-  compiled, state, x, mesh, compile_s, options = build_train_step(config_path, batch,
-                                                                  overrides, jitted_steps)
+  compiled, state, x, mesh, compile_s, options, layout = build_train_step(
+      config_path, batch, overrides, jitted_steps, param_layout)
   from score_sde.models import utils as model_utils
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
@@ -138,7 +157,7 @@ def measure(config_path: str, batch: int, steps: int, overrides, jitted_steps: i
   median = float(np.median(times))
   return {
       'config': os.path.relpath(config_path, ROOT), 'overrides': list(overrides),
-      'params': model_utils.param_count(state.params), 'batch': batch,
+      'params': model_utils.param_count(state.params), 'batch': batch, 'param_layout': layout,
       'devices': mesh.devices.size, 'jitted_steps': jitted_steps, 'gflop_per_step': flops / 1e9,
       'compile_s': round(compile_s, 3), 'step_s_median': median,
       'steps_per_s': 1.0 / median, 'examples_per_s': batch / median,
@@ -162,6 +181,9 @@ def main():
   parser.add_argument('--devices', type=int, action='append')
   parser.add_argument('--override', action='append', default=[],
                       help='key=value applied to every config, e.g. model.nf=32')
+  parser.add_argument('--param_layout', choices=('auto', 'tree', 'flat'), default=None,
+                      help="the train step's form (training.param_layout); default: the "
+                           "config's ('auto': flat on the CPU backend, as the launcher runs)")
   parser.add_argument('--_worker', nargs=2, help=argparse.SUPPRESS)
   args = parser.parse_args()
 
@@ -171,7 +193,8 @@ def main():
     xla_flags.apply_default_flags()    # before JAX starts, as launch.py does
     peak = float(args._worker[1])
     for path in args.config:
-      result = measure(path, args.batch, args.steps, args.override, args.jitted_steps)
+      result = measure(path, args.batch, args.steps, args.override, args.jitted_steps,
+                       args.param_layout)
       result['machine_peak_gflops'] = peak
       result['fraction_of_peak'] = result['achieved_gflops'] / peak
       print(json.dumps(result), flush=True)
@@ -192,6 +215,8 @@ def main():
       cmd += ['--config', path]
     for item in args.override:
       cmd += ['--override', item]
+    if args.param_layout:
+      cmd += ['--param_layout', args.param_layout]
     subprocess.run(cmd, env=env, check=True)
 
 

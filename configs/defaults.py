@@ -28,6 +28,11 @@ def base() -> ml_collections.ConfigDict:
   training.reduce_mean = False
   training.n_jitted_steps = 5           # steps per host call (metrics fetched once per call)
   training.unroll_jitted_steps = False  # (ours) compile the n steps as one unrolled program
+  # (ours) the train step's state: 'tree' (parameter trees, plain jax.jit: GPU / TPU),
+  # 'flat' (flat parameter vectors + XLA:CPU options: compiles faster on the CPU), or
+  # 'auto' (flat on the CPU backend, tree elsewhere). Same maths, equal to round-off,
+  # so a resumed run may change it.
+  training.param_layout = 'auto'
   training.loss = 'auto'                # (ours) auto | dsm | smld | ddpm | hybrid
   training.hybrid_lambda = 0.001        # (ours) weight of L_vlb in the hybrid loss
   training.ema_warmup = False           # (ours) EMA rate min(ema_rate, (1+step)/(10+step))

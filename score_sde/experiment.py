@@ -82,9 +82,11 @@ def init_train_state(key, *, model, config, optimizer) -> TrainState:
 
 
 # Keys a resumed run may change (schedules of the loop, not the maths; with
-# unroll_jitted_steps changed, the steps agree to round-off, not bitwise).
+# unroll_jitted_steps or param_layout changed, the steps agree to round-off,
+# not bitwise). Checkpoints hold parameter trees whichever form the train step
+# took (train.param_layout), so a run may resume in the other form.
 RESUMABLE_CHANGES = ('training.n_iters', 'training.log_freq', 'training.eval_freq',
-                     'training.unroll_jitted_steps',
+                     'training.unroll_jitted_steps', 'training.param_layout',
                      'training.snapshot_freq', 'training.snapshot_freq_for_preemption',
                      'training.snapshot_sampling', 'eval.', 'sampling.', 'data.data_dir')
 

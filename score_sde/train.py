@@ -1,24 +1,32 @@
-"""Training: the train state, pure train / eval steps, and the training loop.
+"""Training: pure train / eval steps and the training loop, readable in one sitting.
 
 `train_step(state, batch) -> (state, metrics)` is pure and jitted once, with
 the state replicated and the batch sharded over the mesh's 'data' axis (one
 SPMD program from 1 CPU to a pod; the mean over a sharded batch already
-averages across devices). Randomness: the root key in the state is folded with
-the step inside the step, so a resumed run draws exactly the same noise.
+averages across devices), and the state donated. Randomness: the root key in
+the state is folded with the step inside the step, so a resumed run draws
+exactly the same noise.
 
-Two forms of the state: `TrainState` (score_sde/experiment.py) holds parameter trees (checkpoints, jobs,
-the public API); the loop runs on `FlatTrainState`, whose parameters, Adam
-moments and EMA are flat vectors (score_sde/flat_params.py says why: the step
-compiles ~30 % faster). `flatten_state` / `unflatten_state` convert exactly.
+The step takes one of two forms of the state, with the same maths
+(config.training.param_layout; 'auto' picks flat on the CPU backend, tree
+elsewhere):
+  tree  `experiment.TrainState` with parameter trees, compiled with plain
+        `jax.jit`: the big_vision step, for GPU / TPU (leaves may differ in
+        dtype; per-parameter sharding and tree-aware optax stay possible).
+  flat  `cpu.flat_state.FlatTrainState`: params, Adam's moments and EMA as
+        flat vectors, compiled with XLA:CPU's per-program options
+        (`cpu.xla_flags.jit_step`); the step compiles ~30 % faster on XLA:CPU
+        (cpu/flat_params.py says why).
+Checkpoints, snapshot samples, the final evaluation and the returned state
+hold trees either way, so a run may change form when it resumes.
 """
 from __future__ import annotations
 
 import functools
 import os
 import time
-from typing import Any, Callable
+from typing import Callable
 
-import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -31,65 +39,13 @@ from score_sde import io
 from score_sde import jobs
 from score_sde import losses
 from score_sde import parallel
-from score_sde.cpu import flat_params
+from score_sde.cpu import flat_state
 from score_sde.cpu import xla_flags
 from score_sde.jobs import sample as sample_job_lib
 from score_sde.models import utils as model_utils
 
 LOSS_EPS = 1e-5  # smallest training time of the continuous loss (the reference's)
-
-
-@flax.struct.dataclass
-class FlatTrainState:
-  """The train loop's state: TrainState with params, EMA and the optimiser's
-  parameter-shaped fields (Adam's moments) as flat vectors [P] in `layout`.
-
-  `offsets` are the layout's leaf offsets as int32 scalars: program inputs,
-  so that XLA compiles the kernels that read a parameter once per shape
-  (flat_params.FlatLayout.unravel).
-  """
-  step: jax.Array
-  params: jax.Array
-  opt_state: Any
-  ema_params: jax.Array
-  key: jax.Array
-  offsets: tuple
-  layout: flat_params.FlatLayout = flax.struct.field(pytree_node=False)
-
-  def unravel(self, flat: jax.Array):
-    """A flat vector of this state (params, EMA, a moment) as a parameter tree."""
-    return self.layout.unravel(flat, self.offsets)
-
-
-def _flat_fields(optimizer, layout: flat_params.FlatLayout):
-  """The optimiser state's structure with True at parameter-shaped fields (e.g. Adam's moments).
-
-  A field is parameter-shaped when its shape follows the number of
-  parameters: [P] for P parameters and [P + 1] for P + 1.
-  """
-  def init_shapes(size):
-    return jax.eval_shape(optimizer.init, jax.ShapeDtypeStruct((size,), layout.dtype))
-  return jax.tree.map(lambda a, b: a.shape == (layout.size,) and b.shape == (layout.size + 1,),
-                      init_shapes(layout.size), init_shapes(layout.size + 1))
-
-
-def flatten_state(state: experiment_lib.TrainState, optimizer) -> FlatTrainState:
-  """TrainState -> FlatTrainState (an exact copy; jit it with the state's shardings)."""
-  layout = flat_params.FlatLayout.of(state.params)
-  opt_state = jax.tree.map(lambda flat, sub: layout.ravel(sub) if flat else sub,
-                           _flat_fields(optimizer, layout), state.opt_state)
-  return FlatTrainState(step=state.step, params=layout.ravel(state.params),
-                        opt_state=opt_state, ema_params=layout.ravel(state.ema_params),
-                        key=state.key, offsets=layout.offsets(), layout=layout)
-
-
-def unflatten_state(state: FlatTrainState, optimizer) -> experiment_lib.TrainState:
-  """FlatTrainState -> TrainState (an exact copy; what checkpoints and jobs hold)."""
-  opt_state = jax.tree.map(lambda flat, x: state.unravel(x) if flat else x,
-                           _flat_fields(optimizer, state.layout), state.opt_state)
-  return experiment_lib.TrainState(step=state.step, params=state.unravel(state.params),
-                                   opt_state=opt_state,
-                                   ema_params=state.unravel(state.ema_params), key=state.key)
+PARAM_LAYOUTS = ('auto', 'tree', 'flat')   # config.training.param_layout
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -114,26 +70,66 @@ def ema_decay(step, ema_rate: float, warmup: bool):
 
 
 # ----------------------------------------------------------------------------
+# The step's form: parameter trees, or flat vectors on XLA:CPU
+# ----------------------------------------------------------------------------
+
+
+def param_layout(config) -> str:
+  """'tree' or 'flat': config.training.param_layout, 'auto' resolved by JAX's backend.
+
+  'auto' (the default) is 'flat' on the CPU backend (`jax.default_backend()`)
+  and 'tree' on GPU / TPU.
+  """
+  layout = str(config.training.get('param_layout', 'auto')).lower()
+  if layout not in PARAM_LAYOUTS:
+    raise ValueError(f'unknown config.training.param_layout {layout!r}; valid: '
+                     f'{list(PARAM_LAYOUTS)}.')
+  if layout == 'auto':
+    return 'flat' if jax.default_backend() == 'cpu' else 'tree'
+  return layout
+
+
+def step_jit(layout: str) -> Callable:
+  """How a step of `layout` is compiled: `xla_flags.jit_step` (XLA:CPU's
+  per-program options) for 'flat', plain `jax.jit` for 'tree'. Same arguments."""
+  if layout not in ('tree', 'flat'):
+    raise ValueError(f"layout must be 'tree' or 'flat' (see param_layout); got {layout!r}.")
+  return xla_flags.jit_step if layout == 'flat' else jax.jit
+
+
+def _tree_of(state) -> Callable:
+  """params as the state stores them -> parameter tree: unravel for a FlatTrainState."""
+  if isinstance(state, flat_state.FlatTrainState):
+    return state.unravel
+  return lambda params: params
+
+
+# ----------------------------------------------------------------------------
 # Pure steps
 # ----------------------------------------------------------------------------
 
 
 def make_train_step(loss_fn, optimizer, schedule, *, ema_rate: float,
                     ema_warmup: bool = False) -> Callable:
-  """train_step(FlatTrainState, batch [B, ...]) -> (state, metrics) for one optimiser step.
+  """train_step(state, batch [B, ...]) -> (state, metrics) for one optimiser step.
 
-  `loss_fn(params tree, key, batch)`; the gradient, clipping, Adam and EMA
-  act on the flat vectors (`flatten_state` makes the state).
+  `state` is a TrainState (parameter trees) or a FlatTrainState (flat vectors
+  [P], `flat_state.flatten_state`); `loss_fn(params tree, key, batch)` sees a
+  tree either way. The gradient, clipping, Adam and EMA act on the params as
+  the state stores them: the same maths, equal to round-off (the flat form
+  sums the gradient norm in another order).
   """
 
-  def train_step(state: FlatTrainState, batch):
+  def train_step(state, batch):
+    tree_of = _tree_of(state)
     key = jax.random.fold_in(state.key, state.step)
     loss, grads = jax.value_and_grad(
-        lambda flat: loss_fn(state.unravel(flat), key, batch))(state.params)
+        lambda params: loss_fn(tree_of(params), key, batch))(state.params)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     decay = ema_decay(state.step, ema_rate, ema_warmup)
-    ema_params = decay * state.ema_params + (1.0 - decay) * params
+    ema_params = jax.tree.map(lambda ema, p: decay * ema + (1.0 - decay) * p,
+                              state.ema_params, params)
     metrics = {'loss': loss, 'grad_norm': optax.global_norm(grads),
                'learning_rate': schedule(state.step)}
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state,
@@ -164,7 +160,23 @@ def make_multi_step(train_step, n: int) -> Callable:
   return steps
 
 
-def make_train_calls(train_step, mesh, n: int, *, unroll: bool = False) -> Callable:
+def make_eval_step(eval_loss_fn) -> Callable:
+  """eval_step(state, batch) -> loss of the EMA parameters (no dropout); either form."""
+
+  def eval_step(state, batch):
+    key = jax.random.fold_in(jax.random.fold_in(state.key, 1 << 30), state.step)
+    return eval_loss_fn(_tree_of(state)(state.ema_params), key, batch)
+
+  return eval_step
+
+
+# ----------------------------------------------------------------------------
+# Compiled steps
+# ----------------------------------------------------------------------------
+
+
+def make_train_calls(train_step, mesh, n: int, *, layout: str,
+                     unroll: bool = False) -> Callable:
   """calls(state, local batches (an iterable of n)) -> (state, metrics [n] on the host).
 
   The n steps run between two host round trips (config.training.n_jitted_steps).
@@ -174,15 +186,16 @@ def make_train_calls(train_step, mesh, n: int, *, unroll: bool = False) -> Calla
   longer (paper NCSN++, n 5: 327 s instead of 30 s on 2 CPU cores, and 4.0
   instead of 3.6 s per step in one run) but made a small NCSN++ step faster
   (n 2: 0.162 instead of 0.185 s, one run each). Both give the same result to
-  round-off. The step is compiled at its first call by `xla_flags.jit_step`
-  (with the XLA:CPU options that compile it faster).
+  round-off. The state is replicated and donated, the batch sharded on
+  'data'; `layout` ('tree' or 'flat', the state's form) picks the compiler
+  (`step_jit`).
   """
+  jit = step_jit(layout)
   replicated = parallel.replicated(mesh)
   if unroll:
-    p_steps = xla_flags.jit_step(
-        make_multi_step(train_step, n),
-        in_shardings=(replicated, parallel.batch_sharding(mesh, batch_axis=1)),
-        out_shardings=(replicated, replicated), donate_argnums=(0,))
+    p_steps = jit(make_multi_step(train_step, n),
+                  in_shardings=(replicated, parallel.batch_sharding(mesh, batch_axis=1)),
+                  out_shardings=(replicated, replicated), donate_argnums=(0,))
 
     def unrolled_calls(state, local_batches):
       stacked = jax.tree.map(lambda *rows: np.stack(rows), *local_batches)
@@ -190,9 +203,8 @@ def make_train_calls(train_step, mesh, n: int, *, unroll: bool = False) -> Calla
       return state, jax.device_get(metrics)
     return unrolled_calls
 
-  p_step = xla_flags.jit_step(train_step,
-                            in_shardings=(replicated, parallel.batch_sharding(mesh)),
-                            out_shardings=(replicated, replicated), donate_argnums=(0,))
+  p_step = jit(train_step, in_shardings=(replicated, parallel.batch_sharding(mesh)),
+               out_shardings=(replicated, replicated), donate_argnums=(0,))
 
   def step_calls(state, local_batches):
     per_step = []
@@ -203,34 +215,16 @@ def make_train_calls(train_step, mesh, n: int, *, unroll: bool = False) -> Calla
   return step_calls
 
 
-def make_eval_step(eval_loss_fn) -> Callable:
-  """eval_step(FlatTrainState, batch) -> loss of the EMA parameters (no dropout)."""
-
-  def eval_step(state: FlatTrainState, batch):
-    key = jax.random.fold_in(jax.random.fold_in(state.key, 1 << 30), state.step)
-    return eval_loss_fn(state.unravel(state.ema_params), key, batch)
-
-  return eval_step
-
-
-# ----------------------------------------------------------------------------
-# Configs and workdirs
-# ----------------------------------------------------------------------------
-
-
-# ----------------------------------------------------------------------------
-# Metrics
-# ----------------------------------------------------------------------------
+def make_eval_call(eval_step, mesh, *, layout: str) -> Callable:
+  """eval_step compiled for `layout` (`step_jit`): state replicated, batch sharded, no donation."""
+  replicated = parallel.replicated(mesh)
+  return step_jit(layout)(eval_step, in_shardings=(replicated, parallel.batch_sharding(mesh)),
+                          out_shardings=replicated)
 
 
 def _crossed(previous: int, current: int, every: int) -> bool:
   """Whether a multiple of `every` lies in (previous, current]."""
   return every > 0 and current // every > previous // every
-
-
-# ----------------------------------------------------------------------------
-# The experiment: everything built from a config
-# ----------------------------------------------------------------------------
 
 
 # ----------------------------------------------------------------------------
@@ -271,6 +265,7 @@ def train_and_evaluate(config, workdir: str, *,
   process_count, process_index = jax.process_count(), jax.process_index()
   is_main = process_index == 0
   classifier = experiment_lib.is_classifier(config)
+  layout = param_layout(config)           # 'flat' on the CPU backend by default
 
   # ---- input ---------------------------------------------------------------
   train_iter = data_lib.train_iterator(
@@ -302,23 +297,26 @@ def train_and_evaluate(config, workdir: str, *,
     print(f'{config.model.name} on {config.data.dataset}: '
           f'{model_utils.param_count(state.params):,} parameters, '
           f'{mesh.devices.size} device(s) in {process_count} process(es), '
-          f'global batch {global_batch}.', flush=True)
+          f'global batch {global_batch}, parameter layout {layout}.', flush=True)
 
-  # The loop runs on the flat form; checkpoints, snapshots and the result are trees.
-  to_tree = jax.jit(functools.partial(unflatten_state, optimizer=optimizer),
-                    out_shardings=replicated)
-  state = jax.jit(functools.partial(flatten_state, optimizer=optimizer),
-                  out_shardings=replicated)(state)
+  # ---- the step's form ------------------------------------------------------
+  # Checkpoints, snapshots and the result are trees; `to_tree` makes one from
+  # the loop's state (a copy either way: the next step donates that state).
+  if layout == 'flat':
+    to_tree = jax.jit(functools.partial(flat_state.unflatten_state, optimizer=optimizer),
+                      out_shardings=replicated)
+    state = jax.jit(functools.partial(flat_state.flatten_state, optimizer=optimizer),
+                    out_shardings=replicated)(state)
+  else:
+    to_tree = jax.jit(lambda tree: jax.tree.map(jnp.copy, tree), out_shardings=replicated)
 
   # ---- compiled steps ------------------------------------------------------
   train_step = make_train_step(loss_fn, optimizer, schedule,
                                ema_rate=float(config.model.ema_rate),
                                ema_warmup=bool(training.get('ema_warmup', False)))
-  p_train = make_train_calls(train_step, mesh, n_jit,
+  p_train = make_train_calls(train_step, mesh, n_jit, layout=layout,
                              unroll=bool(training.get('unroll_jitted_steps', False)))
-  p_eval = xla_flags.jit_step(make_eval_step(eval_loss_fn),
-                            in_shardings=(replicated, parallel.batch_sharding(mesh)),
-                            out_shardings=replicated)
+  p_eval = make_eval_call(make_eval_step(eval_loss_fn), mesh, layout=layout)
   snapshot_sampler = None
 
   # ---- loop ----------------------------------------------------------------
@@ -364,7 +362,7 @@ def train_and_evaluate(config, workdir: str, *,
 
       if (_crossed(previous, step, training.snapshot_freq_for_preemption)
           or _crossed(previous, step, training.snapshot_freq) or step >= n_iters):
-        tree_state = to_tree(state)     # a copy: the next step donates the flat state
+        tree_state = to_tree(state)     # a copy: the next step donates `state`
         checkpoints.save(manager, step, tree_state, train_iter)
         if (training.snapshot_sampling and not classifier
             and _crossed(previous, step, training.snapshot_freq)):

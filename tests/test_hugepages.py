@@ -1,4 +1,5 @@
-"""Huge pages for XLA:CPU buffers: the environment it sets, the restart, and its effect."""
+"""Huge pages for XLA:CPU buffers: the environment it sets, the restart (skipped when JAX would
+not run on the CPU), and its effect."""
 import os
 import subprocess
 import sys
@@ -60,10 +61,13 @@ print('running', os.getpid(), os.environ.get('GLIBC_TUNABLES'), sys.flags.utf8_m
 
 
 def _probe_lines(**extra_env):
+  """The probe's lines, split; JAX_PLATFORMS is cpu unless `extra_env` sets it (None: unset)."""
   env = {k: v for k, v in os.environ.items()        # (buffered stdout: no PYTHONUNBUFFERED)
          if k not in ('GLIBC_TUNABLES', hugepages.OPT_OUT, hugepages.RESTARTED,
                       'PYTHONUNBUFFERED')}
+  env['JAX_PLATFORMS'] = 'cpu'
   env.update(extra_env)
+  env = {k: v for k, v in env.items() if v is not None}
   out = subprocess.run([sys.executable, '-X', 'utf8', '-c', _PROBE.format(root=ROOT)],
                        env=env, capture_output=True, text=True, check=True).stdout
   return [line.split() for line in out.splitlines()]
@@ -82,6 +86,32 @@ def test_reexec_restarts_once_with_the_tunable_same_process_and_options():
                                        {'SCORE_SDE_HUGEPAGES_RESTARTED': '1'}])
 def test_no_restart_when_opted_out_or_already_restarted(extra_env):
   assert [line[0] for line in _probe_lines(**extra_env)] == ['started', 'running']
+
+
+def _fake_accelerator_plugin(tmp_path) -> str:
+  """A folder for PYTHONPATH holding a `jax_plugins` module, as a GPU plugin installs one."""
+  plugin = tmp_path / 'site' / 'jax_plugins' / 'xla_cuda_fake'
+  plugin.mkdir(parents=True)
+  (plugin / '__init__.py').write_text('raise ImportError("a stand-in, never imported")\n')
+  return str(tmp_path / 'site')
+
+
+@pytest.mark.parametrize('platforms', ['cuda', 'tpu', 'cpu,cuda'])
+def test_no_restart_when_jax_would_not_run_on_the_cpu(platforms):
+  """The tunable is for XLA:CPU's buffers: pointless, so skipped, on GPU / TPU."""
+  lines = _probe_lines(JAX_PLATFORMS=platforms)
+  assert [line[0] for line in lines] == ['started', 'running']
+  assert lines[1][2] == 'None'
+
+
+def test_no_restart_with_an_accelerator_plugin_unless_jax_platforms_is_cpu(tmp_path):
+  site = _fake_accelerator_plugin(tmp_path)
+  lines = _probe_lines(PYTHONPATH=site, JAX_PLATFORMS=None)
+  assert [line[0] for line in lines] == ['started', 'running']
+  # JAX_PLATFORMS=cpu keeps JAX on the CPU despite the plugin: the restart happens.
+  lines = _probe_lines(PYTHONPATH=site, JAX_PLATFORMS='cpu')
+  assert [line[0] for line in lines] == ['started', 'started', 'running']
+  assert lines[2][2] == 'glibc.malloc.hugetlb=1'
 
 
 _FAULTS = """

@@ -1,4 +1,5 @@
-"""Training: sharding equivalence, multi-process, exact resume, checkpoint fallback, NaN guard."""
+"""Training: the tree and flat forms of the step, sharding equivalence, multi-process, exact
+resume, checkpoint fallback, NaN guard."""
 import json
 import os
 import re
@@ -19,6 +20,8 @@ from score_sde import data as data_lib
 from score_sde import losses
 from score_sde import parallel
 from score_sde import train
+from score_sde.cpu import flat_state
+from score_sde.cpu import xla_flags
 from score_sde.models import utils as model_utils
 from score_sde import experiment as experiment_lib
 from score_sde.jobs import sample as sample_job_lib
@@ -79,7 +82,7 @@ def _steps_on(devices, config, batches):
   step = train.make_train_step(loss_fn, optimizer, schedule, ema_rate=0.99)
   _, init = experiment_lib.abstract_train_state(experiment, optimizer, mesh)
   replicated = parallel.replicated(mesh)
-  state = jax.jit(lambda key: train.flatten_state(init(key), optimizer),
+  state = jax.jit(lambda key: flat_state.flatten_state(init(key), optimizer),
                   out_shardings=replicated)(jax.random.PRNGKey(0))
   p_step = jax.jit(step, in_shardings=(replicated, parallel.batch_sharding(mesh)),
                    out_shardings=(replicated, replicated))
@@ -104,8 +107,9 @@ def test_train_step_on_one_and_four_devices_agree():
 
 @pytest.mark.parametrize('grad_clip, weight_decay', [(0.05, 0.0), (-1.0, 0.01)],
                          ids=['adam-clipped', 'adamw-unclipped'])
-def test_flat_train_step_matches_a_step_on_parameter_trees(grad_clip, weight_decay):
-  """The loop's flat state: exact round trip, and the same maths as an update leaf by leaf."""
+def test_both_forms_of_the_step_are_a_plain_step_on_parameter_trees(grad_clip, weight_decay):
+  """The tree form is the plain step, bit for bit; the flat state is an exact round trip and
+  its steps agree with the plain step to round-off."""
   config = small_toy_config(2)
   config.optim.grad_clip = grad_clip           # 0.05: small enough that clipping acts
   config.optim.weight_decay = weight_decay
@@ -118,31 +122,38 @@ def test_flat_train_step_matches_a_step_on_parameter_trees(grad_clip, weight_dec
   tree_state = tree_state.replace(opt_state=jax.tree.map(          # non-zero mu and nu >= 0
       lambda x: 0.01 * jnp.abs(jax.random.normal(next(moments), x.shape))
       if x.dtype == jnp.float32 and x.ndim else x, tree_state.opt_state))
-  flat = jax.jit(lambda s: train.flatten_state(s, optimizer))(tree_state)
+  flat = jax.jit(lambda s: flat_state.flatten_state(s, optimizer))(tree_state)
   assert flat.params.shape == (flat.layout.size,)
   assert flat.layout.size == model_utils.param_count(tree_state.params)
-  _assert_trees_equal(jax.jit(lambda s: train.unflatten_state(s, optimizer))(flat), tree_state)
+  unflatten = jax.jit(lambda s: flat_state.unflatten_state(s, optimizer))
+  _assert_trees_equal(unflatten(flat), tree_state)
 
-  def tree_step(state, batch):                 # the step as written before flat_params
+  def plain_step(state, batch):                # big_vision's step, written out
     key = jax.random.fold_in(state.key, state.step)
     loss, grads = jax.value_and_grad(loss_fn)(state.params, key, batch)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    ema = jax.tree.map(lambda e, p: 0.99 * e + 0.01 * p, state.ema_params, params)
+    decay = jnp.float32(0.99)
+    ema = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, state.ema_params, params)
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state,
                          ema_params=ema), {'loss': loss, 'grad_norm': optax.global_norm(grads)}
 
-  flat_step = jax.jit(train.make_train_step(loss_fn, optimizer, schedule, ema_rate=0.99))
+  step = jax.jit(train.make_train_step(loss_fn, optimizer, schedule, ema_rate=0.99))
+  reference = tree_state
   it = data_lib.train_iterator(config, global_batch_size=8, seed=0)
   for _ in range(3):
     batch = next(it)
-    tree_state, tree_metrics = jax.jit(tree_step)(tree_state, batch)
-    flat, flat_metrics = flat_step(flat, batch)
-    assert grad_clip < 0 or float(tree_metrics['grad_norm']) > grad_clip
-    np.testing.assert_allclose(flat_metrics['loss'], tree_metrics['loss'], rtol=1e-6)
-    np.testing.assert_allclose(flat_metrics['grad_norm'], tree_metrics['grad_norm'], rtol=1e-5)
-  _assert_trees_equal(jax.jit(lambda s: train.unflatten_state(s, optimizer))(flat), tree_state,
-                      exact=False)
+    reference, ref_metrics = jax.jit(plain_step)(reference, batch)
+    tree_state, tree_metrics = step(tree_state, batch)
+    flat, flat_metrics = step(flat, batch)
+    assert grad_clip < 0 or float(ref_metrics['grad_norm']) > grad_clip
+    for name in ('loss', 'grad_norm'):
+      np.testing.assert_array_equal(tree_metrics[name], ref_metrics[name])
+    np.testing.assert_allclose(flat_metrics['loss'], ref_metrics['loss'], rtol=1e-6)
+    np.testing.assert_allclose(flat_metrics['grad_norm'], ref_metrics['grad_norm'], rtol=1e-5)
+  assert isinstance(tree_state, experiment_lib.TrainState)
+  _assert_trees_equal(tree_state, reference)
+  _assert_trees_equal(unflatten(flat), reference, exact=False)
 
 
 def test_train_step_reads_parameters_at_runtime_offsets():
@@ -152,7 +163,7 @@ def test_train_step_reads_parameters_at_runtime_offsets():
   optimizer, schedule = experiment_lib.get_optimizer(config)
   loss_fn = losses.get_loss_fn(config, experiment.sde, experiment.model_fn)
   _, init = experiment_lib.abstract_train_state(experiment, optimizer, parallel.make_mesh())
-  state = jax.eval_shape(lambda key: train.flatten_state(init(key), optimizer),
+  state = jax.eval_shape(lambda key: flat_state.flatten_state(init(key), optimizer),
                          jax.random.PRNGKey(0))
   batch = jax.ShapeDtypeStruct((8, 2), jnp.float32)
   step = train.make_train_step(loss_fn, optimizer, schedule, ema_rate=0.99)
@@ -173,15 +184,13 @@ def test_train_step_reads_parameters_at_runtime_offsets():
 
 def _generated_kernel_instructions(hlo_text: str) -> int:
   """Instructions inside the kLoop fusions of compiled HLO text (XLA generates their code)."""
-  from score_sde.cpu import xla_flags as xla_cpu
-  bodies = xla_cpu.hlo_computations(hlo_text)
+  bodies = xla_flags.hlo_computations(hlo_text)
   loops = set(re.findall(r'kind=kLoop, calls=%([\w.\-]+)', hlo_text))
   return sum(len(bodies[name]) for name in loops)
 
 
 def test_train_step_with_the_step_options_matches_the_default_compile():
-  """xla_cpu.jit_step compiles the step with YNNPACK elementwise fusions: same numbers."""
-  from score_sde.cpu import xla_flags as xla_cpu
+  """xla_flags.jit_step compiles the flat step with YNNPACK elementwise fusions: same numbers."""
   from tests.reference_outputs import TINY_NCSNPP, load_config
   config = load_config('configs/ve/cifar10_ncsnpp_continuous.py',
                        dict(TINY_NCSNPP, **{'model.dropout': 0.1}))
@@ -189,13 +198,14 @@ def test_train_step_with_the_step_options_matches_the_default_compile():
   optimizer, schedule = experiment_lib.get_optimizer(config)
   loss_fn = losses.get_loss_fn(config, experiment.sde, experiment.model_fn)
   _, init = experiment_lib.abstract_train_state(experiment, optimizer, parallel.make_mesh())
-  state = jax.jit(lambda key: train.flatten_state(init(key), optimizer))(jax.random.PRNGKey(0))
+  state = jax.jit(lambda key: flat_state.flatten_state(init(key), optimizer))(
+      jax.random.PRNGKey(0))
   batches = np.random.default_rng(0).uniform(-1, 1, (3, 2, 16, 16, 3)).astype(np.float32)
   jitted = jax.jit(train.make_train_step(loss_fn, optimizer, schedule, ema_rate=0.99))
 
-  options = xla_cpu.STEP_COMPILER_OPTIONS
-  with_options, used = xla_cpu.compile_step(jitted, state, batches[0], options=options)
-  default, none = xla_cpu.compile_step(jitted, state, batches[0], options={})
+  options = xla_flags.STEP_COMPILER_OPTIONS
+  with_options, used = xla_flags.compile_step(jitted, state, batches[0], options=options)
+  default, none = xla_flags.compile_step(jitted, state, batches[0], options={})
   assert used == options and none == {}
   # The options act: elementwise work moves from generated kernels into library
   # fusions (small NCSN++ at 32x32: the generated kernels' instructions halve; this
@@ -216,36 +226,140 @@ def test_train_step_with_the_step_options_matches_the_default_compile():
   _assert_trees_equal(state_a.opt_state, state_b.opt_state, exact=False)
 
 
-def test_the_loop_compiles_its_steps_with_the_step_options(monkeypatch):
-  """make_train_calls (both forms) builds its programs through xla_cpu.compile_step."""
-  from score_sde.cpu import xla_flags as xla_cpu
+def _recording_compile_step(monkeypatch) -> list:
+  """The options of each program xla_flags.compile_step builds from now on (a list that grows)."""
   used = []
-  real = xla_cpu.compile_step
+  real = xla_flags.compile_step
 
   def recording(jitted, *args, **kwargs):
     compiled, options = real(jitted, *args, **kwargs)
     used.append(options)
     return compiled, options
 
-  monkeypatch.setattr(xla_cpu, 'compile_step', recording)
+  monkeypatch.setattr(xla_flags, 'compile_step', recording)
+  return used
+
+
+def test_flat_form_compiles_with_the_step_options_and_tree_form_with_plain_jit(monkeypatch):
+  """make_train_calls (n calls of one step, or n unrolled steps) and make_eval_call: the flat
+  form builds its programs through xla_flags.compile_step, once each; the tree form never."""
+  assert train.step_jit('tree') is jax.jit and train.step_jit('flat') is xla_flags.jit_step
+  used = _recording_compile_step(monkeypatch)
   config = small_toy_config(2)
   mesh = parallel.make_mesh()
+  replicated = parallel.replicated(mesh)
   experiment = experiment_lib.build_experiment(config)
   optimizer, schedule = experiment_lib.get_optimizer(config)
   loss_fn = losses.get_loss_fn(config, experiment.sde, experiment.model_fn)
   step = train.make_train_step(loss_fn, optimizer, schedule, ema_rate=0.99)
+  eval_step = train.make_eval_step(loss_fn)
   _, init = experiment_lib.abstract_train_state(experiment, optimizer, mesh)
   it = data_lib.train_iterator(config, global_batch_size=16, seed=0)
   batches = [next(it) for _ in range(2)]
-  for unroll in (False, True):
-    state = jax.jit(lambda key: train.flatten_state(init(key), optimizer),
-                    out_shardings=parallel.replicated(mesh))(jax.random.PRNGKey(0))
-    calls = train.make_train_calls(step, mesh, 2, unroll=unroll)
-    for _ in range(2):
-      state, metrics = calls(state, iter(batches))
-    assert metrics['loss'].shape == (2,) and int(state.step) == 4
-  assert used == [xla_cpu.step_compiler_options()] * 2      # once per form, not per call
-  assert used[0] == xla_cpu.STEP_COMPILER_OPTIONS            # as the suite runs (CPU, defaults on)
+  eval_batch = parallel.global_batch(next(it), mesh)
+  form = {'tree': lambda s: s, 'flat': lambda s: flat_state.flatten_state(s, optimizer)}
+  to_tree = {'tree': lambda s: s,
+             'flat': jax.jit(lambda s: flat_state.unflatten_state(s, optimizer))}
+  results = {}
+  for layout in ('flat', 'tree'):
+    p_eval = train.make_eval_call(eval_step, mesh, layout=layout)
+    for unroll in (False, True):
+      state = jax.jit(lambda key: form[layout](init(key)),
+                      out_shardings=replicated)(jax.random.PRNGKey(0))
+      calls = train.make_train_calls(step, mesh, 2, layout=layout, unroll=unroll)
+      losses_seen = []
+      for _ in range(2):
+        state, metrics = calls(state, iter(batches))
+        losses_seen.extend(metrics['loss'])
+      assert metrics['loss'].shape == (2,) and int(state.step) == 4
+      results[layout, unroll] = (losses_seen, float(p_eval(state, eval_batch)),
+                                 to_tree[layout](state))
+    if layout == 'flat':      # step, eval, unrolled steps: once each, not per call
+      assert used == [xla_flags.step_compiler_options()] * 3
+      assert used[0] == xla_flags.STEP_COMPILER_OPTIONS     # as the suite runs (CPU, defaults on)
+  assert len(used) == 3                                     # the tree form added none
+  flat_losses, flat_eval, flat_state_tree = results['flat', False]
+  assert isinstance(flat_state_tree, experiment_lib.TrainState)
+  for key, (losses_seen, eval_loss, tree) in results.items():
+    np.testing.assert_allclose(losses_seen, flat_losses, rtol=1e-6, err_msg=str(key))
+    np.testing.assert_allclose(eval_loss, flat_eval, rtol=1e-6, err_msg=str(key))
+    _assert_trees_equal(tree, flat_state_tree, exact=False)
+
+
+def test_auto_param_layout_is_flat_on_the_cpu_backend_only(monkeypatch):
+  config = small_toy_config(2)
+  assert config.training.param_layout == 'auto'            # the default
+  assert jax.default_backend() == 'cpu' and train.param_layout(config) == 'flat'
+  for backend in ('gpu', 'tpu'):
+    monkeypatch.setattr(jax, 'default_backend', lambda: backend)
+    assert train.param_layout(config) == 'tree', backend
+  config.training.param_layout = 'flat'                    # forced, whatever the backend
+  assert train.param_layout(config) == 'flat'
+  monkeypatch.undo()
+  config.training.param_layout = 'tree'
+  assert train.param_layout(config) == 'tree'
+  config.training.param_layout = 'vector'
+  with pytest.raises(ValueError, match=r"unknown config.training.param_layout 'vector'; "
+                                       r"valid: \['auto', 'tree', 'flat'\]"):
+    train.param_layout(config)
+  with pytest.raises(ValueError, match="layout must be 'tree' or 'flat'"):
+    train.step_jit('auto')
+
+
+def _logged(workdir, name) -> dict:
+  """{step: value} of one metric in a workdir's metrics log."""
+  with open(os.path.join(workdir, 'logs', 'metrics.jsonl')) as f:
+    rows = [json.loads(line) for line in f]
+  return {row['step']: row[name] for row in rows if name in row}
+
+
+def test_tree_and_flat_forms_train_alike_and_a_run_may_switch_form_on_resume(
+    tmp_path, monkeypatch, capsys):
+  """Six steps of train_and_evaluate with param_layout 'flat', 'tree', and 'flat' for three
+  steps resumed as 'tree': the same losses, eval losses and state to round-off.
+
+  Tolerances (rtol 1e-5 on the losses, 2e-5 / atol 1e-6 on the state): float32 round-off of
+  sums taken in another order (the gradient norm over one vector or leaf by leaf, XLA's
+  fusions), carried through six Adam steps: the forms are not bitwise equal.
+  """
+  def config_for(layout, n_iters=6):
+    config = small_toy_config(n_iters)
+    config.training.param_layout = layout
+    config.training.eval_freq = 3
+    return config
+
+  used = _recording_compile_step(monkeypatch)
+  flat = train.train_and_evaluate(config_for('flat'), str(tmp_path / 'flat'))
+  assert len(used) == 2                                     # the train and eval steps
+  tree = train.train_and_evaluate(config_for('tree'), str(tmp_path / 'tree'))
+  assert len(used) == 2                                     # the tree form: plain jax.jit
+  out = capsys.readouterr().out
+  assert 'parameter layout flat.' in out and 'parameter layout tree.' in out
+  train.train_and_evaluate(config_for('flat', n_iters=3), str(tmp_path / 'switched'))
+  switched = train.train_and_evaluate(config_for('tree'), str(tmp_path / 'switched'))
+  out = capsys.readouterr().out
+  assert 'Resumed from the checkpoint at step 3' in out and 'parameter layout tree.' in out
+
+  assert isinstance(flat, experiment_lib.TrainState) and int(flat.step) == 6
+  for state in (tree, switched):
+    assert isinstance(state, experiment_lib.TrainState) and int(state.step) == 6
+    _assert_trees_equal(state, flat, exact=False)
+  # (The eval iterator is not checkpointed: after the resume at step 3 the switched run
+  # evaluates another test batch at step 6, so its eval losses are not compared.)
+  for name, steps, runs in (('loss', range(1, 7), ('tree', 'switched')),
+                            ('grad_norm', range(1, 7), ('tree', 'switched')),
+                            ('eval_loss', (3, 6), ('tree',))):
+    expected = _logged(tmp_path / 'flat', name)
+    assert sorted(expected) == list(steps)
+    for run in runs:
+      got = _logged(tmp_path / run, name)
+      assert sorted(got) == list(steps), (run, name)
+      np.testing.assert_allclose([got[s] for s in steps], [expected[s] for s in steps],
+                                 rtol=1e-5, err_msg=f'{run} {name}')
+  # The switched run's checkpoint is a tree like any other.
+  saved, step, _ = _load(tmp_path / 'switched', config_for('tree'))
+  assert step == 6
+  _assert_trees_equal(saved, switched)
 
 
 def test_batch_not_divisible_by_devices_is_a_clear_error(tmp_path):

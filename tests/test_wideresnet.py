@@ -22,6 +22,7 @@ import pytest
 from score_sde import sde as sde_lib
 from score_sde import train
 from score_sde.models import utils as model_utils
+from score_sde.cpu import flat_state
 from score_sde.models import wideresnet
 from score_sde import experiment as experiment_lib
 from score_sde import losses
@@ -189,9 +190,9 @@ def test_classifier_training_brings_the_loss_near_the_bayes_floor():
   schedule = lambda count: 2e-3 * jnp.ones_like(count, jnp.float32)  # noqa: E731
   optimizer = optax.adam(schedule)
   state = experiment_lib.TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                           opt_state=optimizer.init(params), ema_params=params,
-                           key=jax.random.PRNGKey(1))
-  state = train.flatten_state(state, optimizer)          # the form the train loop runs
+                                    opt_state=optimizer.init(params), ema_params=params,
+                                    key=jax.random.PRNGKey(1))
+  state = flat_state.flatten_state(state, optimizer)     # the form the CPU train loop runs
   step = jax.jit(train.make_train_step(loss_fn, optimizer, schedule, ema_rate=0.9))
   eval_batch = two_class_batch(jax.random.PRNGKey(99), 2048)
   eval_loss = jax.jit(lambda p: jnp.mean(jnp.stack(

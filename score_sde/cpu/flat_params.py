@@ -1,6 +1,6 @@
-"""A parameter tree as one flat vector, and back: the layout the train step updates.
+"""A parameter tree as one flat vector, and back: the layout the CPU train step updates.
 
-Why the train step works on flat vectors (measured on the 2-core CPU of
+Why the train step works on flat vectors on XLA:CPU (measured on the 2-core CPU of
 issue 8, benchmarks/train.py, batch 8): XLA:CPU compiles one kernel per
 distinct fused computation. Updating a tree leaf by leaf (clipping, Adam,
 EMA) costs ~6 kernels per parameter shape, and every program then carries
@@ -45,9 +45,10 @@ class FlatLayout:
       raise ValueError('cannot lay out an empty parameter tree as a flat vector.')
     dtypes = sorted({str(np.dtype(leaf.dtype)) for leaf in leaves})
     if len(dtypes) != 1 or not jnp.issubdtype(leaves[0].dtype, jnp.floating):
-      raise ValueError(f'the train step keeps parameters as one flat vector, which needs one '
-                       f'floating dtype for all of them; this model has {dtypes}. Cast the '
-                       f'parameters to one dtype in the model.')
+      raise ValueError(f'the flat train step keeps parameters as one flat vector, which needs '
+                       f'one floating dtype for all of them; this model has {dtypes}. Cast the '
+                       f'parameters to one dtype in the model, or train on the parameter tree '
+                       f"(config.training.param_layout = 'tree').")
     return cls(treedef=treedef, shapes=tuple(tuple(leaf.shape) for leaf in leaves),
                dtype=np.dtype(leaves[0].dtype))
 

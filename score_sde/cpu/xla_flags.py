@@ -1,20 +1,22 @@
 """XLA:CPU compiler flags that this project's models measurably run or compile faster with.
 
-`import score_sde` adds them to XLA_FLAGS before JAX starts its backend, so
-the launcher, scripts, benchmarks and tests all compile the same way. They
-are meant for CPU runs and are left out unless JAX will run on the CPU alone
-(every JAX_PLATFORMS entry is cpu, or no GPU/TPU plugin is installed). A
-flag the user already set in XLA_FLAGS wins, a flag file named by XLA_FLAGS
-is left alone, SCORE_SDE_XLA_DEFAULTS=0 turns them all off, and they are
-only set for the jaxlib versions they were checked with (XLA aborts on an
-unknown flag). The figures in the comments are step-time medians and
+`apply_default_flags` adds them to XLA_FLAGS before JAX starts its backend:
+the launcher and the benchmarks call it through `process.prepare()`, the test
+conftest directly, so they all compile the same way (importing score_sde sets
+nothing). They are meant for CPU runs and are left out unless JAX will run on
+the CPU alone (every JAX_PLATFORMS entry is cpu, or no GPU/TPU plugin is
+installed). A flag the user already set in XLA_FLAGS wins, a flag file named
+by XLA_FLAGS is left alone, SCORE_SDE_XLA_DEFAULTS=0 turns them all off, and
+they are only set for the jaxlib versions they were checked with (XLA aborts
+on an unknown flag). The figures in the comments are step-time medians and
 compile-time ranges on the 2-core CPU this project is developed on
 (benchmarks/train.py, batch 8, 32x32x3, jax 0.10.2).
 
 One more option is given per program rather than process-wide:
-`compile_step` / `jit_step` compile the train and eval steps with
-STEP_COMPILER_OPTIONS (YNNPACK elementwise fusions), under the same
-conditions, and check the result (see the comment there).
+`compile_step` / `jit_step` compile the flat form of the train and eval steps
+(train.py, the CPU backend's) with STEP_COMPILER_OPTIONS (YNNPACK elementwise
+fusions), under the same conditions, and check the result (see the comment
+there). The tree form of the step is compiled with plain jax.jit.
 """
 from __future__ import annotations
 
@@ -174,7 +176,7 @@ def step_compiler_options(environ=os.environ) -> dict[str, str]:
   flag file and does not set the library-fusion flag itself: a value that
   apply_default_flags added (named in SCORE_SDE_XLA_FLAGS_ADDED) is ours, any
   other is the user's and wins. Unlike the process-wide flags, they also
-  apply when JAX started before `import score_sde`.
+  apply when JAX started before `apply_default_flags` ran.
   """
   if switched_off(environ, OPT_OUT_VARIABLE) or not runs_on_cpu(environ):
     return {}
