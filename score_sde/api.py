@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from typing import Any
 
 import jax
@@ -27,6 +28,10 @@ class TrainedModel:
   """The config, SDE and EMA parameters of one checkpoint, with its score function.
 
   Samples and likelihood inputs are in model space (see `to_unit` / `from_unit`).
+  `sample` and `log_likelihood` (so `bits_per_dim`) compile once per normalised
+  options (and sample count) and keep the program in `compiled`: a second call
+  with the same options neither traces nor compiles. Parameters are an argument
+  of the programs, not constants in them.
   """
   config: Any
   sde: Any
@@ -34,6 +39,8 @@ class TrainedModel:
   step: int
   experiment: Any
   mesh: Any
+  # (what, normalised options) -> jitted function; filled on first use.
+  compiled: dict = dataclasses.field(default_factory=dict, init=False, repr=False)
 
   @property
   def score_model_fn(self):
@@ -57,20 +64,31 @@ class TrainedModel:
     """
     method, options = sampling.config_options(self.config)
     if 'method' in sampler_options:
-      method = sampler_options.pop('method')
+      method = str(sampler_options.pop('method')).lower()
       options = {}
     options.setdefault('eps', self.sampling_eps)
     options.update(sampler_options)
     shape = model_utils.input_shape(self.config, n)
-    fn = sampling.jit_sampler(sampling.build_sampler(
-        self.sde, self.score_model_fn, shape, method,
-        mesh=self.mesh if n % self.mesh.devices.size == 0 else None, **options))
-    return fn(key, self.ema_params)
+    mesh = self.mesh if n % self.mesh.devices.size == 0 else None
+    _, resolved = sampling.resolve_options(self.sde, method, options)
+    cache_key = ('sample', method, shape, mesh is not None, tuple(sorted(resolved.items())))
+    if cache_key not in self.compiled:
+      self.compiled[cache_key] = sampling.jit_sampler(sampling.build_sampler(
+          self.sde, self.score_model_fn, shape, method, mesh=mesh, **options))
+    return self.compiled[cache_key](key, self.ema_params)
 
   def log_likelihood(self, key, x, **solver_options):
-    """(log p(x) [B] nats, latent z, info) through the probability-flow ODE."""
-    fn = likelihood.get_likelihood_fn(self.sde, self.score_model_fn, **solver_options)
-    return fn(key, self.ema_params, x)
+    """(log p(x) [B] nats, latent z, info) through the probability-flow ODE.
+
+    Options: those of `score_sde.likelihood.get_likelihood_fn` (rtol, atol,
+    solver, divergence, num_probes, eps, num_steps, max_steps).
+    """
+    options = _likelihood_options(solver_options)
+    cache_key = ('log_likelihood', tuple(sorted(options.items())))
+    if cache_key not in self.compiled:
+      self.compiled[cache_key] = likelihood.get_likelihood_fn(
+          self.sde, self.score_model_fn, **options)
+    return self.compiled[cache_key](key, self.ema_params, x)
 
   def bits_per_dim(self, key, images_uint, **solver_options) -> np.ndarray:
     """Bits/dim [B] of integer-level images (uniformly dequantised with `key`)."""
@@ -84,7 +102,11 @@ class TrainedModel:
         logp, dim, data_lib.get_data_inverse_scaler(self.config), levels))
 
   def encode(self, x, **solver_options):
-    """Latent z = x(T) of the probability-flow ODE."""
+    """Latent z = x(T) of the probability-flow ODE.
+
+    Compiled once per options (`score_sde.likelihood`'s cache, keyed on this
+    model's `score_fn`); the parameters are constants of that program.
+    """
     return likelihood.encode(self.score_fn, self.sde, x, **solver_options)
 
   def decode(self, z, **solver_options):
@@ -98,6 +120,18 @@ class TrainedModel:
   def from_unit(self, x):
     """[0, 1] -> model space."""
     return data_lib.get_data_scaler(self.config)(x)
+
+
+def _likelihood_options(options: dict) -> dict:
+  """The options of `likelihood.get_likelihood_fn`, defaults filled in (a cache key)."""
+  defaults = {name: p.default for name, p in
+              inspect.signature(likelihood.get_likelihood_fn).parameters.items()
+              if p.kind is p.KEYWORD_ONLY and name != 'mesh'}
+  unknown = sorted(set(options) - set(defaults))
+  if unknown:
+    raise ValueError(f'unknown option(s) {unknown} for log_likelihood; valid: '
+                     f'{sorted(defaults)}.')
+  return {**defaults, **options}
 
 
 def load(workdir: str, checkpoint: int | None = None) -> TrainedModel:

@@ -1,11 +1,12 @@
 """Controllable generation with one unconditional score model: inpainting,
 colourisation and class-conditional sampling (Song et al. 2021, section 5 and
-appendix I), on the predictor and corrector steps of `score_sde.sampling`.
+appendix I), on the samplers of `score_sde.sampling`.
 
 Inpainting. Known entries Omega (mask = 1) hold an observation y = x_0(Omega).
 The PC sampler runs on the whole image, and after every predictor and every
 corrector update the known entries are replaced by a fresh draw of the
-forward-diffused observation,
+forward-diffused observation (the PC loop of `score_sde.sampling.pc_sampler`
+with the projection `replacement_projection`),
 
   x(Omega) <- m(t) y + s(t) z,   z ~ N(0, I),   i.e. x_t(Omega) ~ p_0t(x_t(Omega) | y),
 
@@ -62,13 +63,14 @@ scaler), results too: apply the inverse scaler for [0, 1]. Masks are 1 for
 known and 0 for missing entries. Randomness is per example (key i =
 fold_in(key, i)), as in `score_sde.sampling`.
 
-Layers of this module: pure samplers (`replacement_pc_sampler`); builders
-returning pure functions of (key, params, inputs) for `jax.jit` with a mesh
-(`build_inpainter`, `build_colorizer`, `build_conditional_sampler`); and
-convenience calls with a fixed score function (`inpaint`, `colorize`,
-`conditional_sample`). The classifier's logits are `score_sde.score_fn`, its
-objective `score_sde.losses.get_classifier_loss_fn`, and the jobs over a
-trained workdir `score_sde.jobs.controllable`.
+Layers of this module: pure samplers (`replacement_pc_sampler`, the PC loop
+with `replacement_projection`); builders returning pure functions of (key,
+params, inputs) for `jax.jit` with a mesh (`build_inpainter`,
+`build_colorizer`, `build_conditional_sampler`); and convenience calls with a
+fixed score function (`inpaint`, `colorize`, `conditional_sample`). The
+classifier's logits are `score_sde.score_fn`, its objective
+`score_sde.losses.get_classifier_loss_fn`, and the jobs over a trained workdir
+`score_sde.jobs.controllable`.
 """
 from __future__ import annotations
 
@@ -89,10 +91,6 @@ LogitsFn = losses.LogitsFn
 Info = dict
 
 PC_OPTIONS = tuple(sampling.METHODS['pc'].defaults)
-
-
-def _identity(x):
-  return x
 
 
 # ----------------------------------------------------------------------------
@@ -277,13 +275,40 @@ def check_images(images, shape, what: str = 'images') -> None:
 # The PC sampler with replacement (inpainting and colourisation)
 # ----------------------------------------------------------------------------
 
+def replacement_projection(sde, observed, mask, *, to_latent: Callable = sampling.identity,
+                           from_latent: Callable = sampling.identity) -> sampling.Projection:
+  """The PC loop's projection for replacement: known latent entries <- a draw of p_0t(. | y).
+
+  project(x, t, keys): x(Omega) <- m(t) y + s(t) z in latent coordinates, z from
+  `keys`; finish(x): x(Omega) <- y, so the output holds the observation exactly.
+  observed, mask: [B, ...] in latent coordinates (see `replacement_pc_sampler`).
+  """
+  example_shape = tuple(observed.shape[1:])
+  known = jnp.asarray(mask) > 0.5
+
+  def merge(known_values, x):
+    """Data coordinates of the latent (known_values on the mask, to_latent(x) off it)."""
+    return from_latent(jnp.where(known, known_values, to_latent(x)))
+
+  def project(x, t, keys):
+    mean, std = sde.marginal_prob(observed, sampling.batch_times(t, observed))
+    noise = sampling.example_normal(keys, example_shape, observed.dtype)
+    return merge(mean + std * noise, x)
+
+  return sampling.Projection(project=project, finish=lambda x: merge(observed, x))
+
+
 def replacement_pc_sampler(key, score_fn: ScoreFn, sde, observed, mask, *,
-                           to_latent: Callable = _identity, from_latent: Callable = _identity,
+                           to_latent: Callable = sampling.identity,
+                           from_latent: Callable = sampling.identity,
                            predictor='reverse_diffusion', corrector='langevin', snr=0.16,
                            n_steps_each=1, snr_norm='example', noise_removal=True,
                            probability_flow=False, num_steps=0, eps=1e-3,
-                           constrain: Callable = _identity) -> tuple[jax.Array, Info]:
+                           constrain: Callable = sampling.identity) -> tuple[jax.Array, Info]:
   """PC sampling with the known latent entries replaced after every update.
+
+  The PC loop of `score_sde.sampling.pc_sampler` with `replacement_projection`
+  (its keys: those of the PC loop, the projection's own as documented there).
 
   Args:
     key: PRNG key; example i depends only on (key, i).
@@ -301,61 +326,13 @@ def replacement_pc_sampler(key, score_fn: ScoreFn, sde, observed, mask, *,
     (x [B, ...] in data coordinates with the known latent entries equal to
     `observed`, info {'nfe'}).
   """
-  sde = sampling.with_num_steps(sde, num_steps)
-  pred = sampling.PREDICTORS[predictor]
-  corr = sampling.CORRECTORS[corrector]
-  shape = observed.shape
-  example_shape = tuple(shape[1:])
-  keys = sampling.example_keys(key, shape[0])
-  known = jnp.asarray(mask) > 0.5
-
-  def merge(known_values, x):
-    """Data coordinates of the latent (known_values on the mask, to_latent(x) off it)."""
-    return from_latent(jnp.where(known, known_values, to_latent(x)))
-
-  def replace(x, t, noise_keys):
-    """(x with the known entries drawn from p_0t(. | y), their mean m(t) y)."""
-    mean, std = sde.marginal_prob(observed, sampling.batch_times(t, observed))
-    noise = sampling.example_normal(noise_keys, example_shape, observed.dtype)
-    return merge(mean + std * noise, x), mean
-
-  init_keys = sampling.fold_keys(keys, 0)
-  x = constrain(sampling.prior_sample(sde, sampling.fold_keys(init_keys, 0), shape))
-  sampling.check_score_shape(score_fn, x)
-  x, _ = replace(x, sde.T, sampling.fold_keys(init_keys, 1))
-
-  def corrector_update(x, t, step_keys):
-    vec_t = sampling.batch_times(t, x)
-
-    def one_iteration(x, j):
-      x, _ = corr.step(sde, score_fn, x, vec_t,
-                       sampling.fold_keys(sampling.fold_keys(step_keys, 1), j), snr, 1,
-                       snr_norm)
-      x, _ = replace(x, t, sampling.fold_keys(sampling.fold_keys(step_keys, 2), j))
-      return x, None
-
-    x, _ = jax.lax.scan(one_iteration, x, jnp.arange(n_steps_each))
-    return x
-
-  def step(carry, inputs):
-    x, _ = carry
-    index, t, t_next = inputs
-    step_keys = sampling.fold_keys(keys, index + 1)
-    if corrector != 'none':
-      x = corrector_update(x, t, step_keys)
-    noise = sampling.example_normal(sampling.fold_keys(step_keys, 0), example_shape, x.dtype)
-    x, x_mean = pred.step(sde, score_fn, x, sampling.batch_times(t, x), noise,
-                          probability_flow)
-    x, known_mean = replace(x, t_next, sampling.fold_keys(step_keys, 3))
-    return (x, merge(known_mean, x_mean)), None
-
-  timesteps = jnp.linspace(sde.T, eps, sde.N)
-  next_times = jnp.concatenate([timesteps[1:], jnp.full((1,), eps, timesteps.dtype)])
-  (x, x_mean), _ = jax.lax.scan(step, (x, x),
-                                (jnp.arange(sde.N), timesteps, next_times))
-  out = merge(observed, x_mean if noise_removal else x)
-  nfe = sde.N * (pred.score_evals + corr.score_evals * n_steps_each)
-  return out, {'nfe': jnp.asarray(nfe, jnp.int32)}
+  projection = replacement_projection(sde, observed, mask, to_latent=to_latent,
+                                      from_latent=from_latent)
+  return sampling.pc_sampler(
+      key, score_fn, sde, observed.shape, predictor=predictor, corrector=corrector, snr=snr,
+      n_steps_each=n_steps_each, snr_norm=snr_norm, noise_removal=noise_removal,
+      probability_flow=probability_flow, num_steps=num_steps, eps=eps, constrain=constrain,
+      projection=projection)
 
 
 def _pc_options(sde, options: dict) -> dict:
@@ -370,7 +347,7 @@ def _pc_options(sde, options: dict) -> dict:
 
 def _batch_constraint(mesh, batch_size: int, what: str) -> Callable:
   if mesh is None:
-    return _identity
+    return sampling.identity
   parallel.check_batch_divisible(batch_size, mesh, what)
   sharding = parallel.batch_sharding(mesh)
   return lambda x: jax.lax.with_sharding_constraint(x, sharding)
@@ -383,10 +360,6 @@ def _jit(fn: Callable, mesh, num_params: int, num_batched: int) -> Callable:
   rep, batch = parallel.replicated(mesh), parallel.batch_sharding(mesh)
   return jax.jit(fn, in_shardings=(rep,) + (rep,) * num_params + (batch,) * num_batched,
                  out_shardings=(batch, rep))
-
-
-def _check_shape(shape) -> tuple[int, ...]:
-  return sampling._check_shape(shape)  # noqa: SLF001 - the samplers' own shape rule
 
 
 # ----------------------------------------------------------------------------
@@ -402,7 +375,7 @@ def build_inpainter(sde, score_model_fn, shape, mesh=None, **options) -> Callabl
   (predictor, corrector, snr, n_steps_each, snr_norm, noise_removal,
   probability_flow, num_steps, eps).
   """
-  shape = _check_shape(shape)
+  shape = sampling.check_shape(shape)
   opts = _pc_options(sde, options)
   constrain = _batch_constraint(mesh, shape[0], 'number of images')
 
@@ -450,7 +423,7 @@ def inpaint(key, score_fn: ScoreFn, sde, images, mask, *, mesh=None,
     (inpainted [B, ...], info {'nfe'}). Known entries are returned unchanged.
   """
   images = jnp.asarray(images, jnp.float32)
-  shape = _check_shape(images.shape)
+  shape = sampling.check_shape(images.shape)
   mask = check_mask(mask, shape[1:], shape[0])
   fn = _cached_inpainter(score_fn, sde, shape, tuple(sorted(options.items())), mesh)
   return fn(key, None, images, jnp.asarray(mask))
@@ -509,7 +482,7 @@ def build_colorizer(sde, score_model_fn, shape, mesh=None, **options) -> Callabl
   `shape` is the output shape [B, H, W, 3]; grey in model space, the channel
   mean of the wanted colour image. Options as for `build_inpainter`.
   """
-  shape = _check_shape(shape)
+  shape = sampling.check_shape(shape)
   if len(shape) != 4 or shape[-1] != 3:
     raise ValueError(f'colourisation needs RGB images [B, H, W, 3]; got shape {list(shape)} '
                      f'(config.data.num_channels must be 3).')
@@ -604,7 +577,7 @@ def build_conditional_sampler(sde, score_model_fn, logits_model_fn, shape, num_c
   predictor / corrector, 'ddim', 'ode', 'sde') with its options; 'ode' and
   'sde' solve each example on its own (its label fixed), as they do anyway.
   """
-  shape = _check_shape(shape)
+  shape = sampling.check_shape(shape)
   scale = _check_scale(scale)
   spec, opts = sampling.resolve_options(sde, method, options)
   method = str(method).lower()
@@ -681,26 +654,9 @@ def conditional_sample(key, score_fn: ScoreFn, logits_fn: LogitsFn, sde, shape, 
   Returns:
     (x [B, ...], info {'nfe'}).
   """
-  shape = _check_shape(shape)
+  shape = sampling.check_shape(shape)
   num_classes = num_classes_of(logits_fn, shape[1:])
   labels = losses.check_class_labels(labels, shape[0], num_classes)
   fn = _cached_conditional(score_fn, logits_fn, sde, shape, num_classes, str(method).lower(),
                            _check_scale(scale), tuple(sorted(options.items())), mesh)
   return fn(key, None, None, jnp.asarray(labels))
-
-
-# ----------------------------------------------------------------------------
-# The noise-conditional classifier: logits and training objective
-# ----------------------------------------------------------------------------
-
-
-# ----------------------------------------------------------------------------
-# Inputs and outputs: images, masks, PNG grids, npz
-# ----------------------------------------------------------------------------
-
-
-# ----------------------------------------------------------------------------
-# Jobs over a trained workdir (what launch.py calls)
-# ----------------------------------------------------------------------------
-
-

@@ -25,6 +25,7 @@ import pytest
 from score_sde import analytic
 from score_sde import controllable
 from score_sde import parallel
+from score_sde import sampling
 from score_sde import sde as sde_lib
 from score_sde import losses
 
@@ -215,6 +216,18 @@ def test_langevin_corrector_with_replacement_moves_towards_the_exact_conditional
   err_none = np.abs(x_none[:, :2].mean(0) - cond_mean)
   err_lang = np.abs(x_lang[:, :2].mean(0) - cond_mean)
   assert np.all(err_lang < err_none - 0.05), (err_none, err_lang)
+
+
+def test_inpainting_with_nothing_known_is_the_pc_sampler():
+  """Replacement is the PC loop plus a projection: an empty mask leaves the loop alone
+  (same keys, same steps; bitwise on the CPU, where it was checked)."""
+  observed = jnp.zeros((16, 3), jnp.float32)
+  for options in (dict(corrector='ald', n_steps_each=2), dict(predictor='ancestral_sampling')):
+    x, info = controllable.inpaint(KEY, SCORES['vp'], SDES['vp'], observed, np.zeros(3),
+                                   **options)
+    x_pc, info_pc = sampling.sample(KEY, SCORES['vp'], SDES['vp'], (16, 3), 'pc', **options)
+    np.testing.assert_allclose(np.asarray(x), np.asarray(x_pc), rtol=1e-6, atol=1e-6)
+    assert int(info['nfe']) == int(info_pc['nfe'])
 
 
 def test_image_inpainting_keeps_known_pixels_and_is_reproducible_per_example():

@@ -256,6 +256,74 @@ def test_reported_nfe_counts_score_calls(method, options):
 
 
 # ----------------------------------------------------------------------------
+# The PC loop: its keys and its projection hook
+# ----------------------------------------------------------------------------
+
+def test_pc_sampler_uses_the_documented_keys():
+  """20 steps by hand from the key tree of `pc_sampler`'s docstring give its samples."""
+  sde = sampling.with_num_steps(SDES['vp'], 20)
+  score_fn, key, batch = SCORES['vp'], jax.random.PRNGKey(5), 3
+  x_sampler, _ = run('vp', 'pc', batch, key=key, predictor='reverse_diffusion',
+                     corrector='ald', n_steps_each=2, noise_removal=False, num_steps=20)
+  example = [jax.random.fold_in(key, b) for b in range(batch)]
+  normal = lambda keys: jnp.stack([jax.random.normal(k, (2,)) for k in keys])  # noqa: E731
+  x = jnp.stack([sde.prior_sampling(jax.random.fold_in(k, 0), (2,)) for k in example])
+  for i, t in enumerate(jnp.linspace(sde.T, 1e-3, sde.N)):
+    step = [jax.random.fold_in(k, i + 1) for k in example]
+    vec_t = jnp.full((batch,), t)
+    update = sampling.ald_corrector(sde, score_fn, x, vec_t, 0.16)
+    for j in range(2):
+      x, _ = update(x, normal([jax.random.fold_in(jax.random.fold_in(s, 1), j) for s in step]))
+    noise = normal([jax.random.fold_in(s, 0) for s in step])
+    x, _ = sampling.reverse_diffusion_predictor(sde, score_fn, x, vec_t, noise, False)
+  np.testing.assert_allclose(x_sampler, x, rtol=1e-4, atol=1e-5)
+
+
+def _pc(projection=None, key=KEY, batch=4, **options):
+  options = {'num_steps': 20, 'n_steps_each': 2, 'corrector': 'ald', **options}
+  fn = jax.jit(lambda k: sampling.pc_sampler(k, SCORES['vp'], SDES['vp'], (batch, 2),
+                                             projection=projection, **options))
+  return fn(key)
+
+
+def test_identity_projection_leaves_the_samples_bitwise_unchanged():
+  identity = sampling.Projection(project=lambda x, t, keys: x)
+  for options in ({}, dict(corrector='langevin', snr_norm='batch', noise_removal=False)):
+    np.testing.assert_array_equal(_pc(identity, **options)[0], _pc(None, **options)[0])
+
+
+def test_projection_is_called_after_the_prior_every_corrector_iteration_and_predictor():
+  """At T, then n_steps_each times at t_i and once at t_(i+1) per step, with its own keys."""
+  calls = []
+
+  def project(x, t, keys):
+    jax.debug.callback(lambda t, k: calls.append((float(t), np.asarray(k))), t, keys,
+                       ordered=True)
+    return x
+
+  batch, num_steps, n_each = 2, 20, 2
+  x, _ = _pc(sampling.Projection(project, finish=lambda x: x + 100.0), batch=batch,
+             num_steps=num_steps, n_steps_each=n_each)
+  jax.effects_barrier()
+  assert np.all(np.asarray(x) > 50.0)                   # finish maps the output
+  grid = np.asarray(jnp.linspace(1.0, 1e-3, num_steps))
+  times = [1.0] + [t for i in range(num_steps)
+                   for t in [grid[i]] * n_each + [grid[i + 1] if i + 1 < num_steps else 1e-3]]
+  np.testing.assert_allclose([t for t, _ in calls], times, rtol=1e-6)
+  # Keys: fold_in(k_b, N + 1) for the prior; per step s = fold_in(k_b, i + 1),
+  # fold_in(fold_in(s, 2), j) after corrector iteration j, fold_in(s, 3) after the predictor.
+  fold = jax.random.fold_in
+  example = [fold(KEY, b) for b in range(batch)]
+  expected = [[fold(k, num_steps + 1) for k in example]]
+  for i in range(num_steps):
+    step = [fold(k, i + 1) for k in example]
+    expected += [[fold(fold(s, 2), j) for s in step] for j in range(n_each)]
+    expected.append([fold(s, 3) for s in step])
+  np.testing.assert_array_equal(np.stack([k for _, k in calls]),
+                                np.asarray([np.stack(keys) for keys in expected]))
+
+
+# ----------------------------------------------------------------------------
 # Determinism, batch and device independence
 # ----------------------------------------------------------------------------
 

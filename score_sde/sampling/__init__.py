@@ -1,0 +1,221 @@
+"""Samplers for score-based models: predictor-corrector, probability-flow ODE,
+reverse SDE (diffrax) and DDIM.
+
+The forward SDE dx = f(x, t) dt + g(t) dw has the reverse-time SDE and the
+probability-flow ODE (Song et al. 2021, eqs. 6 and 13)
+
+  dx = [f(x, t) - g(t)^2 s(x, t)] dt + g(t) dw_bar,   t: T -> 0,
+  dx = [f(x, t) - g(t)^2 s(x, t) / 2] dt,
+
+with the score s(x, t) = grad_x log p_t(x). Every sampler here needs only a
+`score_fn(x, t)` and an SDE of the `score_sde.sde` interface; none branches on
+the SDE's class. Each starts from the prior at T and stops at a small eps.
+
+  method   module     sampler
+  'pc'     pc.py      predictor-corrector loop (with a projection hook)
+  'ode'    diffeq.py  probability-flow ODE, adaptive or fixed steps (diffrax)
+  'sde'    diffeq.py  reverse SDE, one Brownian tree per example (diffrax)
+  'ddim'   ddim.py    DDIM, deterministic (eta = 0) to ancestral (eta = 1)
+  common.py: keys, shapes, Tweedie's denoiser and the checks they share.
+
+A new sampler is a module here with a pure function
+`sampler(key, score_fn, sde, shape, *, <options>, constrain) -> (x [B, ...],
+info {'nfe'})` (`constrain` puts the batch on the mesh: apply it to the prior
+draw) and a `check(sde, opts) -> opts` of its own options, registered as one
+METHODS entry with the options' defaults; `sample`, `build_sampler`, the
+API and the config's `sampling.method` then offer it (config keys for new
+options go in configs/defaults.py, which the launcher validates against).
+
+Randomness. Every example has its own key, fold_in(key, index); all its noise
+(prior draw, predictor and corrector noise, Brownian path) comes from that key,
+and the ODE / SDE solvers are `vmap`-ed per example, adaptive step sizes
+included. So example i depends only on (key, i): not on the batch size, the
+other examples, or the number of devices.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Callable, NamedTuple
+
+import jax
+
+from score_sde import parallel
+from score_sde.sampling import common
+from score_sde.sampling import ddim
+from score_sde.sampling import diffeq
+from score_sde.sampling import pc
+from score_sde.sampling.common import (Info, ScoreFn, ScoreModelFn, batch_times,
+                                       chain_signal_factor, check_count, check_score_shape,
+                                       check_shape, example_keys, example_normal,
+                                       expected_normal_norm, fold_keys, identity, lookup,
+                                       per_example_norm, per_example_score, prior_sample,
+                                       tweedie_denoise, with_num_steps)
+from score_sde.sampling.ddim import ddim_sampler
+from score_sde.sampling.diffeq import (ODE_SOLVERS, SDE_SOLVERS, OdeSolver, SdeSolver,
+                                       check_ode_options, ode_sampler,
+                                       probability_flow_solve, sde_sampler, solve_ode)
+from score_sde.sampling.pc import (CORRECTORS, PREDICTORS, SNR_NORMS, Corrector, Predictor,
+                                   Projection, ald_corrector, ancestral_sampling_predictor,
+                                   euler_maruyama_predictor, langevin_corrector,
+                                   none_predictor, pc_sampler, reverse_diffusion_predictor)
+
+__all__ = [
+    # entry points and the registry
+    'METHODS', 'Method', 'build_sampler', 'config_options', 'get_sampling_fn', 'jit_sampler',
+    'resolve_options', 'sample',
+    # samplers
+    'ddim_sampler', 'ode_sampler', 'pc_sampler', 'sde_sampler',
+    # the PC loop's parts
+    'CORRECTORS', 'PREDICTORS', 'SNR_NORMS', 'Corrector', 'Predictor', 'Projection',
+    'ald_corrector', 'ancestral_sampling_predictor', 'euler_maruyama_predictor',
+    'langevin_corrector', 'none_predictor', 'reverse_diffusion_predictor',
+    # diffrax
+    'ODE_SOLVERS', 'SDE_SOLVERS', 'OdeSolver', 'SdeSolver', 'check_ode_options',
+    'probability_flow_solve', 'solve_ode',
+    # shared helpers
+    'Info', 'ScoreFn', 'ScoreModelFn', 'batch_times', 'chain_signal_factor', 'check_count',
+    'check_score_shape', 'check_shape', 'example_keys', 'example_normal',
+    'expected_normal_norm', 'fold_keys', 'identity', 'lookup', 'per_example_norm',
+    'per_example_score', 'prior_sample', 'tweedie_denoise', 'with_num_steps',
+    # modules
+    'common', 'ddim', 'diffeq', 'pc',
+]
+
+
+class Method(NamedTuple):
+  sampler: Callable
+  defaults: dict             # the options this method takes, with defaults
+  check: Callable            # check(sde, opts) -> opts: validates the method's own options
+
+
+METHODS = {
+    'pc': Method(pc.pc_sampler, dict(
+        predictor='reverse_diffusion', corrector='langevin', snr=0.16, n_steps_each=1,
+        snr_norm='example', noise_removal=True, probability_flow=False, num_steps=0, eps=1e-3),
+        pc.check_options),
+    'ode': Method(diffeq.ode_sampler, dict(
+        ode_solver='tsit5', rtol=1e-5, atol=1e-5, num_steps=0, noise_removal=True,
+        eps=1e-3, max_steps=4096), diffeq.check_ode_sampler_options),
+    'sde': Method(diffeq.sde_sampler, dict(
+        sde_solver='euler', num_steps=0, noise_removal=True, eps=1e-3),
+        diffeq.check_sde_sampler_options),
+    'ddim': Method(ddim.ddim_sampler, dict(
+        ddim_eta=0.0, num_steps=0, noise_removal=True, eps=1e-3), ddim.check_options),
+}
+
+
+def resolve_options(sde, method: str, options: dict) -> tuple[Method, dict]:
+  """Validated options of `method` (defaults filled in); raises on bad input.
+
+  Eager, before anything is traced. Equal resolved options build the same sampler.
+  """
+  spec = lookup(METHODS, method, 'sampling method')
+  unknown = sorted(set(options) - set(spec.defaults))
+  if unknown:
+    raise ValueError(f'unknown option(s) {unknown} for sampling method {method!r}; '
+                     f'valid: {sorted(spec.defaults)}.')
+  opts = {**spec.defaults, **options}
+  eps = float(opts['eps'])
+  if not 0.0 < eps < sde.T:
+    raise ValueError(f'eps must lie in (0, T) = (0, {sde.T}); got {eps}.')
+  opts['eps'] = eps
+  opts['num_steps'] = check_count('num_steps', opts['num_steps'], allow_zero=True)
+  opts = spec.check(sde, opts)
+  opts['noise_removal'] = bool(opts['noise_removal'])
+  return spec, opts
+
+
+# ----------------------------------------------------------------------------
+# Entry points
+# ----------------------------------------------------------------------------
+
+def build_sampler(sde, score_model_fn: ScoreModelFn, shape, method: str = 'pc',
+                  mesh=None, **options) -> Callable:
+  """Pure sampler(key, params) -> (x [B, ...], info) for `jax.jit` (not yet jitted).
+
+  score_model_fn(params, x, t) gives the score; options as in `sample`.
+  With a mesh the batch is sharded over its 'data' axis.
+  """
+  shape = check_shape(shape)
+  spec, opts = resolve_options(sde, method, options)
+  constrain = identity
+  if mesh is not None:
+    parallel.check_batch_divisible(shape[0], mesh, 'number of samples')
+    sharding = parallel.batch_sharding(mesh)
+    constrain = lambda x: jax.lax.with_sharding_constraint(x, sharding)  # noqa: E731
+
+  def sampler(key, params):
+    score_fn = lambda x, t: score_model_fn(params, x, t)  # noqa: E731
+    return spec.sampler(key, score_fn, sde, shape, constrain=constrain, **opts)
+
+  return sampler
+
+
+def jit_sampler(sampler: Callable, mesh=None) -> Callable:
+  """jax.jit of sampler(key, params): key and params replicated, samples sharded."""
+  if mesh is None:
+    return jax.jit(sampler)
+  return jax.jit(sampler,
+                 in_shardings=(parallel.replicated(mesh), parallel.replicated(mesh)),
+                 out_shardings=(parallel.batch_sharding(mesh), parallel.replicated(mesh)))
+
+
+def config_options(config) -> tuple[str, dict]:
+  """(method, options) read from `config.sampling` (keys of configs/defaults.py)."""
+  sampling = config.sampling
+  method = str(sampling.method).lower()
+  spec = lookup(METHODS, method, 'sampling method (config.sampling.method)')
+  options = {name: sampling.get(name, default) for name, default in spec.defaults.items()
+             if name not in ('eps', 'max_steps')}
+  return method, options
+
+
+def get_sampling_fn(config, sde, score_model_fn: ScoreModelFn, shape, eps: float,
+                    mesh=None) -> Callable:
+  """Jitted sampling_fn(key, params) -> (x [B, ...] in model space, info) from the config.
+
+  `config.sampling.method` picks pc | ode | sde | ddim; the other
+  `config.sampling` keys set its options (num_steps 0 = the SDE's N, or adaptive
+  steps for an adaptive ODE solver; `snr_norm`, if absent, is 'example').
+  Parameters enter as an argument, so one compiled program serves every
+  checkpoint. Apply the inverse scaler yourself.
+  """
+  method, options = config_options(config)
+  sampler = build_sampler(sde, score_model_fn, shape, method, mesh=mesh, eps=eps,
+                          **options)
+  return jit_sampler(sampler, mesh)
+
+
+@functools.lru_cache(maxsize=64)
+def _cached_sampler(score_fn, sde, shape, method, option_items, mesh):
+  sampler = build_sampler(sde, lambda _, x, t: score_fn(x, t), shape, method, mesh=mesh,
+                          **dict(option_items))
+  return jit_sampler(sampler, mesh)
+
+
+def sample(key, score_fn: ScoreFn, sde, shape, method: str = 'pc', *, mesh=None,
+           **options) -> tuple[jax.Array, Info]:
+  """Draws shape[0] samples with `method` in 'pc' | 'ode' | 'sde' | 'ddim'.
+
+  Args:
+    key: PRNG key; example i depends only on (key, i).
+    score_fn: score_fn(x [B, ...], t [B]) -> [B, ...].
+    sde: the forward SDE (score_sde.sde interface).
+    shape: [B, ...], the batch of samples to draw.
+    method: 'pc' (options predictor, corrector, snr, n_steps_each, snr_norm,
+      probability_flow, noise_removal, num_steps), 'ode' (ode_solver, rtol,
+      atol, num_steps: 0 = adaptive, max_steps, noise_removal), 'sde'
+      (sde_solver, num_steps, noise_removal), 'ddim' (ddim_eta, num_steps,
+      noise_removal). All take eps (default 1e-3). num_steps 0 means sde.N.
+    mesh: optional device mesh; samples are sharded over its 'data' axis.
+
+  Returns:
+    (x [B, ...], info) with info['nfe'] the number of (batched) score evaluations.
+
+  The compiled sampler is cached per (score_fn, sde, shape, method, options,
+  mesh): keep one score_fn object to reuse it.
+  """
+  shape = check_shape(shape)
+  fn = _cached_sampler(score_fn, sde, shape, str(method).lower(),
+                       tuple(sorted(options.items())), mesh)
+  return fn(key, None)
