@@ -51,6 +51,8 @@ from ml_collections import config_flags  # noqa: E402
 config_flags.DEFINE_config_file('config', None, 'Experiment config file (configs/...).',
                                 lock_config=True)
 flags.DEFINE_string('workdir', None, 'Experiment directory (checkpoints, samples, logs).')
+flags.DEFINE_bool('extend', False, 'train: continue a finished run to a larger '
+                  'config.training.n_iters (otherwise refused).')
 flags.DEFINE_bool('exact', False, 'noise_scales: exact sigma_max even for large datasets.')
 flags.DEFINE_integer('n_steps_each', 5, 'noise_scales: Langevin steps per noise scale.')
 flags.DEFINE_integer('max_examples', 0, 'noise_scales / bpd: use at most this many examples '
@@ -155,7 +157,7 @@ def cmd_train(argv):
   if experiment.is_classifier(config):
     raise ValueError(f'config.model.name {config.model.name!r} is a classifier: train it '
                      f'with launch.py train_classifier.')
-  train.train_and_evaluate(config, workdir)
+  train.train_and_evaluate(config, workdir, extend=FLAGS.extend)
 
 
 def cmd_train_classifier(argv):
@@ -168,7 +170,7 @@ def cmd_train_classifier(argv):
     raise ValueError(f'train_classifier needs a classifier config (config.model.name in '
                      f'{list(experiment.CLASSIFIER_MODELS)}, e.g. configs/digits/'
                      f'wrn_classifier.py); got model {config.model.name!r}.')
-  train.train_and_evaluate(config, workdir)
+  train.train_and_evaluate(config, workdir, extend=FLAGS.extend)
 
 
 def _input_images(config):

@@ -106,13 +106,22 @@ def config_to_dict(config) -> dict:
   return json.loads(config.to_json())
 
 
-def write_or_check_config(config, workdir: str) -> None:
-  """Writes <workdir>/config.json, or checks a resumed run's config against it."""
+def write_or_check_config(config, workdir: str, *, extend: bool = False) -> dict | None:
+  """Checks a resumed run's config against <workdir>/config.json, then writes the current one.
+
+  Returns the stored config (a dict) of a run that has checkpoints, else None.
+  A stored config pins the run only once the run has a checkpoint: a first run
+  that failed before its first checkpoint (a bad batch size, a NaN at step 3)
+  does not pin its config, and the corrected run replaces it. Of the changes a
+  resumed run may make (RESUMABLE_CHANGES), extending a finished run (its
+  newest checkpoint at its training.n_iters) to more steps needs `extend`.
+  """
   path = os.path.join(workdir, 'config.json')
   current = config_to_dict(config)
-  if os.path.exists(path):
-    with open(path) as f:
-      stored = json.load(f)
+  steps = checkpoints.existing_steps(workdir)
+  stored = None
+  if os.path.exists(path) and steps:
+    stored = config_to_dict(io.read_config_json(workdir))
     old, new = _flatten(stored), _flatten(current)
     changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k)
                      and not any(k == p or (p.endswith('.') and k.startswith(p))
@@ -121,11 +130,14 @@ def write_or_check_config(config, workdir: str) -> None:
       details = ', '.join(f'{k}: {old.get(k)!r} -> {new.get(k)!r}' for k in changed[:8])
       raise ValueError(f'{workdir} holds a run with a different config ({details}); '
                        f'resuming would not be exact. Use a new --workdir.')
+    old_iters, new_iters = old.get('training.n_iters'), new.get('training.n_iters')
+    if old_iters is not None and steps[-1] >= old_iters and new_iters > old_iters and not extend:
+      raise ValueError(f'the run in {workdir} finished at step {steps[-1]} (training.n_iters '
+                       f'{old_iters}); continuing it to {new_iters} steps needs --extend '
+                       f'(launch.py train ... --extend), or use a new --workdir.')
   if jax.process_index() == 0:
-    tmp = path + '.tmp'
-    with open(tmp, 'w') as f:
-      json.dump(current, f, indent=2, sort_keys=True)
-    os.replace(tmp, path)
+    io.atomic_json(path, current)
+  return stored
 
 
 def check_config(config, mesh=None) -> None:

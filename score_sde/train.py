@@ -37,6 +37,7 @@ from score_sde import data as data_lib
 from score_sde import experiment as experiment_lib
 from score_sde import io
 from score_sde import jobs
+from score_sde import locks
 from score_sde import losses
 from score_sde import parallel
 from score_sde.cpu import flat_state
@@ -246,19 +247,39 @@ def _global_batches(local, mesh, batch_axis: int = 0):
   return jax.tree.map(lambda a: parallel.global_batch(a, mesh, batch_axis=batch_axis), local)
 
 
-def train_and_evaluate(config, workdir: str, *,
-                       final_evaluation: bool = True) -> experiment_lib.TrainState:
+def train_and_evaluate(config, workdir: str, *, final_evaluation: bool = True,
+                       extend: bool = False) -> experiment_lib.TrainState:
   """Trains (resuming from the newest checkpoint in `workdir`) and evaluates at the end.
 
   A score model by default; a noise-conditional classifier (on labelled batches,
   no snapshot samples, test accuracy by noise level at the end) when
-  config.model.name is a classifier ('wideresnet').
+  config.model.name is a classifier ('wideresnet'). One writer per workdir: a
+  second run on the same workdir stops at once (`locks.WorkdirLockedError`).
+  A finished run continues to a larger training.n_iters only with `extend`.
   """
-  # ---- mesh and checks (before any compilation) -------------------------
   mesh = parallel.make_mesh()
   experiment_lib.check_config(config, mesh)
   os.makedirs(workdir, exist_ok=True)
-  experiment_lib.write_or_check_config(config, workdir)
+  with locks.hold(workdir, 'train', active=jax.process_index() == 0):
+    return _train_and_evaluate(config, workdir, mesh, final_evaluation=final_evaluation,
+                               extend=extend)
+
+
+def _preserved_steps(workdir: str, stored_config: dict | None) -> list[int]:
+  """The checkpoints a resumed run must keep whatever its snapshot period: every step
+  but the newest (the earlier period kept them), and the newest if it was a snapshot."""
+  steps = checkpoints.existing_steps(workdir)
+  if not steps or stored_config is None:
+    return []
+  old_period = int(stored_config.get('training', {}).get('snapshot_freq') or 0)
+  newest_kept = old_period > 0 and steps[-1] % old_period == 0
+  return steps[:-1] + (steps[-1:] if newest_kept else [])
+
+
+def _train_and_evaluate(config, workdir: str, mesh, *, final_evaluation: bool,
+                        extend: bool) -> experiment_lib.TrainState:
+  # ---- workdir and config (before any compilation) --------------------------
+  stored_config = experiment_lib.write_or_check_config(config, workdir, extend=extend)
   training = config.training
   n_jit = int(training.n_jitted_steps)
   global_batch = int(training.batch_size)
@@ -284,9 +305,11 @@ def train_and_evaluate(config, workdir: str, *,
   # ---- state: restore or initialise, replicated on the mesh -----------------
   abstract_state, init = experiment_lib.abstract_train_state(experiment, optimizer, mesh)
   replicated = parallel.replicated(mesh)
-  manager = checkpoints.make_manager(workdir, keep_period=training.snapshot_freq or None)
+  manager = checkpoints.make_manager(workdir, keep_period=training.snapshot_freq or None,
+                                    preserve_steps=_preserved_steps(workdir, stored_config))
   if manager.all_steps():
-    state, step = checkpoints.restore(manager, abstract_state, train_iter)
+    state, step = checkpoints.restore(manager, abstract_state, train_iter,
+                                      move_unreadable=is_main)
     if is_main:
       print(f'Resumed from the checkpoint at step {step} in {checkpoints.checkpoint_dir(workdir)}.',
             flush=True)
@@ -322,7 +345,7 @@ def train_and_evaluate(config, workdir: str, *,
   # ---- loop ----------------------------------------------------------------
   writer = io.MetricWriter(workdir)
   n_iters = int(training.n_iters)
-  t_start, step_start, last_log = time.time(), step, (time.time(), step)
+  t_start, last_log = time.time(), (time.time(), step)
   try:
     while step < n_iters:
       state, metrics = p_train(state, (next(train_iter) for _ in range(n_jit)))
@@ -367,7 +390,8 @@ def train_and_evaluate(config, workdir: str, *,
         if (training.snapshot_sampling and not classifier
             and _crossed(previous, step, training.snapshot_freq)):
           snapshot_sampler = snapshot_sampler or sample_job_lib.snapshot_sampler(experiment, mesh)
-          sample_job_lib.write_snapshot_samples(experiment, snapshot_sampler, tree_state, step, workdir, mesh)
+          sample_job_lib.write_snapshot_samples(experiment, snapshot_sampler, tree_state, step,
+                                                workdir, mesh)
         del tree_state
   finally:
     manager.wait_until_finished()

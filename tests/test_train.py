@@ -7,6 +7,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 
 import jax
 import jax.numpy as jnp
@@ -336,7 +337,8 @@ def test_tree_and_flat_forms_train_alike_and_a_run_may_switch_form_on_resume(
   out = capsys.readouterr().out
   assert 'parameter layout flat.' in out and 'parameter layout tree.' in out
   train.train_and_evaluate(config_for('flat', n_iters=3), str(tmp_path / 'switched'))
-  switched = train.train_and_evaluate(config_for('tree'), str(tmp_path / 'switched'))
+  switched = train.train_and_evaluate(config_for('tree'), str(tmp_path / 'switched'),
+                                      extend=True)
   out = capsys.readouterr().out
   assert 'Resumed from the checkpoint at step 3' in out and 'parameter layout tree.' in out
 
@@ -468,6 +470,74 @@ def test_corrupt_newest_checkpoint_falls_back_to_previous(tmp_path, capsys):
   _assert_trees_equal(state, good)
 
 
+def test_training_resumes_past_an_unreadable_newest_checkpoint_and_keeps_it(tmp_path, capsys):
+  config = small_toy_config(20)
+  config.training.snapshot_freq = 10
+  config.training.snapshot_freq_for_preemption = 5
+  reference = train.train_and_evaluate(config, str(tmp_path / 'reference'))
+  config.training.n_iters = 15
+  train.train_and_evaluate(config, str(tmp_path / 'run'))     # checkpoints 10, 15
+  config.training.n_iters = 20
+  newest = os.path.join(checkpoints.checkpoint_dir(str(tmp_path / 'run')), '15')
+  for folder, _, files in os.walk(newest):
+    for name in files:
+      with open(os.path.join(folder, name), 'wb') as f:
+        f.write(b'garbage')
+  state = train.train_and_evaluate(config, str(tmp_path / 'run'), extend=True)  # from 10
+  assert 'moved to' in capsys.readouterr().out
+  _assert_trees_equal(state, reference, exact=True)
+  moved = os.listdir(tmp_path / 'run' / checkpoints.UNREADABLE_DIR)
+  assert len(moved) == 1 and moved[0].startswith('15_')              # kept for inspection
+  assert checkpoints.existing_steps(str(tmp_path / 'run')) == [10, 20]
+  train.train_and_evaluate(config, str(tmp_path / 'run'))   # a re-run finishes at once
+
+
+def test_a_finished_run_is_extended_only_when_asked_and_keeps_its_checkpoints(tmp_path):
+  config = small_toy_config(30)
+  config.training.snapshot_freq = 10
+  config.training.snapshot_freq_for_preemption = 5
+  train.train_and_evaluate(config, str(tmp_path))
+  assert checkpoints.existing_steps(str(tmp_path)) == [10, 20, 30]
+  config.training.n_iters = 40
+  with pytest.raises(ValueError, match=r'finished at step 30 \(training.n_iters 30\); '
+                                       r'continuing it to 40 steps needs --extend'):
+    train.train_and_evaluate(config, str(tmp_path))
+  config.training.snapshot_freq = 25               # a new retention period ...
+  train.train_and_evaluate(config, str(tmp_path), extend=True)
+  # ... deletes none of the steps that existed (10, 20, 30); 40 is the newest.
+  assert checkpoints.existing_steps(str(tmp_path)) == [10, 20, 30, 40]
+
+
+def test_a_first_run_without_a_checkpoint_does_not_pin_its_config(tmp_path):
+  config = small_toy_config(2)
+  config.optim.lr = float('nan')                   # fails at step 1, before any checkpoint
+  with pytest.raises(train.NonFiniteLossError, match='none \\(no checkpoint was written yet\\)'):
+    train.train_and_evaluate(config, str(tmp_path))
+  assert os.path.exists(tmp_path / 'config.json')
+  config.optim.lr = 1e-3                           # the corrected run is not "a different config"
+  train.train_and_evaluate(config, str(tmp_path))
+  with open(tmp_path / 'config.json') as f:
+    assert json.load(f)['optim']['lr'] == 1e-3
+
+
+def test_a_second_trainer_on_the_same_workdir_is_refused_in_one_line(tmp_path):
+  holder = _run_worker(tmp_path, 100000)
+  try:
+    lock = tmp_path / '.lock'
+    for _ in range(600):                           # until the worker holds the lock
+      if lock.exists() and str(holder.pid) in lock.read_text():
+        break
+      time.sleep(0.1)
+    with pytest.raises(Exception) as raised:
+      train.train_and_evaluate(small_toy_config(2), str(tmp_path))
+    assert type(raised.value).__name__ == 'WorkdirLockedError'
+    assert re.search(rf'in use by `train` \(host .*, PID {holder.pid}, since', str(raised.value))
+  finally:
+    holder.kill()
+    holder.wait()
+  train.train_and_evaluate(small_toy_config(2), str(tmp_path))      # no stale lock after a kill
+
+
 def test_nan_loss_stops_with_step_and_leaves_a_loadable_checkpoint(tmp_path):
   config = small_toy_config(50)
   config.training.snapshot_freq_for_preemption = 1
@@ -490,8 +560,8 @@ def test_resume_with_a_different_config_is_refused(tmp_path):
   with pytest.raises(ValueError, match=r'different config \(model.nf: 32 -> 16\)'):
     train.train_and_evaluate(config, str(tmp_path))
   config.model.nf = 32
-  config.training.n_iters = 4                 # extending a run is fine
-  state = train.train_and_evaluate(config, str(tmp_path))
+  config.training.n_iters = 4                 # extending a finished run is fine, when asked
+  state = train.train_and_evaluate(config, str(tmp_path), extend=True)
   assert int(state.step) == 4
 
 
@@ -576,5 +646,6 @@ def test_jitted_steps_as_calls_of_one_step_or_unrolled_train_alike(tmp_path, mon
   with open(tmp_path / 'looped' / 'logs' / 'metrics.jsonl') as f:
     assert sum('"loss"' in line for line in f) == 2    # one line per call of 2 steps
   # Unrolling changes no maths, so a run may resume with the other setting.
-  resumed = train.train_and_evaluate(config_for(True, n_iters=6), str(tmp_path / 'looped'))
+  resumed = train.train_and_evaluate(config_for(True, n_iters=6), str(tmp_path / 'looped'),
+                                     extend=True)
   assert int(resumed.step) == 6
