@@ -100,3 +100,40 @@ def round_up_to_devices(size: int, mesh: Mesh) -> int:
   """The smallest multiple of the mesh's device count that is >= size (and >= 1 device)."""
   n = mesh.devices.size
   return max(1, -(-int(size) // n)) * n
+
+
+def replicate(tree, mesh: Mesh):
+  """A tree of arrays, equal on every process, as global arrays replicated over `mesh`.
+
+  Leaves already replicated on the mesh (a restored train state) are returned as
+  they are; host or single-device leaves are placed device by device, so a
+  process only touches its own devices (multi-process safe).
+  """
+  sharding = replicated(mesh)
+
+  def place(leaf):
+    if isinstance(leaf, jax.Array):
+      if leaf.sharding.is_equivalent_to(sharding, leaf.ndim):
+        return leaf
+      if not leaf.is_fully_addressable:
+        return jax.device_put(leaf, sharding)
+    host = np.asarray(leaf)
+    return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+  return jax.tree.map(place, tree)
+
+
+def broadcast_from_first(value) -> np.ndarray:
+  """Process 0's numpy array, on every process (the array itself with one process)."""
+  value = np.asarray(value)
+  if jax.process_count() == 1:
+    return value
+  from jax.experimental import multihost_utils
+  return np.asarray(multihost_utils.broadcast_one_to_all(value))
+
+
+def barrier(name: str) -> None:
+  """Returns once every process has reached the barrier `name` (no-op for one process)."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(name)

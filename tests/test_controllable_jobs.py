@@ -93,6 +93,20 @@ def test_jobs_write_npz_png_and_json(tmp_path):
   np.testing.assert_allclose(results[:, 1][known], images[known], atol=1e-6)
   assert np.all(np.isfinite(results))
   assert 'step7' in paths['npz'] and os.path.exists(paths['png'])
+  shards = os.path.join(os.path.dirname(paths['npz']), 'inpainting_shards')
+  assert sorted(os.listdir(shards)) == ['manifest.json', 'shard_00000.npz', 'shard_00001.npz']
+  with open(os.path.join(shards, 'manifest.json')) as f:   # 6 inputs in shards of 4
+    manifest = json.load(f)
+  assert manifest['shard_size'] == 4 and manifest['samples_per_image'] == 2
+  assert manifest['shards']['1']['nfe'] == 50          # N = 50 steps, no corrector
+  again = controllable_jobs.inpaint_job(str(tmp_path), config, images, 'center box', mesh=mesh,
+                                        samples_per_image=2, state=state, step=7)
+  with np.load(again['npz']) as f:             # a re-run only reassembles the shards
+    np.testing.assert_array_equal(f['results'], results)
+  with pytest.raises(ValueError, match=r'holds shards made with a different inputs .*; pass '
+                                       r'another --out_dir or delete the folder'):
+    controllable_jobs.inpaint_job(str(tmp_path), config, images[::-1], 'center box',
+                                  mesh=mesh, samples_per_image=2, state=state, step=7)
 
   paths = controllable_jobs.colorize_job(str(tmp_path), config, images, mesh=mesh, state=state,
                                     step=7)

@@ -1,6 +1,7 @@
 """The bits/dim job: exact likelihood of a split through the probability-flow ODE.
 
   <workdir>/eval/bpd_<split>_<step>/shard_*.npz   per-shard bits/dim and NFE
+  <workdir>/eval/bpd_<split>_<step>/manifest.json  settings checked on resume, NFE per shard
   <workdir>/eval/bpd_<split>_<step>.json          mean, standard error, NFE, settings
 """
 from __future__ import annotations
@@ -40,7 +41,10 @@ def bpd_job(workdir: str, config, *, split: str = 'test', num_repeats: int = 1,
             mesh=None, state=None, step: int | None = None) -> dict:
   """Bits/dim of a split through the probability-flow ODE, resumable and sharded.
 
-  Each repeat draws fresh dequantisation noise and Hutchinson probes. Writes
+  Shard s = r * num_batches + b is batch b of repeat r (the last batch zero-padded
+  to the batch size B, a device multiple), with key fold_in(PRNGKey(seed + 7), s)
+  split into dequantisation noise and Hutchinson probes: each repeat draws fresh
+  ones. More repeats extend a finished job. Writes
   <workdir>/eval/bpd_<split>_<step>.json and returns its contents.
   """
   mesh = mesh or parallel.make_mesh()
@@ -53,49 +57,45 @@ def bpd_job(workdir: str, config, *, split: str = 'test', num_repeats: int = 1,
     raise ValueError(f'bits/dim need quantised data; {config.data.dataset} is continuous.')
   uint = data_lib.load_split_uint(config, split, max_examples)       # [n, H, W, C]
   n, dim = len(uint), int(np.prod(uint.shape[1:]))
-  n_dev = mesh.devices.size
-  batch_size = int(batch_size or config.eval.batch_size)
-  batch_size = max(1, math.ceil(min(batch_size, n) / n_dev)) * n_dev
-  num_batches = math.ceil(n / batch_size)
+  batch_size = parallel.round_up_to_devices(min(int(batch_size or config.eval.batch_size), n),
+                                            mesh)
+  num_batches = common.count_shards(n, batch_size)
   out_dir = os.path.join(workdir, 'eval', f'bpd_{split}_{step}')
-  os.makedirs(out_dir, exist_ok=True)
+  job = common.Job(
+      out_dir=out_dir, num_shards=num_repeats * num_batches, shard_size=batch_size,
+      settings={'split': split, 'checkpoint_step': int(step), 'num_examples': int(n),
+                'num_repeats': int(num_repeats), 'solver': dataclasses.asdict(settings),
+                'config_hash': experiment_lib.config_hash(config)},
+      checked=('split', 'checkpoint_step', 'num_examples', 'solver', 'config_hash',
+               'shard_size'),
+      title=(f'bits/dim of {n} {split} examples x {num_repeats} repeat(s) from step {step} '
+             f'into {out_dir}'),
+      what=f'bits/dim ({split})', unit='example',
+      retry_hint='run with the earlier settings')
   likelihood_fn = likelihood.get_likelihood_fn(
       experiment.sde, experiment.score_model_fn, mesh=mesh, **dataclasses.asdict(settings))
+  params = common.ema_params(state, mesh)
   scaler = data_lib.get_data_scaler(config)
   inverse = data_lib.get_data_inverse_scaler(config)
   base_key = jax.random.PRNGKey(config.seed + 7)
-  total = num_repeats * num_batches
-  already = sum(os.path.exists(common.shard_path(out_dir, i)) for i in range(total))
-  progress = common.Progress(total * batch_size, f'bits/dim ({split})', already * batch_size)
-  shard = 0
-  for repeat in range(num_repeats):
-    for b in range(num_batches):
-      path = common.shard_path(out_dir, shard)
-      if not os.path.exists(path):
-        rows = uint[b * batch_size:(b + 1) * batch_size]
-        valid = len(rows)
-        rows = np.concatenate([rows, np.zeros((batch_size - valid,) + rows.shape[1:],
-                                              rows.dtype)])
-        key_deq, key_probe = jax.random.split(jax.random.fold_in(base_key, shard))
-        x = rows.astype(np.float32) / (levels - 1)
-        x = np.asarray(scaler(likelihood.uniform_dequantize(key_deq, x, levels)))
-        x = parallel.host_to_global(x, mesh)
-        logp, _, info = likelihood_fn(key_probe, state.ema_params, x)
-        bpd = np.asarray(likelihood.bits_per_dim(parallel.gather(logp), dim, inverse, levels))
-        if jax.process_index() == 0:
-          io.savez_atomic(path, bpd=bpd[:valid].astype(np.float64),
-                        nfe=np.asarray(parallel.gather(info['nfe_per_example']))[:valid])
-        progress.update((shard + 1) * batch_size, f'NFE {int(np.asarray(info["nfe"]))}')
-      shard += 1
 
-  bpds, nfes = [], []
-  for s in range(total):
-    arrays = io.load_npz(common.shard_path(out_dir, s))
-    bpds.append(arrays['bpd'])
-    nfes.append(arrays['nfe'])
-  bpds = np.concatenate(bpds).reshape(num_repeats, n)
+  def compute(shard):
+    rows = uint[common.shard_rows(shard % num_batches, batch_size, n)]
+    valid = len(rows)
+    key_deq, key_probe = jax.random.split(common.shard_key(base_key, shard))
+    x = common.pad_rows(rows, batch_size, fill=0).astype(np.float32) / (levels - 1)
+    x = np.asarray(scaler(likelihood.uniform_dequantize(key_deq, x, levels)))
+    logp, _, info = likelihood_fn(key_probe, params, parallel.host_to_global(x, mesh))
+    bpd = np.asarray(likelihood.bits_per_dim(parallel.gather(logp), dim, inverse, levels))
+    nfe = np.asarray(parallel.gather(info['nfe_per_example']))
+    return ({'bpd': bpd[:valid].astype(np.float64), 'nfe': nfe[:valid]},
+            {'nfe': int(np.asarray(info['nfe']))})
+
+  common.run(job, compute)
+  shards = common.load_shards(job)
+  bpds = np.concatenate([a['bpd'] for a in shards]).reshape(num_repeats, n)
   per_example = bpds.mean(axis=0)            # average the repeats of each example
-  nfes = np.concatenate(nfes)
+  nfes = np.concatenate([a['nfe'] for a in shards])
   result = {
       'split': split, 'checkpoint_step': int(step), 'num_examples': int(n),
       'num_repeats': int(num_repeats), 'bpd': float(per_example.mean()),

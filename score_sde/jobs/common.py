@@ -1,23 +1,37 @@
 """The skeleton every job runs on: a state restored (or handed over), work cut into
 shards by position, padded batches as global arrays, results gathered, files
-written atomically.
+written atomically, a manifest checked on resume, one progress bar.
 
-A job splits its work into shards of a fixed size. Shard s uses the key
-fold_in(job key, s) and covers fixed examples, so its result does not depend
-on when it runs: an interrupted job, run again with the same command, computes
-only the missing shards and ends with exactly the files of an uninterrupted
-run. A shard's file is written under a temporary name and renamed, so a file
-with a shard's name is always complete. Every shard runs on the whole mesh
-(all devices of all processes); process 0 writes the files.
+A job is a `Job` (where it writes, how many shards of what size, the settings
+that determine its result) and a function computing one shard:
+
+  compute(s) -> (arrays, info)   arrays: numpy, gathered (every process gets them);
+                                 info: small JSON values (e.g. {'nfe': 20})
+
+Shard s covers fixed rows and uses the key fold_in(job key, s) (`shard_key`),
+so its result does not depend on when it ran: an interrupted job, run again
+with the same command, computes only the missing shards and ends with exactly
+the files of an uninterrupted run. `run` writes shard s's info into
+<out_dir>/manifest.json, then its arrays to <out_dir>/shard_<s>.npz (through a
+temporary file and a rename: a file under a shard's name is complete, and a
+shard is done exactly when its file exists). Every shard runs on the whole
+mesh (all devices of all processes); process 0 decides which shards are
+missing and writes the files; the workdir is shared by all processes, as for
+checkpoints.
 """
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
 import math
 import os
-import time
+import sys
+from typing import Callable
 
 import jax
 import numpy as np
+import tqdm
 
 from score_sde import experiment as experiment_lib
 from score_sde import io
@@ -32,21 +46,43 @@ def experiment_and_state(workdir: str, config, mesh, checkpoint: int | None = No
   return experiment_lib.build_experiment(config), state, step
 
 
+def ema_params(state, mesh):
+  """The state's EMA parameters as replicated global arrays on `mesh` (a no-op for a
+  restored state; host or single-device parameters handed over are placed)."""
+  return parallel.replicate(state.ema_params, mesh)
+
+
+# ----------------------------------------------------------------------------
+# Shards by position
+# ----------------------------------------------------------------------------
+
 def shard_path(directory: str, index: int) -> str:
   return os.path.join(directory, f'shard_{index:05d}.npz')
 
 
-def batches(n: int, batch_size: int):
-  """(start, stop) of consecutive batches covering range(n)."""
-  for start in range(0, n, batch_size):
-    yield start, min(start + batch_size, n)
+def count_shards(num_rows: int, shard_size: int) -> int:
+  return math.ceil(int(num_rows) / int(shard_size))
 
 
-def pad_rows(array: np.ndarray, size: int) -> np.ndarray:
-  """`array` [n, ...] padded to [size, ...] by repeating its last row."""
+def shard_rows(shard: int, shard_size: int, num_rows: int) -> slice:
+  """The rows [s B, min((s + 1) B, n)) of shard s."""
+  return slice(shard * shard_size, min((shard + 1) * shard_size, num_rows))
+
+
+def shard_key(key: jax.Array, shard: int) -> jax.Array:
+  """Shard s's key: fold_in(key, s), whatever else ran before it."""
+  return jax.random.fold_in(key, shard)
+
+
+def pad_rows(array: np.ndarray, size: int, fill=None) -> np.ndarray:
+  """`array` [n, ...] padded to [size, ...]: by repeating its last row, or with `fill`."""
+  array = np.asarray(array)
   if len(array) == size:
     return array
-  pad = np.repeat(array[-1:], size - len(array), axis=0)
+  if fill is None:
+    pad = np.repeat(array[-1:], size - len(array), axis=0)
+  else:
+    pad = np.full((size - len(array),) + array.shape[1:], fill, array.dtype)
   return np.concatenate([array, pad])
 
 
@@ -55,18 +91,126 @@ def job_batch_size(config, n: int, mesh) -> int:
   return parallel.round_up_to_devices(min(int(config.eval.batch_size), n), mesh)
 
 
-class Progress:
-  """A one-line progress report: done / total, items/s, ETA (process 0)."""
+def digest(*arrays) -> str:
+  """A short hash of arrays' dtypes, shapes and values (inputs named in a manifest)."""
+  h = hashlib.sha256()
+  for array in arrays:
+    array = np.ascontiguousarray(np.asarray(array))
+    h.update(f'{array.dtype.str}{array.shape}'.encode())
+    h.update(array.tobytes())
+  return h.hexdigest()[:16]
 
-  def __init__(self, total: int, what: str, already_done: int = 0):
-    self.total, self.what, self.start, self.done0 = total, what, time.time(), already_done
 
-  def update(self, done: int, extra: str = '') -> None:
-    if jax.process_index() != 0:
-      return
-    elapsed = max(time.time() - self.start, 1e-9)
-    rate = (done - self.done0) / elapsed
-    eta = (self.total - done) / rate if rate > 0 else float('nan')
-    eta_text = io.format_seconds(eta) if math.isfinite(eta) else '?'
-    print(f'{self.what}: {done}/{self.total} | {rate:.2f}/s | eta {eta_text}'
-          + (f' | {extra}' if extra else ''), flush=True)
+# ----------------------------------------------------------------------------
+# The job: manifest, missing shards, the shard loop
+# ----------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Job:
+  """A job's shards and the settings that determine them.
+
+  out_dir: holds shard_<s>.npz and manifest.json.
+  settings: JSON values written to the manifest (with shard_size, num_shards
+    and per-shard info under 'shards'); the keys in `checked` must be equal
+    when a job resumes in a folder that already has a manifest.
+  title: the first line printed, e.g. 'sampling 64 samples (pc) ... into <dir>'.
+  what / unit: the progress bar's label and the unit of its count (rows).
+  retry_hint: the other way out named when a resume is refused.
+  """
+  out_dir: str
+  num_shards: int
+  shard_size: int
+  settings: dict
+  checked: tuple[str, ...]
+  title: str
+  what: str
+  unit: str = 'example'
+  retry_hint: str = 'pass another --out_dir'
+
+  @property
+  def manifest_path(self) -> str:
+    return os.path.join(self.out_dir, 'manifest.json')
+
+
+def read_manifest(out_dir: str) -> dict | None:
+  path = os.path.join(out_dir, 'manifest.json')
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    return json.load(f)
+
+
+def open_manifest(job: Job) -> dict:
+  """The job's manifest, keeping the shard info of an earlier run with the same settings.
+
+  Settings are compared as JSON values (tuples as lists). Raises ValueError
+  naming the first checked setting that differs.
+  """
+  manifest = json.loads(json.dumps({**job.settings, 'shard_size': int(job.shard_size),
+                                    'num_shards': int(job.num_shards), 'shards': {}}))
+  previous = read_manifest(job.out_dir)
+  if previous is None:
+    return manifest
+  for key in job.checked:
+    if previous.get(key) != manifest[key]:
+      raise ValueError(f'{job.out_dir} holds shards made with a different {key} '
+                       f'({previous.get(key)!r} vs {manifest[key]!r}); {job.retry_hint} or '
+                       f'delete the folder.')
+  manifest['shards'] = previous.get('shards', {})
+  return manifest
+
+
+def missing_shards(job: Job) -> list[int]:
+  """Shards without a file, as process 0 sees them (the same list on every process)."""
+  missing = np.zeros(job.num_shards, np.int32)
+  if jax.process_index() == 0:
+    missing[:] = [not os.path.exists(shard_path(job.out_dir, s))
+                  for s in range(job.num_shards)]
+  return [int(s) for s in np.flatnonzero(parallel.broadcast_from_first(missing))]
+
+
+def progress_bar(total: int, initial: int, what: str, unit: str) -> tqdm.tqdm:
+  """A tqdm bar on stdout (rate, ETA); silent unless stdout is a terminal, and on
+  processes other than 0."""
+  isatty = getattr(sys.stdout, 'isatty', None)
+  quiet = jax.process_index() != 0 or not (isatty and isatty())
+  return tqdm.tqdm(total=total, initial=initial, desc=what, unit=unit, file=sys.stdout,
+                   disable=quiet, dynamic_ncols=True)
+
+
+def save_shard(out_dir: str, shard: int, arrays: dict) -> str:
+  """Writes shard_<shard>.npz atomically."""
+  return io.savez_atomic(shard_path(out_dir, shard), **arrays)
+
+
+def run(job: Job, compute: Callable[[int], tuple[dict, dict]]) -> dict:
+  """Computes the job's missing shards with compute(s) -> (arrays, info); returns the
+  manifest. Call it on every process (compute may run sharded programs)."""
+  os.makedirs(job.out_dir, exist_ok=True)
+  manifest = open_manifest(job)
+  todo = missing_shards(job)
+  main = jax.process_index() == 0
+  if main:
+    print(f'{job.title}: {job.num_shards} shard(s) of {job.shard_size}, '
+          f'{job.num_shards - len(todo)} already done.', flush=True)
+  if todo:
+    with progress_bar(job.num_shards * job.shard_size,
+                      (job.num_shards - len(todo)) * job.shard_size, job.what, job.unit) as bar:
+      for shard in todo:
+        arrays, info = compute(shard)
+        manifest['shards'][str(shard)] = info
+        if main:          # the info first: a file means a finished shard
+          io.atomic_json(job.manifest_path, manifest)
+          save_shard(job.out_dir, shard, arrays)
+        if 'nfe' in info:
+          bar.set_postfix(NFE=info['nfe'], refresh=False)
+        bar.update(job.shard_size)
+  if main:
+    io.atomic_json(job.manifest_path, manifest)
+  parallel.barrier(f'score_sde job {job.out_dir}')   # every file written before reading
+  return manifest
+
+
+def load_shards(job: Job) -> list[dict]:
+  """The arrays of every shard, in order."""
+  return [io.load_npz(shard_path(job.out_dir, s)) for s in range(job.num_shards)]

@@ -11,8 +11,15 @@ Each writes, in its output folder,
                      results / one row per class
   <name>.json        checkpoint step, seed, sampler settings, NFE
 
-A job's samples depend on (seed, batch size = config.eval.batch_size rounded
-to the device count).
+  <name>_shards/      shard_<s>.npz (results of inputs [s B, (s + 1) B)) and
+                     manifest.json, so an interrupted job resumes (`common.run`)
+
+The inputs (repeated samples_per_image times) are cut into shards of B =
+config.eval.batch_size (at most the number of inputs) rounded up to the device
+count, shard s sampled with key fold_in(PRNGKey(seed), s): a job's samples
+depend on (seed, B), and an interrupted job run again gives exactly the files
+of an uninterrupted one. A resume with other inputs or settings in the same
+folder is refused.
 """
 from __future__ import annotations
 
@@ -21,11 +28,11 @@ import json
 import os
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from score_sde import controllable
 from score_sde import data as data_lib
+from score_sde import experiment as experiment_lib
 from score_sde import io
 from score_sde import losses
 from score_sde import models
@@ -46,8 +53,8 @@ def load_mask(spec: str, image_size: int, num_channels: int, *,
   if controllable.is_mask_pattern(spec):
     return controllable.make_mask(spec, image_size, num_channels, fraction=fraction, seed=seed)
   if not os.path.exists(spec):
-    raise ValueError(f'{spec!r} is neither a mask pattern {sorted(controllable.MASK_PATTERNS)} nor an '
-                     f'existing mask file.')
+    raise ValueError(f'{spec!r} is neither a mask pattern {sorted(controllable.MASK_PATTERNS)} '
+                     f'nor an existing mask file.')
   lower = spec.lower()
   if lower.endswith('.npz'):
     with np.load(spec, allow_pickle=False) as f:
@@ -145,6 +152,25 @@ def pc_options_from_config(config) -> dict:
           for name, default in sampling.METHODS['pc'].defaults.items() if name != 'eps'}
 
 
+def _shards_job(out_dir: str, name: str, num_rows: int, shard_size: int, settings: dict,
+                what: str) -> common.Job:
+  """The shards of a controllable job in <out_dir>/<name>_shards/ (all settings checked)."""
+  return common.Job(
+      out_dir=os.path.join(out_dir, f'{name}_shards'),
+      num_shards=common.count_shards(num_rows, shard_size), shard_size=shard_size,
+      settings=settings, checked=tuple(sorted(settings)) + ('shard_size',),
+      title=f'{what}: {num_rows} result(s) into {out_dir}', what=what, unit='image')
+
+
+def _results(job: common.Job, name: str = 'results') -> np.ndarray:
+  """The shards' `name` arrays, concatenated."""
+  return np.concatenate([arrays[name] for arrays in common.load_shards(job)])
+
+
+def _last_nfe(manifest: dict) -> int:
+  return int(manifest['shards'][str(manifest['num_shards'] - 1)]['nfe'])
+
+
 def inpaint_job(workdir: str, config, images: np.ndarray, mask, *,
                 mask_fraction: float | None = None, mask_seed: int = 0,
                 out_dir: str | None = None, samples_per_image: int = 1, seed: int | None = None,
@@ -156,11 +182,13 @@ def inpaint_job(workdir: str, config, images: np.ndarray, mask, *,
   `mask_seed` for patterns), or an array [H, W(, C)] for all images or
   [N, H, W(, C)] per image (1 = known). Writes <out_dir>/inpainting.{npz,png,
   json} (default out_dir <workdir>/samples/inpainting_step<step>_seed<seed>).
-  The sampler settings come from config.sampling (PC options). Returns the
-  file paths (an empty dict on processes other than 0).
+  The N * samples_per_image inputs are cut into resumable shards (see the
+  module docstring). The sampler settings come from config.sampling (PC
+  options). Returns the file paths (an empty dict on processes other than 0).
   """
   mesh = mesh or parallel.make_mesh()
-  experiment, state, step = common.experiment_and_state(workdir, config, mesh, checkpoint, state, step)
+  experiment, state, step = common.experiment_and_state(workdir, config, mesh, checkpoint,
+                                                        state, step)
   images = np.asarray(images, np.float32)
   example_shape = (config.data.image_size, config.data.image_size, config.data.num_channels)
   controllable.check_images(images, (len(images),) + example_shape, 'input images')
@@ -176,22 +204,33 @@ def inpaint_job(workdir: str, config, images: np.ndarray, mask, *,
   inverse = data_lib.get_data_inverse_scaler(config)
   repeated = np.repeat(images, samples_per_image, axis=0)
   repeated_masks = np.repeat(masks, samples_per_image, axis=0)
-  batch = common.job_batch_size(config, len(repeated), mesh)
+  n = len(repeated)
+  batch = common.job_batch_size(config, n, mesh)
   options = pc_options_from_config(config)
-  fn = controllable.jit_inpainter(controllable.build_inpainter(experiment.sde, experiment.score_model_fn,
-                                     (batch,) + example_shape, mesh,
-                                     eps=experiment.sampling_eps, **options), mesh)
-  results, nfe = [], 0
-  for index, (start, stop) in enumerate(common.batches(len(repeated), batch)):
-    x, info = fn(jax.random.fold_in(jax.random.PRNGKey(seed), index), state.ema_params,
-                 jnp.asarray(scaler(common.pad_rows(repeated[start:stop], batch))),
-                 jnp.asarray(common.pad_rows(repeated_masks[start:stop], batch)))
-    results.append(np.asarray(inverse(parallel.gather(x)))[:stop - start])
-    nfe = int(info['nfe'])
-  results = np.concatenate(results).reshape((len(images), samples_per_image) + example_shape)
   out_dir = out_dir or os.path.join(workdir, 'samples', f'inpainting_step{step}_seed{seed}')
-  meta = {'checkpoint_step': int(step), 'seed': seed, 'nfe': nfe,
-          'sampler': {k: v for k, v in options.items()}, 'eps': experiment.sampling_eps}
+  job = _shards_job(out_dir, 'inpainting', n, batch, {
+      'checkpoint_step': int(step), 'seed': seed, 'sampler': options,
+      'eps': experiment.sampling_eps, 'config_hash': experiment_lib.config_hash(config),
+      'inputs': common.digest(images, masks), 'samples_per_image': samples_per_image},
+      'inpainting')
+  fn = controllable.jit_inpainter(controllable.build_inpainter(
+      experiment.sde, experiment.score_model_fn, (batch,) + example_shape, mesh,
+      eps=experiment.sampling_eps, **options), mesh)
+  params = common.ema_params(state, mesh)
+  key = jax.random.PRNGKey(seed)
+
+  def compute(shard):
+    rows = common.shard_rows(shard, batch, n)
+    x, info = fn(common.shard_key(key, shard), params,
+                 parallel.host_to_global(scaler(common.pad_rows(repeated[rows], batch)), mesh),
+                 parallel.host_to_global(common.pad_rows(repeated_masks[rows], batch), mesh))
+    results = np.asarray(inverse(parallel.gather(x)))[:rows.stop - rows.start]
+    return {'results': results}, {'nfe': int(info['nfe'])}
+
+  manifest = common.run(job, compute)
+  results = _results(job).reshape((len(images), samples_per_image) + example_shape)
+  meta = {'checkpoint_step': int(step), 'seed': seed, 'nfe': _last_nfe(manifest),
+          'sampler': dict(options), 'eps': experiment.sampling_eps}
   if jax.process_index() != 0:
     return {}
   return save_inpainting(out_dir, images, masks, results, info=meta)
@@ -204,7 +243,8 @@ def colorize_job(workdir: str, config, images: np.ndarray, *, out_dir: str | Non
   """Colours grey-scale `images` ([N, H, W, 1] or RGB, whose channel mean is used; [0, 1]).
 
   Writes <out_dir>/colorization.{npz,png,json} (RGB inputs are kept as the
-  'originals' column). Sampler settings from config.sampling (PC options).
+  'originals' column), through resumable shards. Sampler settings from
+  config.sampling (PC options).
   """
   images = np.asarray(images, np.float32)
   size = config.data.image_size
@@ -213,30 +253,42 @@ def colorize_job(workdir: str, config, images: np.ndarray, *, out_dir: str | Non
     raise ValueError(f'images to colourise must be [N, H, W, 1] (grey) or [N, H, W, 3]; got '
                      f'shape {list(images.shape)}.')
   originals = images if images.shape[-1] == 3 else None
-  grey = controllable.to_grayscale(images)
+  grey = np.asarray(controllable.to_grayscale(images))
   controllable.check_grayscale(grey, (size, size, config.data.num_channels))   # before any restore
   mesh = mesh or parallel.make_mesh()
-  experiment, state, step = common.experiment_and_state(workdir, config, mesh, checkpoint, state, step)
+  experiment, state, step = common.experiment_and_state(workdir, config, mesh, checkpoint,
+                                                        state, step)
   seed = config.seed if seed is None else int(seed)
+  samples_per_image = int(samples_per_image)
   scaler = data_lib.get_data_scaler(config)
   inverse = data_lib.get_data_inverse_scaler(config)
-  repeated = np.repeat(grey, int(samples_per_image), axis=0)
-  batch = common.job_batch_size(config, len(repeated), mesh)
+  repeated = np.repeat(grey, samples_per_image, axis=0)
+  n = len(repeated)
+  batch = common.job_batch_size(config, n, mesh)
   options = pc_options_from_config(config)
-  fn = controllable.jit_colorizer(controllable.build_colorizer(experiment.sde, experiment.score_model_fn,
-                                     (batch,) + example_shape, mesh,
-                                     eps=experiment.sampling_eps, **options), mesh)
-  results, nfe = [], 0
-  for index, (start, stop) in enumerate(common.batches(len(repeated), batch)):
-    x, info = fn(jax.random.fold_in(jax.random.PRNGKey(seed), index), state.ema_params,
-                 jnp.asarray(scaler(common.pad_rows(repeated[start:stop], batch))))
-    results.append(np.asarray(inverse(parallel.gather(x)))[:stop - start])
-    nfe = int(info['nfe'])
-  results = np.concatenate(results).reshape((len(images), int(samples_per_image))
-                                            + example_shape)
   out_dir = out_dir or os.path.join(workdir, 'samples', f'colorization_step{step}_seed{seed}')
-  meta = {'checkpoint_step': int(step), 'seed': seed, 'nfe': nfe, 'sampler': options,
-          'eps': experiment.sampling_eps}
+  job = _shards_job(out_dir, 'colorization', n, batch, {
+      'checkpoint_step': int(step), 'seed': seed, 'sampler': options,
+      'eps': experiment.sampling_eps, 'config_hash': experiment_lib.config_hash(config),
+      'inputs': common.digest(grey), 'samples_per_image': samples_per_image},
+      'colourisation')
+  fn = controllable.jit_colorizer(controllable.build_colorizer(
+      experiment.sde, experiment.score_model_fn, (batch,) + example_shape, mesh,
+      eps=experiment.sampling_eps, **options), mesh)
+  params = common.ema_params(state, mesh)
+  key = jax.random.PRNGKey(seed)
+
+  def compute(shard):
+    rows = common.shard_rows(shard, batch, n)
+    x, info = fn(common.shard_key(key, shard), params,
+                 parallel.host_to_global(scaler(common.pad_rows(repeated[rows], batch)), mesh))
+    results = np.asarray(inverse(parallel.gather(x)))[:rows.stop - rows.start]
+    return {'results': results}, {'nfe': int(info['nfe'])}
+
+  manifest = common.run(job, compute)
+  results = _results(job).reshape((len(images), samples_per_image) + example_shape)
+  meta = {'checkpoint_step': int(step), 'seed': seed, 'nfe': _last_nfe(manifest),
+          'sampler': options, 'eps': experiment.sampling_eps}
   if jax.process_index() != 0:
     return {}
   return save_colorization(out_dir, np.repeat(grey, 3, axis=-1), results,
@@ -252,11 +304,13 @@ def conditional_sample_job(workdir: str, config, classifier_workdir: str, classi
   """Class-conditional samples: the workdir's EMA score model guided by the
   EMA classifier of classifier_workdir (its config: model.name 'wideresnet').
 
-  labels: [N] class indices (e.g. np.repeat(np.arange(10), 8)). Sampler from
-  config.sampling (any method). Writes <out_dir>/conditional.{npz,png,json}.
+  labels: [N] class indices (e.g. np.repeat(np.arange(10), 8)), cut into
+  resumable shards. Sampler from config.sampling (any method). Writes
+  <out_dir>/conditional.{npz,png,json}.
   """
   mesh = mesh or parallel.make_mesh()
-  experiment, state, step = common.experiment_and_state(workdir, config, mesh, checkpoint, state, step)
+  experiment, state, step = common.experiment_and_state(workdir, config, mesh, checkpoint,
+                                                        state, step)
   if classifier_state is None:
     _, classifier_state, classifier_step = common.experiment_and_state(
         classifier_workdir, classifier_config, mesh, classifier_checkpoint)
@@ -270,25 +324,38 @@ def conditional_sample_job(workdir: str, config, classifier_workdir: str, classi
   labels = losses.check_class_labels(labels, len(labels), num_classes)
   seed = config.seed if seed is None else int(seed)
   example_shape = (config.data.image_size, config.data.image_size, config.data.num_channels)
-  batch = common.job_batch_size(config, len(labels), mesh)
+  n = len(labels)
+  batch = common.job_batch_size(config, n, mesh)
   method, options = sampling.config_options(config)
-  fn = controllable.jit_conditional_sampler(controllable.build_conditional_sampler(
-      experiment.sde, experiment.score_model_fn, score_fn_lib.get_logits_model_fn(experiment.sde, classifier),
-      (batch,) + example_shape, num_classes, method, mesh, scale,
-      eps=experiment.sampling_eps, **options), mesh)
-  inverse = data_lib.get_data_inverse_scaler(config)
-  results, nfe = [], 0
-  for index, (start, stop) in enumerate(common.batches(len(labels), batch)):
-    x, info = fn(jax.random.fold_in(jax.random.PRNGKey(seed), index), state.ema_params,
-                 classifier_state.ema_params, jnp.asarray(common.pad_rows(labels[start:stop], batch)))
-    results.append(np.asarray(inverse(parallel.gather(x)))[:stop - start])
-    nfe = int(info['nfe'])
-  samples = np.concatenate(results)
   out_dir = out_dir or os.path.join(workdir, 'samples',
                                     f'conditional_step{step}_scale{scale:g}_seed{seed}')
+  job = _shards_job(out_dir, 'conditional', n, batch, {
+      'checkpoint_step': int(step), 'seed': seed, 'method': method, 'sampler': options,
+      'scale': float(scale), 'config_hash': experiment_lib.config_hash(config),
+      'classifier_step': None if classifier_step is None else int(classifier_step),
+      'classifier_config_hash': experiment_lib.config_hash(classifier_config),
+      'labels': common.digest(labels)}, 'class-conditional samples')
+  logits_model_fn = score_fn_lib.get_logits_model_fn(experiment.sde, classifier)
+  fn = controllable.jit_conditional_sampler(controllable.build_conditional_sampler(
+      experiment.sde, experiment.score_model_fn, logits_model_fn, (batch,) + example_shape,
+      num_classes, method, mesh, scale, eps=experiment.sampling_eps, **options), mesh)
+  inverse = data_lib.get_data_inverse_scaler(config)
+  params = common.ema_params(state, mesh)
+  classifier_params = common.ema_params(classifier_state, mesh)
+  key = jax.random.PRNGKey(seed)
+
+  def compute(shard):
+    rows = common.shard_rows(shard, batch, n)
+    x, info = fn(common.shard_key(key, shard), params, classifier_params,
+                 parallel.host_to_global(common.pad_rows(labels[rows], batch), mesh))
+    samples = np.asarray(inverse(parallel.gather(x)))[:rows.stop - rows.start]
+    return {'samples': samples}, {'nfe': int(info['nfe'])}
+
+  manifest = common.run(job, compute)
+  samples = _results(job, 'samples')
   meta = {'checkpoint_step': int(step), 'classifier_step': classifier_step, 'seed': seed,
-          'scale': float(scale), 'nfe': nfe, 'method': method, 'sampler': options,
-          'classifier_workdir': classifier_workdir}
+          'scale': float(scale), 'nfe': _last_nfe(manifest), 'method': method,
+          'sampler': options, 'classifier_workdir': classifier_workdir}
   if jax.process_index() != 0:
     return {}
   if data_lib.dataset_name(config) == 'DIGITS':   # an independent check of the labels

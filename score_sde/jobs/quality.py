@@ -13,6 +13,7 @@ from score_sde import data as data_lib
 from score_sde import io
 from score_sde import parallel
 from score_sde.jobs import bpd as bpd_lib
+from score_sde.jobs import common
 from score_sde.jobs import sample as sample_lib
 
 
@@ -106,22 +107,40 @@ def latest_sample_dir(workdir: str) -> str:
   return max(candidates, key=os.path.getmtime)
 
 
+SAMPLE_SETTINGS = ('sampler', 'checkpoint_step', 'seed', 'config_hash', 'shard_size')
+
+
 def eval_job(workdir: str, config, *, tag: str | None = None, stats_path: str | None = None,
              weights: str | None = None, mesh=None) -> dict:
   """FID / KID / IS of a sampling job (digits: classifier features, test split).
 
-  Writes <workdir>/eval/quality_<tag>.json and returns it.
+  The features and logits of each sample shard are kept in
+  <workdir>/eval/quality_<tag>/shard_<s>.npz, so an interrupted evaluation
+  resumes. Writes <workdir>/eval/quality_<tag>.json and returns it.
   """
+  from score_sde.evaluation import metrics
   sample_dir = os.path.join(workdir, 'samples', tag) if tag else latest_sample_dir(workdir)
-  if not os.path.exists(os.path.join(sample_dir, 'manifest.json')):
+  samples = common.read_manifest(sample_dir)
+  if samples is None:
     raise FileNotFoundError(f'no sampling job output in {sample_dir}.')
-  samples = sample_lib.load_samples(sample_dir)
-  if data_lib.dataset_name(config) == 'DIGITS':
+  missing = [s for s in range(samples['num_shards'])
+             if not os.path.exists(common.shard_path(sample_dir, s))]
+  if missing:
+    raise FileNotFoundError(f'the sampling job in {sample_dir} is unfinished (shards {missing} '
+                            f'are missing); run the same launch.py sample command again to '
+                            f'finish it.')
+  if samples['num_samples'] < 2:
+    raise ValueError(f'sample metrics need at least 2 samples; {sample_dir} has '
+                     f'{samples["num_samples"]}.')
+  digits = data_lib.dataset_name(config) == 'DIGITS'
+  if digits:
     from score_sde.evaluation import digits_classifier
-    result = digits_classifier.digits_metrics(samples, config)
+    classifier = digits_classifier.get_digits_classifier(config)
+    network = digits_classifier.feature_network(classifier)
+    reference = digits_classifier.reference_stats(config, classifier, 'test')
+    options = dict(kid_subset_size=50, is_splits=10, seed=0, prefix='digits_')  # as digits_metrics
   else:
     from score_sde.evaluation import inception
-    from score_sde.evaluation import metrics
     stats_path = stats_path or default_stats_path(config, 'train')
     if not os.path.exists(stats_path):
       raise FileNotFoundError(
@@ -129,12 +148,42 @@ def eval_job(workdir: str, config, *, tag: str | None = None, stats_path: str | 
           f'--config <config> --split train (or pass --stats_file).')
     network = inception.feature_network(inception.load_params(weights),
                                         mesh=mesh or parallel.make_mesh())
-    result = metrics.evaluate_samples(network, samples, metrics.load_stats(stats_path))
+    reference = metrics.load_stats(stats_path)
+    metrics.check_compatible(reference, network.name)
+    options = {}
+  name = os.path.basename(sample_dir)
+  job = common.Job(
+      out_dir=os.path.join(workdir, 'eval', f'quality_{name}'),
+      num_shards=samples['num_shards'], shard_size=samples['shard_size'],
+      settings={'samples': name, 'feature_network': network.name,
+                'sample_settings': {k: samples[k] for k in SAMPLE_SETTINGS}},
+      checked=('samples', 'feature_network', 'sample_settings', 'shard_size'),
+      title=f'features of {samples["num_samples"]} samples in {sample_dir}',
+      what='features', unit='sample', retry_hint='sample under another --tag')
+
+  def compute(shard):
+    images = io.load_npz(common.shard_path(sample_dir, shard)).get('images')
+    if images is None:
+      raise ValueError(f'{sample_dir} holds float samples, not images; sample quality is '
+                       f'measured on images.')
+    features, logits = network.apply(images)
+    return {'features': np.asarray(features, np.float32),
+            'logits': np.asarray(logits, np.float32)}, {}
+
+  common.run(job, compute)
+  shards = common.load_shards(job)
+  count = samples['num_samples']
+  features = np.concatenate([a['features'] for a in shards])[:count]
+  logits = np.concatenate([a['logits'] for a in shards])[:count]
+  result = metrics.evaluate_features(features, logits, reference,
+                                     feature_network=network.name, **options)
+  if digits:
+    result.update(digits_classifier.confidence_summary(logits))
+    result.update(reference_split='test', classifier_test_accuracy=classifier.test_accuracy)
+  else:
     result['stats_file'] = stats_path
   result = {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in result.items()}
   result['samples'] = sample_dir
   if jax.process_index() == 0:
-    os.makedirs(os.path.join(workdir, 'eval'), exist_ok=True)
-    io.atomic_json(os.path.join(workdir, 'eval',
-                              f'quality_{os.path.basename(sample_dir)}.json'), result)
+    io.atomic_json(os.path.join(workdir, 'eval', f'quality_{name}.json'), result)
   return result

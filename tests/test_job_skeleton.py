@@ -1,0 +1,149 @@
+"""The job skeleton (score_sde/jobs/common.py) on a toy job: shards by position, padding,
+the manifest, refusal of a changed setting, the progress bar."""
+import json
+import os
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from score_sde import io
+from score_sde import parallel
+from score_sde.jobs import common
+
+NUM_ROWS, SHARD_SIZE = 10, 4          # 3 shards, the last one padded from 2 rows
+
+
+@pytest.fixture(scope='module')
+def mesh():
+  return parallel.make_mesh(jax.devices()[:2])
+
+
+@pytest.fixture(scope='module')
+def noisy_double(mesh):
+  sharding = parallel.batch_sharding(mesh)
+  return jax.jit(lambda key, x: 2.0 * x + jax.random.normal(key, x.shape),
+                 in_shardings=(parallel.replicated(mesh), sharding), out_shardings=sharding)
+
+
+def toy_job(out_dir, scale=1.0):
+  return common.Job(out_dir=str(out_dir), num_shards=common.count_shards(NUM_ROWS, SHARD_SIZE),
+                    shard_size=SHARD_SIZE, settings={'scale': scale, 'num_rows': NUM_ROWS},
+                    checked=('scale', 'shard_size'), title=f'toy job into {out_dir}',
+                    what='toy', unit='row')
+
+
+def toy_compute(noisy_double, mesh, calls, scale=1.0):
+  """Shard s: 2 x + N(0, 1) noise of key fold_in(key 0, s) on rows [4 s, 4 s + 4) of x."""
+  data = scale * np.arange(NUM_ROWS * 3, dtype=np.float32).reshape(NUM_ROWS, 3)
+
+  def compute(shard):
+    calls.append(shard)
+    rows = common.shard_rows(shard, SHARD_SIZE, NUM_ROWS)
+    x = parallel.host_to_global(common.pad_rows(data[rows], SHARD_SIZE), mesh)
+    y = parallel.gather(noisy_double(common.shard_key(jax.random.PRNGKey(0), shard), x))
+    return {'y': y[:rows.stop - rows.start]}, {'nfe': 7 + shard}
+
+  return compute
+
+
+def test_shard_rows_keys_and_padding():
+  assert common.count_shards(NUM_ROWS, SHARD_SIZE) == 3
+  assert [common.shard_rows(s, 4, 10) for s in range(3)] == [slice(0, 4), slice(4, 8),
+                                                             slice(8, 10)]
+  rows = np.array([[1, 2], [3, 4]])
+  np.testing.assert_array_equal(common.pad_rows(rows, 4), [[1, 2], [3, 4], [3, 4], [3, 4]])
+  np.testing.assert_array_equal(common.pad_rows(rows, 3, fill=0), [[1, 2], [3, 4], [0, 0]])
+  assert common.pad_rows(rows, 2) is rows
+  key = jax.random.PRNGKey(3)
+  np.testing.assert_array_equal(common.shard_key(key, 5), jax.random.fold_in(key, 5))
+  assert common.digest(rows) == common.digest(rows.copy()) != common.digest(rows + 1)
+  assert common.digest(rows) != common.digest(rows.astype(np.int8))   # dtype counts too
+
+
+def test_subset_recomputed_equals_full_run_and_manifest(tmp_path, mesh, noisy_double):
+  calls = []
+  manifest = common.run(toy_job(tmp_path), toy_compute(noisy_double, mesh, calls))
+  assert calls == [0, 1, 2]
+  full = [io.load_npz(common.shard_path(tmp_path, s))['y'] for s in range(3)]
+  assert [len(y) for y in full] == [4, 4, 2]          # padding rows are not kept
+  # Each shard's rows and key are fixed: 2 x + noise, the noise of shard s's key.
+  data = np.arange(30, dtype=np.float32).reshape(10, 3)
+  noise = jax.random.normal(jax.random.fold_in(jax.random.PRNGKey(0), 2), (4, 3))
+  np.testing.assert_allclose(full[2], 2 * data[8:] + np.asarray(noise)[:2], rtol=1e-6)
+  with open(tmp_path / 'manifest.json') as f:
+    assert json.load(f) == manifest == {
+        'scale': 1.0, 'num_rows': 10, 'shard_size': 4, 'num_shards': 3,
+        'shards': {'0': {'nfe': 7}, '1': {'nfe': 8}, '2': {'nfe': 9}}}
+
+  for s in (0, 2):                                     # a subset is lost ...
+    os.remove(common.shard_path(tmp_path, s))
+  calls.clear()
+  again = common.run(toy_job(tmp_path), toy_compute(noisy_double, mesh, calls))
+  assert calls == [0, 2] and again == manifest         # ... and only it is recomputed
+  for s in range(3):
+    np.testing.assert_array_equal(io.load_npz(common.shard_path(tmp_path, s))['y'], full[s])
+  assert [len(a['y']) for a in common.load_shards(toy_job(tmp_path))] == [4, 4, 2]
+
+
+class Crash(Exception):
+  pass
+
+
+def test_interrupted_job_records_info_before_the_shard_file(tmp_path, mesh, noisy_double,
+                                                            monkeypatch):
+  reference = common.run(toy_job(tmp_path / 'ref'), toy_compute(noisy_double, mesh, []))
+  saved = []
+
+  def crash_on_second(out_dir, shard, arrays):
+    if saved:
+      raise Crash()
+    saved.append(shard)
+    return io.savez_atomic(common.shard_path(out_dir, shard), **arrays)
+
+  with monkeypatch.context() as m:
+    m.setattr(common, 'save_shard', crash_on_second)
+    with pytest.raises(Crash):
+      common.run(toy_job(tmp_path / 'cut'), toy_compute(noisy_double, mesh, []))
+  assert sorted(os.listdir(tmp_path / 'cut')) == ['manifest.json', 'shard_00000.npz']
+  with open(tmp_path / 'cut' / 'manifest.json') as f:
+    assert json.load(f)['shards'] == {'0': {'nfe': 7}, '1': {'nfe': 8}}  # shard 1: no file
+  calls = []
+  assert common.run(toy_job(tmp_path / 'cut'), toy_compute(noisy_double, mesh, calls)) == reference
+  assert calls == [1, 2]
+  for s in range(3):
+    np.testing.assert_array_equal(io.load_npz(common.shard_path(tmp_path / 'ref', s))['y'],
+                                  io.load_npz(common.shard_path(tmp_path / 'cut', s))['y'])
+
+
+def test_resume_with_a_changed_setting_is_refused(tmp_path, mesh, noisy_double):
+  common.run(toy_job(tmp_path), toy_compute(noisy_double, mesh, []))
+  calls = []
+  with pytest.raises(ValueError, match=r'holds shards made with a different scale \(1\.0 vs '
+                                       r'2\.0\); pass another --out_dir or delete the folder'):
+    common.run(toy_job(tmp_path, scale=2.0), toy_compute(noisy_double, mesh, calls, 2.0))
+  assert not calls
+  bigger = common.Job(out_dir=str(tmp_path), num_shards=2, shard_size=8,
+                      settings={'scale': 1.0}, checked=('scale', 'shard_size'),
+                      title='toy', what='toy')
+  with pytest.raises(ValueError, match=r'different shard_size \(4 vs 8\)'):
+    common.run(bigger, lambda s: ({}, {}))
+  tuples = common.Job(out_dir=str(tmp_path / 't'), num_shards=1, shard_size=1,
+                      settings={'grid': (1, 2)}, checked=('grid',), title='toy', what='toy')
+  common.run(tuples, lambda s: ({'x': np.zeros(1)}, {}))
+  common.run(tuples, lambda s: ({'x': np.zeros(1)}, {}))   # (1, 2) matches its JSON [1, 2]
+
+
+def test_progress_bar_is_quiet_off_a_terminal_and_shows_nfe_on_one(tmp_path, mesh,
+                                                                    noisy_double, capsys,
+                                                                    monkeypatch):
+  common.run(toy_job(tmp_path / 'a'), toy_compute(noisy_double, mesh, []))
+  out = capsys.readouterr().out
+  assert out.splitlines() == [f'toy job into {tmp_path / "a"}: 3 shard(s) of 4, 0 already done.']
+  monkeypatch.setattr(sys.stdout, 'isatty', lambda: True, raising=False)
+  common.run(toy_job(tmp_path / 'b'), toy_compute(noisy_double, mesh, []))
+  out = capsys.readouterr().out
+  assert 'already done' in out
+  bar = out.split('\r')[-1]
+  assert 'toy: 100%' in bar and '12/12' in bar and 'NFE=9' in bar and 'row/s' in bar, out
