@@ -24,6 +24,11 @@ Commands
   noise_scales  NCSNv2 noise scales (sigma_max, gamma, number of scales, step size)
                 for a config's training data
 
+Every job (sample, bpd, eval, inpaint, colorize, cond_sample) is sharded and
+resumable: after an interruption, run the same command again. Its default output
+folder carries an id of the settings that determine its numbers, so other
+settings never reuse its shards. One train at a time writes to a workdir.
+
 Configs are ml_collections files; override any key on the command line, e.g.
   --config.training.batch_size=64 --config.model.nf=32
 An override of a key that does not exist fails with the key's name. Commands on
@@ -278,6 +283,28 @@ def cmd_eval(argv):
   result = jobs.eval_job(workdir, _require_config(), tag=FLAGS.tag,
                          stats_path=FLAGS.stats_file, weights=FLAGS.inception_weights)
   print(json.dumps(result, indent=2))
+  print(_quality_summary(result))
+
+
+# Fewer samples than this give an FID biased upwards by more than papers' differences.
+FID_SAMPLES_FOR_COMPARISON = 10_000
+
+
+def _quality_summary(result: dict) -> str:
+  """One line of FID / KID / IS with units, and a note when the sample count is small."""
+  prefix = 'digits_' if 'digits_fid' in result else ''
+  n = int(result['num_samples'])
+  parts = [f'{prefix}FID {result[prefix + "fid"]:.2f}']
+  if result.get(prefix + 'kid') is not None:
+    parts.append(f'{prefix}KID {1e3 * result[prefix + "kid"]:.2f} +- '
+                 f'{1e3 * result[prefix + "kid_stderr"]:.2f} (x 1e-3, the unit papers report)')
+  parts.append(f'{prefix}IS {result[prefix + "is"]:.2f} +- {result[prefix + "is_std"]:.2f}')
+  line = ' | '.join(parts) + f' on {n} samples'
+  if n < FID_SAMPLES_FOR_COMPARISON:
+    line += (f'\nnote: FID on {n} samples is biased upwards (it falls as the sample count '
+             f'grows; papers use 10,000-50,000): compare only FIDs computed on as many '
+             f'samples; KID is unbiased but noisier.')
+  return line
 
 
 COMMANDS = {
@@ -322,13 +349,10 @@ def _check_trained_workdir(command: str) -> None:
 
 
 def _check_names() -> None:
-  """--tag names a folder inside the workdir: a plain name, no path."""
-  tag = FLAGS.tag
-  if tag is not None and (not tag or tag in ('.', '..') or tag.startswith('.')
-                          or any(sep in tag for sep in ('/', '\\', os.sep))):
-    raise ValueError(f'--tag {tag!r} must be a plain folder name (letters, digits, _ - .; no '
-                     f'path separators, not starting with "."): results stay inside the '
-                     f'workdir.')
+  """--tag names a folder inside the workdir: a plain name, no path (before any work)."""
+  from score_sde.jobs import common
+  if FLAGS.tag is not None:
+    common.check_folder_name(FLAGS.tag)
 
 
 def _storage_error_message(error: OSError) -> str:

@@ -118,10 +118,16 @@ def image_files(path: str) -> list[str]:
 
 
 def read_image_file(path: str, num_channels: int) -> np.ndarray:
+  """[H, W, C] float32 in [0, 1] of an image file (grey or RGB to match num_channels)."""
   from PIL import Image
-  with Image.open(path) as image:
-    image = image.convert('L' if num_channels == 1 else 'RGB')
-    array = np.asarray(image, np.float32) / 255.0
+  try:
+    with Image.open(path) as image:
+      image = image.convert('L' if num_channels == 1 else 'RGB')
+      array = np.asarray(image, np.float32) / 255.0
+  except (OSError, ValueError) as error:       # PIL.UnidentifiedImageError is an OSError
+    raise ValueError(f'{path} is not an image file that can be read ({error}); pass PNG / '
+                     f'JPEG files, a folder of them, or an .npz with an "images" array.'
+                     ) from None
   return array[..., None] if array.ndim == 2 else array
 
 

@@ -85,3 +85,13 @@ def test_a_full_disk_names_the_place_and_the_intact_checkpoint(tmp_path):
   _one_line_error(_run('sample', f'--workdir={tmp_path}', code=_FULL_DISK),
                   r'no space left on device under .*; the last checkpoint, step 200, is intact; '
                   r'free some space')
+
+
+def test_the_eval_summary_states_kid_units_and_warns_about_few_samples():
+  out = _run(code='import sys; sys.argv = ["launch.py"]; import launch; print(launch._quality_summary('
+                  '{"fid": 12.5, "kid": 0.0042, "kid_stderr": 0.0003, "is": 7.5, "is_std": 0.2, '
+                  '"num_samples": 64}))')
+  assert out.returncode == 0, out.stderr
+  text = out.stdout
+  assert 'KID 4.20 +- 0.30 (x 1e-3' in text and 'FID 12.50' in text and 'on 64 samples' in text
+  assert 'note: FID on 64 samples is biased upwards' in text

@@ -94,7 +94,8 @@ def test_jobs_write_npz_png_and_json(tmp_path):
   assert np.all(np.isfinite(results))
   assert 'step7' in paths['npz'] and os.path.exists(paths['png'])
   shards = os.path.join(os.path.dirname(paths['npz']), 'inpainting_shards')
-  assert sorted(os.listdir(shards)) == ['manifest.json', 'shard_00000.npz', 'shard_00001.npz']
+  written = sorted(f for f in os.listdir(shards) if f != '.lock')
+  assert written == ['manifest.json', 'shard_00000.npz', 'shard_00001.npz']
   with open(os.path.join(shards, 'manifest.json')) as f:   # 6 inputs in shards of 4
     manifest = json.load(f)
   assert manifest['shard_size'] == 4 and manifest['samples_per_image'] == 2
@@ -103,10 +104,16 @@ def test_jobs_write_npz_png_and_json(tmp_path):
                                         samples_per_image=2, state=state, step=7)
   with np.load(again['npz']) as f:             # a re-run only reassembles the shards
     np.testing.assert_array_equal(f['results'], results)
+  other = controllable_jobs.inpaint_job(str(tmp_path), config, images[::-1], 'center box',
+                                        mesh=mesh, samples_per_image=2, state=state, step=7)
+  assert os.path.dirname(other['npz']) != os.path.dirname(paths['npz'])   # its own folder
+  with np.load(paths['npz']) as f:
+    np.testing.assert_array_equal(f['results'], results)                  # untouched
   with pytest.raises(ValueError, match=r'holds shards made with a different inputs .*; pass '
                                        r'another --out_dir or delete the folder'):
     controllable_jobs.inpaint_job(str(tmp_path), config, images[::-1], 'center box',
-                                  mesh=mesh, samples_per_image=2, state=state, step=7)
+                                  mesh=mesh, samples_per_image=2, state=state, step=7,
+                                  out_dir=os.path.dirname(paths['npz']))
 
   paths = controllable_jobs.colorize_job(str(tmp_path), config, images, mesh=mesh, state=state,
                                     step=7)
@@ -149,3 +156,10 @@ def test_bad_image_files_are_rejected(tmp_path):
   np.save(tmp_path / 'range.npy', np.full((1, 4, 4, 3), 2.0, np.float32))
   with pytest.raises(ValueError, match=r'must lie in \[0, 1\]'):
     io.load_images(str(tmp_path / 'range.npy'), 4, 3)
+
+
+def test_a_file_that_is_not_an_image_is_a_clear_error(tmp_path):
+  (tmp_path / 'notes.png').write_text('this is not a PNG')
+  with pytest.raises(ValueError, match=r'notes.png is not an image file that can be read .*'
+                                       r'pass PNG / JPEG files'):
+    io.load_images(str(tmp_path / 'notes.png'), 4, 3)

@@ -2,6 +2,7 @@
 the manifest, refusal of a changed setting, the progress bar."""
 import json
 import os
+import subprocess
 import sys
 
 import jax
@@ -106,7 +107,8 @@ def test_interrupted_job_records_info_before_the_shard_file(tmp_path, mesh, nois
     m.setattr(common, 'save_shard', crash_on_second)
     with pytest.raises(Crash):
       common.run(toy_job(tmp_path / 'cut'), toy_compute(noisy_double, mesh, []))
-  assert sorted(os.listdir(tmp_path / 'cut')) == ['manifest.json', 'shard_00000.npz']
+  written = sorted(f for f in os.listdir(tmp_path / 'cut') if f != '.lock')
+  assert written == ['manifest.json', 'shard_00000.npz']
   with open(tmp_path / 'cut' / 'manifest.json') as f:
     assert json.load(f)['shards'] == {'0': {'nfe': 7}, '1': {'nfe': 8}}  # shard 1: no file
   calls = []
@@ -147,3 +149,29 @@ def test_progress_bar_is_quiet_off_a_terminal_and_shows_nfe_on_one(tmp_path, mes
   assert 'already done' in out
   bar = out.split('\r')[-1]
   assert 'toy: 100%' in bar and '12/12' in bar and 'NFE=9' in bar and 'row/s' in bar, out
+
+
+def test_a_second_job_on_the_same_folder_is_refused_and_names_are_plain(tmp_path):
+  from score_sde import locks
+  job = common.Job(out_dir=str(tmp_path / 'job'), num_shards=1, shard_size=2, settings={},
+                   checked=(), title='toy', what='toy')
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  holder = subprocess.Popen(                         # another process writes the same folder
+      [sys.executable, '-c', 'import sys, time; from score_sde import locks\n'
+       'with locks.hold(sys.argv[1], "samples job"):\n  print("held", flush=True); '
+       'time.sleep(600)', job.out_dir], cwd=root, env=dict(os.environ, PYTHONPATH=root),
+      stdout=subprocess.PIPE, text=True)
+  try:
+    assert holder.stdout.readline().strip() == 'held'
+    with pytest.raises(locks.WorkdirLockedError, match='in use by `samples job`'):
+      common.run(job, lambda s: ({'x': np.zeros(2)}, {}))
+    assert not os.path.exists(common.shard_path(job.out_dir, 0))
+  finally:
+    holder.kill()
+    holder.wait()
+  common.run(job, lambda s: ({'x': np.zeros(2)}, {}))    # free again after the kill
+  assert os.path.exists(common.shard_path(job.out_dir, 0))
+  for bad in ('../escape', '/abs', '..', '.hidden', 'a/b'):
+    with pytest.raises(ValueError, match='must be a plain folder name'):
+      common.check_folder_name(bad)
+  assert common.check_folder_name('step_10_pc') == 'step_10_pc'

@@ -101,14 +101,45 @@ def test_bpd_job_resumes_to_the_same_result(workdir):
   assert result['num_levels'] == 17 and result['dim'] == 64
   assert np.isfinite(result['bpd']) and result['bpd_stderr'] > 0 and result['nfe_mean'] > 0
   assert result['solver']['rtol'] == 1e-3
-  out_dir = os.path.join(workdir, 'eval', 'bpd_test_10')
+  out_dir = result['result_file'][:-len('.json')]
+  assert re.fullmatch(r'bpd_test_10_[0-9a-f]{8}', os.path.basename(out_dir))
   assert _shards(out_dir) == [f'shard_{i:05d}.npz' for i in range(4)]
   os.remove(os.path.join(out_dir, 'shard_00002.npz'))
   again = jobs.bpd_job(workdir, config, split='test', num_repeats=2, batch_size=8,
                        max_examples=16)
   assert again == result
-  with open(os.path.join(workdir, 'eval', 'bpd_test_10.json')) as f:
+  with open(result['result_file']) as f:
     assert json.load(f) == result
+
+
+def test_bpd_results_are_addressed_by_every_setting_that_determines_them(workdir):
+  """Another tolerance, batch size or example count computes into its own folder: nothing
+  made with other settings is reused or reported, and nothing earlier is overwritten."""
+  config = experiment_lib.load_config(workdir)
+  first = jobs.bpd_job(workdir, config, num_repeats=1, batch_size=8, max_examples=8)
+  with open(first['result_file']) as f:
+    first_file = f.read()
+  looser = experiment_lib.load_config(workdir)
+  looser.eval.rtol = looser.eval.atol = 1e-2
+  variants = [jobs.bpd_job(workdir, looser, num_repeats=1, batch_size=8, max_examples=8),
+              jobs.bpd_job(workdir, config, num_repeats=1, batch_size=4, max_examples=8),
+              jobs.bpd_job(workdir, config, num_repeats=1, batch_size=8, max_examples=12)]
+  files = {first['result_file']} | {v['result_file'] for v in variants}
+  assert len(files) == 4                                           # four places
+  assert variants[0]['solver']['rtol'] == 1e-2 and variants[0]['nfe_mean'] < first['nfe_mean']
+  assert variants[1]['shard_size'] == 4 and variants[2]['num_examples'] == 12
+  with open(first['result_file']) as f:
+    assert f.read() == first_file                                  # not overwritten
+
+
+def test_the_default_sample_tag_names_its_settings(workdir):
+  config = experiment_lib.load_config(workdir)
+  a = jobs.sample_job(workdir, config, num_samples=8, shard_size=8)
+  b = jobs.sample_job(workdir, config, num_samples=8, shard_size=4)       # another shard size
+  c = jobs.sample_job(workdir, config, num_samples=8, shard_size=8, seed=5)
+  assert len({a, b, c}) == 3
+  assert re.fullmatch(r'step_10_pc_seed42_[0-9a-f]{8}', os.path.basename(a))
+  assert jobs.sample_job(workdir, config, num_samples=16, shard_size=8) == a   # extends a
 
 
 def test_python_api(workdir):
@@ -277,7 +308,9 @@ def _assert_same_outputs(expected_root, root):
     return found
   names = outputs(expected_root)
   assert names == outputs(root)
-  assert {'wd/samples/t/shard_00002.npz', 'wd/eval/bpd_test_10/shard_00002.npz',
+  assert any(re.fullmatch(r'wd/eval/bpd_test_10_[0-9a-f]{8}/shard_00002.npz', name)
+             for name in names)
+  assert {'wd/samples/t/shard_00002.npz',
           'wd/eval/quality_t/shard_00002.npz', 'wd/eval/quality_t.json',
           'inpaint/inpainting_shards/shard_00001.npz', 'inpaint/inpainting.npz',
           'colorize/colorization.png', 'cond_sample/conditional_shards/manifest.json',

@@ -1,8 +1,13 @@
 """The bits/dim job: exact likelihood of a split through the probability-flow ODE.
 
-  <workdir>/eval/bpd_<split>_<step>/shard_*.npz   per-shard bits/dim and NFE
-  <workdir>/eval/bpd_<split>_<step>/manifest.json  settings checked on resume, NFE per shard
-  <workdir>/eval/bpd_<split>_<step>.json          mean, standard error, NFE, settings
+  <workdir>/eval/bpd_<split>_<step>_<id>/shard_*.npz   per-shard bits/dim and NFE
+  <workdir>/eval/bpd_<split>_<step>_<id>/manifest.json  settings, NFE per shard
+  <workdir>/eval/bpd_<split>_<step>_<id>.json          mean, standard error, NFE, settings
+
+<id> (`common.settings_id`) names every setting that determines the numbers
+(split, checkpoint, examples, solver and its tolerances, divergence
+estimator, shard size, config), so a run with other settings computes into
+another folder and never reports shards made with different ones.
 """
 from __future__ import annotations
 
@@ -45,7 +50,8 @@ def bpd_job(workdir: str, config, *, split: str = 'test', num_repeats: int = 1,
   to the batch size B, a device multiple), with key fold_in(PRNGKey(seed + 7), s)
   split into dequantisation noise and Hutchinson probes: each repeat draws fresh
   ones. More repeats extend a finished job. Writes
-  <workdir>/eval/bpd_<split>_<step>.json and returns its contents.
+  <workdir>/eval/bpd_<split>_<step>_<id>.json (see the module doc) and returns
+  its contents (with 'result_file': that path).
   """
   mesh = mesh or parallel.make_mesh()
   experiment, state, step = common.experiment_and_state(workdir, config, mesh, checkpoint,
@@ -60,7 +66,11 @@ def bpd_job(workdir: str, config, *, split: str = 'test', num_repeats: int = 1,
   batch_size = parallel.round_up_to_devices(min(int(batch_size or config.eval.batch_size), n),
                                             mesh)
   num_batches = common.count_shards(n, batch_size)
-  out_dir = os.path.join(workdir, 'eval', f'bpd_{split}_{step}')
+  determining = {'split': split, 'checkpoint_step': int(step), 'num_examples': int(n),
+                 'solver': dataclasses.asdict(settings),
+                 'config_hash': experiment_lib.config_hash(config), 'shard_size': batch_size}
+  out_dir = os.path.join(workdir, 'eval',
+                         f'bpd_{split}_{step}_{common.settings_id(determining)}')
   job = common.Job(
       out_dir=out_dir, num_shards=num_repeats * num_batches, shard_size=batch_size,
       settings={'split': split, 'checkpoint_step': int(step), 'num_examples': int(n),
@@ -103,9 +113,10 @@ def bpd_job(workdir: str, config, *, split: str = 'test', num_repeats: int = 1,
       'num_levels': int(levels), 'dim': dim,
       'nfe_mean': float(nfes.mean()), 'nfe_min': int(nfes.min()), 'nfe_max': int(nfes.max()),
       'solver': dataclasses.asdict(settings), 'config_hash': experiment_lib.config_hash(config),
+      'shard_size': int(batch_size), 'result_file': out_dir + '.json',
   }
   if jax.process_index() == 0:
-    io.atomic_json(os.path.join(workdir, 'eval', f'bpd_{split}_{step}.json'), result)
+    io.atomic_json(out_dir + '.json', result)
   return result
 
 

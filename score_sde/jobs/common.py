@@ -35,6 +35,7 @@ import tqdm
 
 from score_sde import experiment as experiment_lib
 from score_sde import io
+from score_sde import locks
 from score_sde import parallel
 
 
@@ -89,6 +90,13 @@ def pad_rows(array: np.ndarray, size: int, fill=None) -> np.ndarray:
 def job_batch_size(config, n: int, mesh) -> int:
   """min(config.eval.batch_size, n) rounded up to the mesh's device count."""
   return parallel.round_up_to_devices(min(int(config.eval.batch_size), n), mesh)
+
+
+def settings_id(settings: dict) -> str:
+  """8 hex digits naming settings (JSON values): default output folders carry it, so a
+  job run with other settings writes to another folder instead of reusing shards."""
+  text = json.dumps(json.loads(json.dumps(settings)), sort_keys=True)
+  return hashlib.sha256(text.encode()).hexdigest()[:8]
 
 
 def digest(*arrays) -> str:
@@ -183,10 +191,27 @@ def save_shard(out_dir: str, shard: int, arrays: dict) -> str:
   return io.savez_atomic(shard_path(out_dir, shard), **arrays)
 
 
+def check_folder_name(name: str, flag: str = '--tag') -> str:
+  """A job's folder name under the workdir: a plain name, so results stay inside it."""
+  if (not name or name in ('.', '..') or name.startswith('.')
+      or any(sep in name for sep in ('/', '\\', os.sep))):
+    raise ValueError(f'{flag} {name!r} must be a plain folder name (letters, digits, _ - .; '
+                     f'no path separators, not starting with "."): results stay inside the '
+                     f'workdir.')
+  return name
+
+
 def run(job: Job, compute: Callable[[int], tuple[dict, dict]]) -> dict:
   """Computes the job's missing shards with compute(s) -> (arrays, info); returns the
-  manifest. Call it on every process (compute may run sharded programs)."""
+  manifest. Call it on every process (compute may run sharded programs). One
+  writer per output folder: a second job on the same folder stops at once
+  (`locks.WorkdirLockedError`)."""
   os.makedirs(job.out_dir, exist_ok=True)
+  with locks.hold(job.out_dir, f'{job.what} job', active=jax.process_index() == 0):
+    return _run_locked(job, compute)
+
+
+def _run_locked(job: Job, compute: Callable[[int], tuple[dict, dict]]) -> dict:
   manifest = open_manifest(job)
   todo = missing_shards(job)
   main = jax.process_index() == 0

@@ -141,8 +141,8 @@ def save_conditional_samples(out_dir: str, samples, labels, *, info: dict | None
 def _write_info(out_dir: str, name: str, info: dict | None) -> None:
   if info is None or jax.process_index() != 0:
     return
-  with open(os.path.join(out_dir, f'{name}.json'), 'w') as f:
-    json.dump(info, f, indent=2, sort_keys=True, default=str)
+  info = json.loads(json.dumps(info, default=str))       # plain JSON values
+  io.atomic_json(os.path.join(out_dir, f'{name}.json'), info)
 
 
 def pc_options_from_config(config) -> dict:
@@ -160,6 +160,13 @@ def _shards_job(out_dir: str, name: str, num_rows: int, shard_size: int, setting
       num_shards=common.count_shards(num_rows, shard_size), shard_size=shard_size,
       settings=settings, checked=tuple(sorted(settings)) + ('shard_size',),
       title=f'{what}: {num_rows} result(s) into {out_dir}', what=what, unit='image')
+
+
+def _default_out_dir(workdir: str, name: str, settings: dict, shard_size: int) -> str:
+  """<workdir>/samples/<name>_<id>: the id names every setting (inputs included), so a
+  job with other settings or inputs never meets this one's shards."""
+  return os.path.join(workdir, 'samples',
+                      f'{name}_{common.settings_id({**settings, "shard_size": shard_size})}')
 
 
 def _results(job: common.Job, name: str = 'results') -> np.ndarray:
@@ -207,12 +214,13 @@ def inpaint_job(workdir: str, config, images: np.ndarray, mask, *,
   n = len(repeated)
   batch = common.job_batch_size(config, n, mesh)
   options = pc_options_from_config(config)
-  out_dir = out_dir or os.path.join(workdir, 'samples', f'inpainting_step{step}_seed{seed}')
-  job = _shards_job(out_dir, 'inpainting', n, batch, {
+  settings = {
       'checkpoint_step': int(step), 'seed': seed, 'sampler': options,
       'eps': experiment.sampling_eps, 'config_hash': experiment_lib.config_hash(config),
-      'inputs': common.digest(images, masks), 'samples_per_image': samples_per_image},
-      'inpainting')
+      'inputs': common.digest(images, masks), 'samples_per_image': samples_per_image}
+  out_dir = out_dir or _default_out_dir(workdir, f'inpainting_step{step}_seed{seed}', settings,
+                                        batch)
+  job = _shards_job(out_dir, 'inpainting', n, batch, settings, 'inpainting')
   fn = controllable.jit_inpainter(controllable.build_inpainter(
       experiment.sde, experiment.score_model_fn, (batch,) + example_shape, mesh,
       eps=experiment.sampling_eps, **options), mesh)
@@ -266,11 +274,13 @@ def colorize_job(workdir: str, config, images: np.ndarray, *, out_dir: str | Non
   n = len(repeated)
   batch = common.job_batch_size(config, n, mesh)
   options = pc_options_from_config(config)
-  out_dir = out_dir or os.path.join(workdir, 'samples', f'colorization_step{step}_seed{seed}')
-  job = _shards_job(out_dir, 'colorization', n, batch, {
+  settings = {
       'checkpoint_step': int(step), 'seed': seed, 'sampler': options,
       'eps': experiment.sampling_eps, 'config_hash': experiment_lib.config_hash(config),
-      'inputs': common.digest(grey), 'samples_per_image': samples_per_image},
+      'inputs': common.digest(grey), 'samples_per_image': samples_per_image}
+  out_dir = out_dir or _default_out_dir(workdir, f'colorization_step{step}_seed{seed}',
+                                        settings, batch)
+  job = _shards_job(out_dir, 'colorization', n, batch, settings,
       'colourisation')
   fn = controllable.jit_colorizer(controllable.build_colorizer(
       experiment.sde, experiment.score_model_fn, (batch,) + example_shape, mesh,
@@ -327,14 +337,15 @@ def conditional_sample_job(workdir: str, config, classifier_workdir: str, classi
   n = len(labels)
   batch = common.job_batch_size(config, n, mesh)
   method, options = sampling.config_options(config)
-  out_dir = out_dir or os.path.join(workdir, 'samples',
-                                    f'conditional_step{step}_scale{scale:g}_seed{seed}')
-  job = _shards_job(out_dir, 'conditional', n, batch, {
+  settings = {
       'checkpoint_step': int(step), 'seed': seed, 'method': method, 'sampler': options,
       'scale': float(scale), 'config_hash': experiment_lib.config_hash(config),
       'classifier_step': None if classifier_step is None else int(classifier_step),
       'classifier_config_hash': experiment_lib.config_hash(classifier_config),
-      'labels': common.digest(labels)}, 'class-conditional samples')
+      'labels': common.digest(labels)}
+  out_dir = out_dir or _default_out_dir(
+      workdir, f'conditional_step{step}_scale{scale:g}_seed{seed}', settings, batch)
+  job = _shards_job(out_dir, 'conditional', n, batch, settings, 'class-conditional samples')
   logits_model_fn = score_fn_lib.get_logits_model_fn(experiment.sde, classifier)
   fn = controllable.jit_conditional_sampler(controllable.build_conditional_sampler(
       experiment.sde, experiment.score_model_fn, logits_model_fn, (batch,) + example_shape,

@@ -18,20 +18,23 @@ from score_sde.jobs import sample as sample_lib
 
 
 def final_evaluation(experiment, state, workdir: str, mesh) -> dict:
-  """After training: a sample grid and the test bits/dim next to two baselines."""
+  """After training: a sample grid and the test bits/dim next to two baselines, written to
+  <workdir>/eval/final_<step>.json."""
   config = experiment.config
   step = int(jax.device_get(state.step))
   out_dir = sample_lib.sample_job(workdir, config, num_samples=int(config.eval.num_samples),
-                       mesh=mesh, state=state, step=step)
-  result = bpd_lib.bpd_job(workdir, config, split='test', num_repeats=int(config.eval.num_repeats),
-                   mesh=mesh, state=state, step=step)
+                                  mesh=mesh, state=state, step=step)
+  result = bpd_lib.bpd_job(workdir, config, split='test',
+                           num_repeats=int(config.eval.num_repeats), mesh=mesh, state=state,
+                           step=step)
   result['baselines'] = bpd_lib.baselines(config, 'test')
   quality = None
   if data_lib.dataset_name(config) == 'DIGITS':
     quality = digits_quality_with_baselines(config, sample_lib.load_samples(out_dir))
     result['sample_quality'] = quality
   if jax.process_index() == 0:
-    io.atomic_json(os.path.join(workdir, 'eval', f'bpd_test_{step}.json'), result)
+    path = os.path.join(workdir, 'eval', f'final_{step}.json')
+    io.atomic_json(path, result)
     base = result['baselines']
     verdict = ('below' if result['bpd'] < base['pixel_histogram'] else 'not yet below')
     print(f'\nSamples: {os.path.join(out_dir, "grid.png")}\n'
@@ -50,7 +53,7 @@ def final_evaluation(experiment, state, workdir: str, mesh) -> dict:
       for name, q in rows:
         print(f'  {name:30s} digits-FID {q["digits_fid"]:7.1f} | confident '
               f'{q["confident_fraction"]:.2f} | class entropy {q["class_entropy_bits"]:.2f} bits')
-    print(f'Written to {os.path.join(workdir, "eval", f"bpd_test_{step}.json")}', flush=True)
+    print(f'Written to {path}', flush=True)
   return result
 
 
@@ -119,7 +122,8 @@ def eval_job(workdir: str, config, *, tag: str | None = None, stats_path: str | 
   resumes. Writes <workdir>/eval/quality_<tag>.json and returns it.
   """
   from score_sde.evaluation import metrics
-  sample_dir = os.path.join(workdir, 'samples', tag) if tag else latest_sample_dir(workdir)
+  sample_dir = (os.path.join(workdir, 'samples', common.check_folder_name(tag)) if tag
+                else latest_sample_dir(workdir))
   samples = common.read_manifest(sample_dir)
   if samples is None:
     raise FileNotFoundError(f'no sampling job output in {sample_dir}.')

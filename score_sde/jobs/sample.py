@@ -48,14 +48,17 @@ def sample_job(workdir: str, config, *, num_samples: int, shard_size: int | None
       int(shard_size or min(config.eval.batch_size, num_samples)), mesh)
   seed = config.seed if seed is None else seed
   description = sampler_description(config)
-  tag = tag or f'step_{step}_{description["method"]}_seed{seed}'
+  settings = {'sampler': description, 'checkpoint_step': int(step), 'seed': int(seed),
+              'config_hash': experiment_lib.config_hash(config)}
+  # The default tag names every setting that determines the shards, so another sampler,
+  # seed, checkpoint, config or shard size never meets this job's shards.
+  tag = common.check_folder_name(tag) if tag else (
+      f'step_{step}_{description["method"]}_seed{seed}_'
+      f'{common.settings_id({**settings, "shard_size": shard_size})}')
   out_dir = os.path.join(workdir, 'samples', tag)
   job = common.Job(
       out_dir=out_dir, num_shards=common.count_shards(num_samples, shard_size),
-      shard_size=shard_size,
-      settings={'sampler': description, 'checkpoint_step': int(step), 'seed': int(seed),
-                'config_hash': experiment_lib.config_hash(config),
-                'num_samples': int(num_samples)},
+      shard_size=shard_size, settings={**settings, 'num_samples': int(num_samples)},
       checked=('sampler', 'checkpoint_step', 'seed', 'config_hash', 'shard_size'),
       title=(f'sampling {num_samples} samples ({description["method"]}) from step {step} '
              f'into {out_dir}'),
