@@ -359,9 +359,8 @@ def _storage_error_message(error: OSError) -> str:
   """'<what> under <path>' and, for a training workdir, the newest intact checkpoint."""
   path = error.filename or FLAGS.workdir or '.'
   message = f'{STORAGE_ERRORS[error.errno]} under {path}'
-  checkpoint_dir = os.path.join(FLAGS.workdir or '', 'checkpoints')
-  steps = sorted(int(d) for d in (os.listdir(checkpoint_dir) if FLAGS.workdir and
-                                  os.path.isdir(checkpoint_dir) else []) if d.isdigit())
+  from score_sde import checkpoints
+  steps = checkpoints.existing_steps(FLAGS.workdir) if FLAGS.workdir else []
   if steps:
     message += f'; the last checkpoint, step {steps[-1]}, is intact'
   return message + ('; free some space and run the same command again.'

@@ -6,9 +6,10 @@ it), so a run killed mid-save leaves at worst a temporary directory that is
 ignored. Steps that are multiples of `keep_period` (the snapshot frequency)
 are kept, and so are the steps a run was told to preserve (the ones that
 existed when it started: a changed period never deletes them); of the others
-only the newest survives (preemption checkpoints). A newest checkpoint that
-does not restore is moved aside to <workdir>/checkpoints_unreadable/ (never
-deleted or overwritten), so a resumed run can save that step again.
+only the newest survives (preemption checkpoints). When training restores,
+steps newer than the newest one that restores are moved aside to
+<workdir>/checkpoints_unreadable/ (never deleted or overwritten), so the run
+can save those steps again; if no step restores, nothing is moved.
 """
 from __future__ import annotations
 
@@ -18,8 +19,11 @@ import logging
 import os
 
 import grain
+import jax
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
+
+from score_sde import parallel
 
 UNREADABLE_DIR = 'checkpoints_unreadable'
 
@@ -60,27 +64,30 @@ def make_manager(workdir: str, *, keep_period: int | None = None, read_only: boo
     policies.append(checkpoint_managers.EveryNSteps(int(keep_period)))
   if len(preserve_steps):
     policies.append(checkpoint_managers.CustomSteps(steps=sorted(int(s) for s in preserve_steps)))
-  options = ocp.CheckpointManagerOptions(
-      preservation_policy=checkpoint_managers.AnyPreservationPolicy(policies),
-      create=not read_only, read_only=read_only, cleanup_tmp_directories=not read_only,
-      enable_async_checkpointing=True)
   with _quiet_orbax():
+    options = ocp.CheckpointManagerOptions(
+        preservation_policy=checkpoint_managers.AnyPreservationPolicy(policies),
+        create=not read_only, read_only=read_only, cleanup_tmp_directories=not read_only,
+        enable_async_checkpointing=True)
     return ocp.CheckpointManager(checkpoint_dir(workdir), options=options,
                                  item_names=('state', 'data'))
 
 
-def _move_aside(manager: ocp.CheckpointManager, step: int) -> str:
-  """Moves an unreadable step's directory to <workdir>/checkpoints_unreadable/ (renamed
-  with the time, never overwritten) and returns its new path."""
+def _move_aside(manager: ocp.CheckpointManager, steps) -> list[str]:
+  """Moves unreadable steps' directories to <workdir>/checkpoints_unreadable/ (renamed
+  with the time, never overwritten; process 0 moves, every process then sees the
+  new listing) and returns their new paths."""
   directory = str(manager.directory)
-  source = os.path.join(directory, str(step))
   target_dir = os.path.join(os.path.dirname(directory.rstrip('/')), UNREADABLE_DIR)
-  os.makedirs(target_dir, exist_ok=True)
   stamp = datetime.datetime.now().strftime('%Y%m%d-%H%M%S-%f')
-  target = os.path.join(target_dir, f'{step}_{stamp}')
-  os.replace(source, target)
+  targets = [os.path.join(target_dir, f'{step}_{stamp}') for step in steps]
+  if jax.process_index() == 0:
+    os.makedirs(target_dir, exist_ok=True)
+    for step, target in zip(steps, targets):
+      os.replace(os.path.join(directory, str(step)), target)
+  parallel.barrier(f'score_sde checkpoints moved aside in {directory}')
   manager.reload()
-  return target
+  return targets
 
 
 def save(manager: ocp.CheckpointManager, step: int, state, data_iterator=None) -> None:
@@ -100,9 +107,10 @@ def restore(manager: ocp.CheckpointManager, abstract_state, data_iterator=None,
   """(state, step) from `step` or the newest checkpoint that restores.
 
   A newest checkpoint that fails to restore (corrupt, truncated) is reported
-  and the previous one is tried; with `move_unreadable` (training, process 0)
-  it is first moved aside (`_move_aside`), so the resumed run can write that
-  step again. `abstract_state` gives shapes, dtypes and shardings (e.g.
+  and the previous one is tried. With `move_unreadable` (training; call it on
+  every process) the steps that failed are moved aside (`_move_aside`) once an
+  older one has restored, so the resumed run can write them again; when no
+  step restores nothing is moved. `abstract_state` gives shapes, dtypes and shardings (e.g.
   `jax.eval_shape` of the init function with shardings set). The data
   iterator, if given, is moved to the saved position in place.
   """
@@ -114,7 +122,7 @@ def restore(manager: ocp.CheckpointManager, abstract_state, data_iterator=None,
     steps = [step]
   if not steps:
     raise NoCheckpointError(f'no checkpoint in {manager.directory}.')
-  errors = []
+  errors, failed = [], []
   for candidate in steps:
     items = {'state': ocp.args.StandardRestore(abstract_state)}
     if data_iterator is not None:
@@ -125,11 +133,16 @@ def restore(manager: ocp.CheckpointManager, abstract_state, data_iterator=None,
     except Exception as error:  # orbax / tensorstore raise many types for bad files
       message = (f'checkpoint at step {candidate} in {manager.directory} could not be '
                  f'restored ({type(error).__name__}: {str(error).splitlines()[0][:300]})')
-      if move_unreadable:
-        message += f'; moved to {_move_aside(manager, candidate)}'
       logging.warning('%s; trying the previous one.', message)
-      print(f'warning: {message}; trying the previous one.', flush=True)
+      if jax.process_index() == 0:
+        print(f'warning: {message}; trying the previous one.', flush=True)
       errors.append(message)
+      failed.append(candidate)
       continue
+    if move_unreadable and failed:
+      for step_moved, target in zip(failed, _move_aside(manager, failed)):
+        if jax.process_index() == 0:
+          print(f'warning: the unreadable checkpoint at step {step_moved} was moved to '
+                f'{target}.', flush=True)
     return restored['state'], candidate
   raise NoCheckpointError('no checkpoint could be restored:\n' + '\n'.join(errors))

@@ -31,6 +31,7 @@ from score_sde import sde as sde_lib
 from score_sde.models import utils as model_utils
 
 CLASSIFIER_MODELS = ('wideresnet',)
+PARAM_LAYOUTS = ('auto', 'tree', 'flat')   # config.training.param_layout (train.py)
 
 
 # ----------------------------------------------------------------------------
@@ -150,6 +151,10 @@ def check_config(config, mesh=None) -> None:
   get_optimizer(config)
   if mesh is not None:
     parallel.check_batch_divisible(config.training.batch_size, mesh, 'batch size')
+  layout = str(config.training.get('param_layout', 'auto')).lower()
+  if layout not in PARAM_LAYOUTS:
+    raise ValueError(f'unknown config.training.param_layout {layout!r}; valid: '
+                     f'{list(PARAM_LAYOUTS)}.')
   n_jit = config.training.n_jitted_steps
   if n_jit < 1:
     raise ValueError(f'config.training.n_jitted_steps must be >= 1; got {n_jit}.')

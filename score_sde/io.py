@@ -66,8 +66,11 @@ def load_npz(path: str) -> dict:
 
 
 def atomic_json(path: str, value) -> None:
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  tmp = path + '.tmp'
+  """Writes `value` as JSON at `path` via a temporary file (unique to this process) and a
+  rename, so a file at `path` is always complete."""
+  directory = os.path.dirname(os.path.abspath(path))
+  os.makedirs(directory, exist_ok=True)
+  tmp = os.path.join(directory, f'.{os.path.basename(path)}.{os.getpid()}.tmp')
   with open(tmp, 'w') as f:
     json.dump(value, f, indent=2, sort_keys=True)
   os.replace(tmp, path)

@@ -8,8 +8,10 @@ SIGKILL) leaves no stale lock: the kernel releases the lock with the process,
 and the next writer simply takes it (the old record is overwritten).
 
 Only process 0 of a multi-process run takes the lock (it is the one that
-writes). flock is per machine: on a network file system shared by several
-hosts it may not exclude writers on other hosts.
+writes); `hold_for_all` tells every process whether it got it, so a refused
+run stops on every process with the same error. flock is per machine: on a
+network file system shared by several hosts it may not exclude writers on
+other hosts.
 """
 from __future__ import annotations
 
@@ -19,6 +21,11 @@ import fcntl
 import json
 import os
 import socket
+
+import jax
+import numpy as np
+
+from score_sde import parallel
 
 LOCK_FILE = '.lock'
 
@@ -63,3 +70,26 @@ def hold(workdir: str, what: str, *, active: bool = True):
     yield
   finally:
     os.close(fd)                      # closing the descriptor releases the lock
+
+
+@contextlib.contextmanager
+def hold_for_all(workdir: str, what: str):
+  """`hold` on process 0 for the `with` block; every process raises the same
+  WorkdirLockedError when process 0 could not take the lock (none is left
+  waiting in a collective)."""
+  with contextlib.ExitStack() as stack:
+    refused = None
+    if jax.process_index() == 0:
+      try:
+        stack.enter_context(hold(workdir, what))
+      except WorkdirLockedError as error:
+        refused = error
+    if jax.process_count() > 1:
+      flag = parallel.broadcast_from_first(np.asarray(refused is not None, np.int32))
+      if int(flag) and refused is None:
+        refused = WorkdirLockedError(
+            f'{workdir} is in use by another writer (process 0 could not take its lock); '
+            f'wait for it to finish or stop it, then run this again.')
+    if refused is not None:
+      raise refused
+    yield

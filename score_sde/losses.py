@@ -37,7 +37,7 @@ import numpy as np
 from score_sde import score_fn as score_fn_lib
 from score_sde import sde as sde_lib
 
-LogitsFn = Callable[[jax.Array, jax.Array], jax.Array]     # (x [B, ...], t [B]) -> [B, K]
+LogitsFn = score_fn_lib.LogitsFn
 
 LossFn = Callable[[object, jax.Array, jax.Array], jax.Array]
 

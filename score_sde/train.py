@@ -46,7 +46,6 @@ from score_sde.jobs import sample as sample_job_lib
 from score_sde.models import utils as model_utils
 
 LOSS_EPS = 1e-5  # smallest training time of the continuous loss (the reference's)
-PARAM_LAYOUTS = ('auto', 'tree', 'flat')   # config.training.param_layout
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -82,9 +81,9 @@ def param_layout(config) -> str:
   and 'tree' on GPU / TPU.
   """
   layout = str(config.training.get('param_layout', 'auto')).lower()
-  if layout not in PARAM_LAYOUTS:
+  if layout not in experiment_lib.PARAM_LAYOUTS:
     raise ValueError(f'unknown config.training.param_layout {layout!r}; valid: '
-                     f'{list(PARAM_LAYOUTS)}.')
+                     f'{list(experiment_lib.PARAM_LAYOUTS)}.')
   if layout == 'auto':
     return 'flat' if jax.default_backend() == 'cpu' else 'tree'
   return layout
@@ -260,19 +259,22 @@ def train_and_evaluate(config, workdir: str, *, final_evaluation: bool = True,
   mesh = parallel.make_mesh()
   experiment_lib.check_config(config, mesh)
   os.makedirs(workdir, exist_ok=True)
-  with locks.hold(workdir, 'train', active=jax.process_index() == 0):
+  with locks.hold_for_all(workdir, 'train'):
     return _train_and_evaluate(config, workdir, mesh, final_evaluation=final_evaluation,
                                extend=extend)
 
 
 def _preserved_steps(workdir: str, stored_config: dict | None) -> list[int]:
   """The checkpoints a resumed run must keep whatever its snapshot period: every step
-  but the newest (the earlier period kept them), and the newest if it was a snapshot."""
+  but the newest (the earlier period kept them), and the newest if it was a
+  snapshot or the final step of a finished run (its n_iters)."""
   steps = checkpoints.existing_steps(workdir)
   if not steps or stored_config is None:
     return []
-  old_period = int(stored_config.get('training', {}).get('snapshot_freq') or 0)
-  newest_kept = old_period > 0 and steps[-1] % old_period == 0
+  training = stored_config.get('training', {})
+  old_period = int(training.get('snapshot_freq') or 0)
+  newest_kept = ((old_period > 0 and steps[-1] % old_period == 0)
+                 or steps[-1] >= int(training.get('n_iters') or 0))
   return steps[:-1] + (steps[-1:] if newest_kept else [])
 
 

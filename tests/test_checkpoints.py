@@ -73,3 +73,17 @@ def test_preserved_steps_survive_a_changed_period(tmp_path, new_period, kept):
   _save(manager, 340, 360)
   assert checkpoints.existing_steps(workdir) == kept
   manager.close()
+
+
+def test_when_no_step_restores_nothing_is_moved(tmp_path):
+  # A failure that is not corruption (here: a state of another structure) hits every step:
+  # training must stop with the steps in place, not empty checkpoints/ and start over.
+  workdir = str(tmp_path)
+  manager = checkpoints.make_manager(workdir, keep_period=10)
+  _save(manager, 10, 20)
+  other_structure = {'v': jnp.zeros((5,))}
+  with pytest.raises(checkpoints.NoCheckpointError, match='no checkpoint could be restored'):
+    checkpoints.restore(manager, other_structure, move_unreadable=True)
+  assert checkpoints.existing_steps(workdir) == [10, 20]
+  assert not os.path.exists(os.path.join(workdir, checkpoints.UNREADABLE_DIR))
+  manager.close()

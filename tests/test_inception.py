@@ -204,7 +204,7 @@ def _rewrite(source, target, **changes):
 
 
 def test_missing_weights_file_says_how_to_make_it(tmp_path, monkeypatch):
-  with pytest.raises(FileNotFoundError, match=r'(?s)does not exist.*python -m score_sde.inception'):
+  with pytest.raises(FileNotFoundError, match=r'(?s)does not exist.*python -m score_sde.evaluation.inception'):
     inception.load_params(str(tmp_path / 'absent.npz'))
   monkeypatch.setenv(inception.WEIGHTS_ENV, str(tmp_path / 'from_env.npz'))
   with pytest.raises(FileNotFoundError, match='from_env.npz does not exist'):

@@ -488,7 +488,8 @@ def test_training_resumes_past_an_unreadable_newest_checkpoint_and_keeps_it(tmp_
   _assert_trees_equal(state, reference, exact=True)
   moved = os.listdir(tmp_path / 'run' / checkpoints.UNREADABLE_DIR)
   assert len(moved) == 1 and moved[0].startswith('15_')              # kept for inspection
-  assert checkpoints.existing_steps(str(tmp_path / 'run')) == [10, 20]
+  # 15, the finished run's final step, was saved again and is kept like a snapshot.
+  assert checkpoints.existing_steps(str(tmp_path / 'run')) == [10, 15, 20]
   train.train_and_evaluate(config, str(tmp_path / 'run'))   # a re-run finishes at once
 
 

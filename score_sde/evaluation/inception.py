@@ -38,7 +38,7 @@ not a dependency of this package):
 
   pip install torch numpy
   curl -LO https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/pt_inception-2015-12-05-6726825d.pth
-  python -m score_sde.inception pt_inception-2015-12-05-6726825d.pth inception_fid.npz
+  python -m score_sde.evaluation.inception pt_inception-2015-12-05-6726825d.pth inception_fid.npz
 
 then copy inception_fid.npz to the machine that evaluates and pass its path (or
 set $SCORE_SDE_INCEPTION_WEIGHTS, or put it at ~/.cache/score_sde/inception_fid.npz).
@@ -340,13 +340,13 @@ def check_param_shapes(arrays: Mapping[str, np.ndarray], where: str) -> None:
         f'{len(missing)} key(s) {missing[:5]}{" ..." if len(missing) > 5 else ""}, '
         f'unexpected {len(unexpected)} key(s) {unexpected[:5]}'
         f'{" ..." if len(unexpected) > 5 else ""}. Make the file with '
-        f'`python -m score_sde.inception <pytorch-fid .pth> <out.npz>`.')
+        f'`python -m score_sde.evaluation.inception <pytorch-fid .pth> <out.npz>`.')
   for key, shape in expected.items():
     value = np.asarray(arrays[key])
     if tuple(value.shape) != shape:
       raise WeightsError(f'{where}: parameter {key!r} has shape {tuple(value.shape)}, '
                          f'expected {shape}. The file was not made for this network; '
-                         f're-convert it with `python -m score_sde.inception '
+                         f're-convert it with `python -m score_sde.evaluation.inception '
                          f'<pytorch-fid .pth> <out.npz>`.')
     if not np.issubdtype(value.dtype, np.floating) or not np.isfinite(value).all():
       raise WeightsError(f'{where}: parameter {key!r} is not a finite floating-point array '
@@ -362,7 +362,7 @@ def _missing_weights_message(path: str) -> str:
   return (f'Inception weights file {path} does not exist. Weights are not downloaded '
           f'automatically; on a machine with internet access and torch installed run\n'
           f'  curl -LO {PYTORCH_FID_URL}\n'
-          f'  python -m score_sde.inception pt_inception-2015-12-05-6726825d.pth '
+          f'  python -m score_sde.evaluation.inception pt_inception-2015-12-05-6726825d.pth '
           f'inception_fid.npz\n'
           f'then copy inception_fid.npz here and pass its path (or set ${WEIGHTS_ENV}).')
 
@@ -532,7 +532,7 @@ def feature_network(params, *, mesh=None, batch_size: int = 200, image_size: int
 
 def main(argv=None) -> None:
   parser = argparse.ArgumentParser(
-      prog='python -m score_sde.inception',
+      prog='python -m score_sde.evaluation.inception',
       description='Convert pytorch-fid Inception weights (.pth) to the score_sde .npz format '
                   f'(needs torch). The .pth is at {PYTORCH_FID_URL}')
   parser.add_argument('pth', help='pt_inception-2015-12-05-6726825d.pth')

@@ -207,7 +207,7 @@ def run(job: Job, compute: Callable[[int], tuple[dict, dict]]) -> dict:
   writer per output folder: a second job on the same folder stops at once
   (`locks.WorkdirLockedError`)."""
   os.makedirs(job.out_dir, exist_ok=True)
-  with locks.hold(job.out_dir, f'{job.what} job', active=jax.process_index() == 0):
+  with locks.hold_for_all(job.out_dir, f'{job.what} job'):
     return _run_locked(job, compute)
 
 

@@ -188,7 +188,8 @@ def inpaint_job(workdir: str, config, images: np.ndarray, mask, *,
   mask: a pattern name or mask file (see `load_mask`; `mask_fraction`,
   `mask_seed` for patterns), or an array [H, W(, C)] for all images or
   [N, H, W(, C)] per image (1 = known). Writes <out_dir>/inpainting.{npz,png,
-  json} (default out_dir <workdir>/samples/inpainting_step<step>_seed<seed>).
+  json} (default out_dir <workdir>/samples/inpainting_step<step>_seed<seed>_<id>,
+  the id naming its settings and inputs).
   The N * samples_per_image inputs are cut into resumable shards (see the
   module docstring). The sampler settings come from config.sampling (PC
   options). Returns the file paths (an empty dict on processes other than 0).
