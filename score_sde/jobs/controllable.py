@@ -162,6 +162,16 @@ def _shards_job(out_dir: str, name: str, num_rows: int, shard_size: int, setting
       title=f'{what}: {num_rows} result(s) into {out_dir}', what=what, unit='image')
 
 
+def _replacement_settings(experiment, config, step: int, seed: int, inputs_digest: str,
+                          samples_per_image: int) -> tuple[dict, dict]:
+  """(PC options, the settings that determine an inpainting / colourisation job)."""
+  options = pc_options_from_config(config)
+  return options, {
+      'checkpoint_step': int(step), 'seed': seed, 'sampler': options,
+      'eps': experiment.sampling_eps, 'config_hash': experiment_lib.config_hash(config),
+      'inputs': inputs_digest, 'samples_per_image': samples_per_image}
+
+
 def _default_out_dir(workdir: str, name: str, settings: dict, shard_size: int) -> str:
   """<workdir>/samples/<name>_<id>: the id names every setting (inputs included), so a
   job with other settings or inputs never meets this one's shards."""
@@ -214,11 +224,8 @@ def inpaint_job(workdir: str, config, images: np.ndarray, mask, *,
   repeated_masks = np.repeat(masks, samples_per_image, axis=0)
   n = len(repeated)
   batch = common.job_batch_size(config, n, mesh)
-  options = pc_options_from_config(config)
-  settings = {
-      'checkpoint_step': int(step), 'seed': seed, 'sampler': options,
-      'eps': experiment.sampling_eps, 'config_hash': experiment_lib.config_hash(config),
-      'inputs': common.digest(images, masks), 'samples_per_image': samples_per_image}
+  options, settings = _replacement_settings(experiment, config, step, seed,
+                                            common.digest(images, masks), samples_per_image)
   out_dir = out_dir or _default_out_dir(workdir, f'inpainting_step{step}_seed{seed}', settings,
                                         batch)
   job = _shards_job(out_dir, 'inpainting', n, batch, settings, 'inpainting')
@@ -263,7 +270,7 @@ def colorize_job(workdir: str, config, images: np.ndarray, *, out_dir: str | Non
                      f'shape {list(images.shape)}.')
   originals = images if images.shape[-1] == 3 else None
   grey = np.asarray(controllable.to_grayscale(images))
-  controllable.check_grayscale(grey, (size, size, config.data.num_channels))   # before any restore
+  controllable.check_grayscale(grey, (size, size, config.data.num_channels))  # before restoring
   mesh = mesh or parallel.make_mesh()
   experiment, state, step = common.experiment_and_state(workdir, config, mesh, checkpoint,
                                                         state, step)
@@ -274,15 +281,11 @@ def colorize_job(workdir: str, config, images: np.ndarray, *, out_dir: str | Non
   repeated = np.repeat(grey, samples_per_image, axis=0)
   n = len(repeated)
   batch = common.job_batch_size(config, n, mesh)
-  options = pc_options_from_config(config)
-  settings = {
-      'checkpoint_step': int(step), 'seed': seed, 'sampler': options,
-      'eps': experiment.sampling_eps, 'config_hash': experiment_lib.config_hash(config),
-      'inputs': common.digest(grey), 'samples_per_image': samples_per_image}
+  options, settings = _replacement_settings(experiment, config, step, seed,
+                                            common.digest(grey), samples_per_image)
   out_dir = out_dir or _default_out_dir(workdir, f'colorization_step{step}_seed{seed}',
                                         settings, batch)
-  job = _shards_job(out_dir, 'colorization', n, batch, settings,
-      'colourisation')
+  job = _shards_job(out_dir, 'colorization', n, batch, settings, 'colourisation')
   fn = controllable.jit_colorizer(controllable.build_colorizer(
       experiment.sde, experiment.score_model_fn, (batch,) + example_shape, mesh,
       eps=experiment.sampling_eps, **options), mesh)
