@@ -82,8 +82,11 @@ def bpd_job(workdir: str, config, *, split: str = 'test', num_repeats: int = 1,
              f'into {out_dir}'),
       what=f'bits/dim ({split})', unit='example',
       retry_hint='run with the earlier settings')
+  # The ODE runs eps -> T; diffrax's program is never kept in the compilation cache.
+  progress = common.ShardProgress(settings.eps, experiment.sde.T, kept_in_cache=False)
   likelihood_fn = likelihood.get_likelihood_fn(
-      experiment.sde, experiment.score_model_fn, mesh=mesh, **dataclasses.asdict(settings))
+      experiment.sde, progress.track(experiment.score_model_fn), mesh=mesh,
+      **dataclasses.asdict(settings))
   params = common.ema_params(state, mesh)
   scaler = data_lib.get_data_scaler(config)
   inverse = data_lib.get_data_inverse_scaler(config)
@@ -101,7 +104,7 @@ def bpd_job(workdir: str, config, *, split: str = 'test', num_repeats: int = 1,
     return ({'bpd': bpd[:valid].astype(np.float64), 'nfe': nfe[:valid]},
             {'nfe': int(np.asarray(info['nfe']))})
 
-  common.run(job, compute)
+  common.run(job, compute, progress)
   shards = common.load_shards(job)
   bpds = np.concatenate([a['bpd'] for a in shards]).reshape(num_repeats, n)
   per_example = bpds.mean(axis=0)            # average the repeats of each example

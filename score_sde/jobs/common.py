@@ -14,7 +14,9 @@ with the same command, computes only the missing shards and ends with exactly
 the files of an uninterrupted run. `run` writes shard s's info into
 <out_dir>/manifest.json, then its arrays to <out_dir>/shard_<s>.npz (through a
 temporary file and a rename: a file under a shard's name is complete, and a
-shard is done exactly when its file exists). Every shard runs on the whole
+shard is done exactly when its file exists). A job whose shard is one long
+compiled program (a sampler, an ODE solve) hands `run` a `ShardProgress`, so
+the bar moves inside a shard too. Every shard runs on the whole
 mesh (all devices of all processes); process 0 decides which shards are
 missing and writes the files; the workdir is shared by all processes, as for
 checkpoints.
@@ -27,9 +29,11 @@ import json
 import math
 import os
 import sys
+import threading
 from typing import Callable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import tqdm
 
@@ -177,6 +181,15 @@ def missing_shards(job: Job) -> list[int]:
   return [int(s) for s in np.flatnonzero(parallel.broadcast_from_first(missing))]
 
 
+def shows_progress() -> bool:
+  """Whether a job shows its progress bar: on process 0 when its stdout is a terminal.
+  Every process gets process 0's answer (the programs built from it must be the same
+  program on every process)."""
+  isatty = getattr(sys.stdout, 'isatty', None)
+  mine = jax.process_index() == 0 and bool(isatty and isatty())
+  return bool(parallel.broadcast_from_first(np.asarray(mine, np.int32)))
+
+
 def progress_bar(total: int, initial: int, what: str, unit: str) -> tqdm.tqdm:
   """A tqdm bar on stdout (rate, ETA); silent unless stdout is a terminal, and on
   processes other than 0."""
@@ -186,9 +199,98 @@ def progress_bar(total: int, initial: int, what: str, unit: str) -> tqdm.tqdm:
                    disable=quiet, dynamic_ncols=True)
 
 
+def persistent_cache_in_use() -> bool:
+  """Whether JAX keeps compiled programs in a persistent cache (launch.py's default)."""
+  return bool(jax.config.jax_compilation_cache_dir)
+
+
+@jax.custom_batching.custom_vmap
+def _slowest(fraction: jax.Array) -> jax.Array:
+  """`fraction`, reduced by min over any vmap-ed axes (the slowest example's)."""
+  return fraction
+
+
+@_slowest.def_vmap
+def _slowest_vmap(axis_size, in_batched, fraction):
+  del axis_size
+  return _slowest(jnp.min(fraction, axis=0) if in_batched[0] else fraction), False
+
+
+class ShardProgress:
+  """Progress inside a shard whose work is one compiled program, on the job's bar.
+
+  The job builds its program from `track(score_model_fn)`: each score evaluation
+  then reports, by a host callback, the fraction of the way from t_start to t_end
+  (e.g. T -> eps for a sampler, eps -> T for the likelihood ODE) that the slowest
+  example of the batch has covered, and `run` moves the bar by that share of the
+  shard's rows.
+
+  JAX keeps no program with a host callback in its persistent compilation cache.
+  So the callback is compiled in only where a bar shows (`shows_progress`) and it
+  costs no cache hit: always for a program that is never kept anyway
+  (`kept_in_cache=False`: diffrax solves, whose error checks are host callbacks
+  already), and for one that would be kept (the samplers) only when no persistent
+  cache is in use. Otherwise `track` returns the score function itself, and the
+  program and its numbers are exactly those of a job without progress.
+  """
+
+  def __init__(self, t_start: float, t_end: float, *, kept_in_cache: bool = True,
+               enabled: bool | None = None):
+    self.t_start, self.t_end = float(t_start), float(t_end)
+    if enabled is None:
+      enabled = shows_progress() and not (kept_in_cache and persistent_cache_in_use())
+    self.enabled = bool(enabled)
+    self._lock = threading.Lock()
+    self._bar, self._rows, self._shown = None, 0, 0
+
+  def track(self, score_model_fn: Callable) -> Callable:
+    """score_model_fn(params, x, t [B]) reporting its progress (itself when disabled)."""
+    if not self.enabled:
+      return score_model_fn
+    start, span = self.t_start, self.t_end - self.t_start
+
+    def tracked(params, x, t):
+      fraction = (jnp.asarray(t, jnp.float32) - start) / span
+      jax.debug.callback(self._report, _slowest(jnp.min(fraction)))
+      return score_model_fn(params, x, t)
+
+    return tracked
+
+  def _report(self, fraction) -> None:        # on a runtime thread, during a shard
+    with self._lock:
+      if self._bar is None:
+        return
+      rows = int(self._rows * min(max(float(fraction), 0.0), 1.0))
+      if rows > self._shown:                 # never backwards (rejected ODE steps)
+        self._bar.update(rows - self._shown)
+        self._shown = rows
+
+  def begin(self, bar: tqdm.tqdm, rows: int) -> None:
+    """Reports go to `bar` for a shard of `rows` rows."""
+    with self._lock:
+      self._bar, self._rows, self._shown = bar, int(rows), 0
+
+  def end(self) -> int:
+    """Stops reporting; returns the rows already shown for this shard."""
+    with self._lock:
+      self._bar, shown = None, self._shown
+    return shown
+
+
 def save_shard(out_dir: str, shard: int, arrays: dict) -> str:
   """Writes shard_<shard>.npz atomically."""
   return io.savez_atomic(shard_path(out_dir, shard), **arrays)
+
+
+def remove_stale_temporaries(out_dir: str) -> list[str]:
+  """Deletes the temporary files of atomic writes (io's .<name>.<pid>.tmp) that a killed
+  writer left in a job folder, and returns their names. Call it holding the folder's
+  lock: no other process is writing there then."""
+  stale = sorted(name for name in os.listdir(out_dir)
+                 if name.startswith('.') and name.endswith('.tmp'))
+  for name in stale:
+    os.remove(os.path.join(out_dir, name))
+  return stale
 
 
 def check_folder_name(name: str, flag: str = '--tag') -> str:
@@ -201,35 +303,44 @@ def check_folder_name(name: str, flag: str = '--tag') -> str:
   return name
 
 
-def run(job: Job, compute: Callable[[int], tuple[dict, dict]]) -> dict:
+def run(job: Job, compute: Callable[[int], tuple[dict, dict]],
+        progress: ShardProgress | None = None) -> dict:
   """Computes the job's missing shards with compute(s) -> (arrays, info); returns the
   manifest. Call it on every process (compute may run sharded programs). One
   writer per output folder: a second job on the same folder stops at once
-  (`locks.WorkdirLockedError`)."""
+  (`locks.WorkdirLockedError`). `progress`: the ShardProgress that compute's
+  program reports to, if any (the bar then moves inside each shard)."""
   os.makedirs(job.out_dir, exist_ok=True)
   with locks.hold_for_all(job.out_dir, f'{job.what} job'):
-    return _run_locked(job, compute)
+    return _run_locked(job, compute, progress)
 
 
-def _run_locked(job: Job, compute: Callable[[int], tuple[dict, dict]]) -> dict:
+def _run_locked(job: Job, compute: Callable[[int], tuple[dict, dict]],
+                progress: ShardProgress | None) -> dict:
   manifest = open_manifest(job)
   todo = missing_shards(job)
   main = jax.process_index() == 0
   if main:
+    remove_stale_temporaries(job.out_dir)
     print(f'{job.title}: {job.num_shards} shard(s) of {job.shard_size}, '
           f'{job.num_shards - len(todo)} already done.', flush=True)
   if todo:
     with progress_bar(job.num_shards * job.shard_size,
                       (job.num_shards - len(todo)) * job.shard_size, job.what, job.unit) as bar:
       for shard in todo:
-        arrays, info = compute(shard)
+        if progress is not None:
+          progress.begin(bar, job.shard_size)
+        try:
+          arrays, info = compute(shard)
+        finally:
+          shown = progress.end() if progress is not None else 0
         manifest['shards'][str(shard)] = info
         if main:          # the info first: a file means a finished shard
           io.atomic_json(job.manifest_path, manifest)
           save_shard(job.out_dir, shard, arrays)
         if 'nfe' in info:
           bar.set_postfix(NFE=info['nfe'], refresh=False)
-        bar.update(job.shard_size)
+        bar.update(job.shard_size - shown)
   if main:
     io.atomic_json(job.manifest_path, manifest)
   parallel.barrier(f'score_sde job {job.out_dir}')   # every file written before reading

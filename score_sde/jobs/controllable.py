@@ -229,8 +229,9 @@ def inpaint_job(workdir: str, config, images: np.ndarray, mask, *,
   out_dir = out_dir or _default_out_dir(workdir, f'inpainting_step{step}_seed{seed}', settings,
                                         batch)
   job = _shards_job(out_dir, 'inpainting', n, batch, settings, 'inpainting')
+  progress = common.ShardProgress(experiment.sde.T, experiment.sampling_eps)
   fn = controllable.jit_inpainter(controllable.build_inpainter(
-      experiment.sde, experiment.score_model_fn, (batch,) + example_shape, mesh,
+      experiment.sde, progress.track(experiment.score_model_fn), (batch,) + example_shape, mesh,
       eps=experiment.sampling_eps, **options), mesh)
   params = common.ema_params(state, mesh)
   key = jax.random.PRNGKey(seed)
@@ -243,7 +244,7 @@ def inpaint_job(workdir: str, config, images: np.ndarray, mask, *,
     results = np.asarray(inverse(parallel.gather(x)))[:rows.stop - rows.start]
     return {'results': results}, {'nfe': int(info['nfe'])}
 
-  manifest = common.run(job, compute)
+  manifest = common.run(job, compute, progress)
   results = _results(job).reshape((len(images), samples_per_image) + example_shape)
   meta = {'checkpoint_step': int(step), 'seed': seed, 'nfe': _last_nfe(manifest),
           'sampler': dict(options), 'eps': experiment.sampling_eps}
@@ -286,8 +287,9 @@ def colorize_job(workdir: str, config, images: np.ndarray, *, out_dir: str | Non
   out_dir = out_dir or _default_out_dir(workdir, f'colorization_step{step}_seed{seed}',
                                         settings, batch)
   job = _shards_job(out_dir, 'colorization', n, batch, settings, 'colourisation')
+  progress = common.ShardProgress(experiment.sde.T, experiment.sampling_eps)
   fn = controllable.jit_colorizer(controllable.build_colorizer(
-      experiment.sde, experiment.score_model_fn, (batch,) + example_shape, mesh,
+      experiment.sde, progress.track(experiment.score_model_fn), (batch,) + example_shape, mesh,
       eps=experiment.sampling_eps, **options), mesh)
   params = common.ema_params(state, mesh)
   key = jax.random.PRNGKey(seed)
@@ -299,7 +301,7 @@ def colorize_job(workdir: str, config, images: np.ndarray, *, out_dir: str | Non
     results = np.asarray(inverse(parallel.gather(x)))[:rows.stop - rows.start]
     return {'results': results}, {'nfe': int(info['nfe'])}
 
-  manifest = common.run(job, compute)
+  manifest = common.run(job, compute, progress)
   results = _results(job).reshape((len(images), samples_per_image) + example_shape)
   meta = {'checkpoint_step': int(step), 'seed': seed, 'nfe': _last_nfe(manifest),
           'sampler': options, 'eps': experiment.sampling_eps}
@@ -351,9 +353,11 @@ def conditional_sample_job(workdir: str, config, classifier_workdir: str, classi
       workdir, f'conditional_step{step}_scale{scale:g}_seed{seed}', settings, batch)
   job = _shards_job(out_dir, 'conditional', n, batch, settings, 'class-conditional samples')
   logits_model_fn = score_fn_lib.get_logits_model_fn(experiment.sde, classifier)
+  progress = common.ShardProgress(experiment.sde.T, experiment.sampling_eps)
   fn = controllable.jit_conditional_sampler(controllable.build_conditional_sampler(
-      experiment.sde, experiment.score_model_fn, logits_model_fn, (batch,) + example_shape,
-      num_classes, method, mesh, scale, eps=experiment.sampling_eps, **options), mesh)
+      experiment.sde, progress.track(experiment.score_model_fn), logits_model_fn,
+      (batch,) + example_shape, num_classes, method, mesh, scale, eps=experiment.sampling_eps,
+      **options), mesh)
   inverse = data_lib.get_data_inverse_scaler(config)
   params = common.ema_params(state, mesh)
   classifier_params = common.ema_params(classifier_state, mesh)
@@ -366,7 +370,7 @@ def conditional_sample_job(workdir: str, config, classifier_workdir: str, classi
     samples = np.asarray(inverse(parallel.gather(x)))[:rows.stop - rows.start]
     return {'samples': samples}, {'nfe': int(info['nfe'])}
 
-  manifest = common.run(job, compute)
+  manifest = common.run(job, compute, progress)
   samples = _results(job, 'samples')
   meta = {'checkpoint_step': int(step), 'classifier_step': classifier_step, 'seed': seed,
           'scale': float(scale), 'nfe': _last_nfe(manifest), 'method': method,

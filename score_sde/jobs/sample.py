@@ -63,7 +63,11 @@ def sample_job(workdir: str, config, *, num_samples: int, shard_size: int | None
       title=(f'sampling {num_samples} samples ({description["method"]}) from step {step} '
              f'into {out_dir}'),
       what='samples', unit='sample', retry_hint='pass another --tag')
-  sampler = sampling.get_sampling_fn(config, experiment.sde, experiment.score_model_fn,
+  progress = common.ShardProgress(      # T -> eps; diffrax programs are never kept in the cache
+      experiment.sde.T, experiment.sampling_eps,
+      kept_in_cache=description['method'] not in ('ode', 'sde'))
+  sampler = sampling.get_sampling_fn(config, experiment.sde,
+                                     progress.track(experiment.score_model_fn),
                                      model_utils.input_shape(config, shard_size),
                                      experiment.sampling_eps, mesh=mesh)
   params = common.ema_params(state, mesh)
@@ -83,7 +87,7 @@ def sample_job(workdir: str, config, *, num_samples: int, shard_size: int | None
       arrays['samples'] = x.astype(np.float32)
     return arrays, {'nfe': int(np.asarray(info['nfe']))}
 
-  common.run(job, compute)
+  common.run(job, compute, progress)
   if jax.process_index() == 0:
     first = load_samples(out_dir, limit=64)
     if first.ndim == 4:
