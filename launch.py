@@ -20,7 +20,13 @@ Commands
   colorize      colour grey-scale --images (the model must be RGB)
   cond_sample   class-conditional samples: the workdir's score model guided by the
                 classifier of --classifier_workdir (--labels 3,3,7 or --num_per_class)
-  describe      parameter count and forward-pass shapes of a config (no training)
+  import_checkpoint
+                import a checkpoint of the original code bases (score_sde's Flax
+                checkpoint_<k> or score_sde_pytorch's checkpoint_<k>.pth) into a new
+                --workdir: --original <file> --config <the config it was trained with>
+  describe      parameter count and forward-pass shapes of a config (no training);
+                with --original <file>: what an original checkpoint holds and which
+                config under configs/ (or the given --config) it matches
   noise_scales  NCSNv2 noise scales (sigma_max, gamma, number of scales, step size)
                 for a config's training data
 
@@ -56,6 +62,8 @@ from ml_collections import config_flags  # noqa: E402
 config_flags.DEFINE_config_file('config', None, 'Experiment config file (configs/...).',
                                 lock_config=True)
 flags.DEFINE_string('workdir', None, 'Experiment directory (checkpoints, samples, logs).')
+flags.DEFINE_string('original', None, 'import_checkpoint / describe: a checkpoint file of '
+                    'yang-song/score_sde (checkpoint_<k>) or score_sde_pytorch (.pth).')
 flags.DEFINE_bool('extend', False, 'train: continue a finished run to a larger '
                   'config.training.n_iters (otherwise refused).')
 flags.DEFINE_bool('exact', False, 'noise_scales: exact sigma_max even for large datasets.')
@@ -112,10 +120,65 @@ def _require_config():
   return FLAGS.config
 
 
+def _config_name() -> str:
+  """The --config file as given (with its ':arg'), for records."""
+  try:
+    return config_flags.get_config_filename(FLAGS['config'])
+  except Exception:  # noqa: BLE001 -- only a label
+    return 'the config'
+
+
+def _paper_configs() -> dict:
+  """{path relative to the repository: config} of every config under configs/."""
+  import configs
+  here = os.path.dirname(os.path.abspath(__file__))
+  return {os.path.relpath(path, here): configs.load(path) for path in configs.all_config_paths()}
+
+
 def cmd_describe(argv):
   del argv
-  from score_sde import describe
-  print(describe.describe_json(_require_config()))
+  if FLAGS.original is None:
+    from score_sde import describe
+    print(describe.describe_json(_require_config()))
+    return
+  import json
+  from score_sde.jobs import import_checkpoint
+  candidates = ({_config_name(): FLAGS.config} if FLAGS.config is not None
+                else _paper_configs())
+  info = import_checkpoint.describe_original(FLAGS.original, candidates)
+  shapes = info.pop('array_shapes')
+  shown = dict(list(shapes.items())[:12])
+  print(f"{info['file']}: {info['format']}, step {info['step']}, {info['network']}")
+  print(f"  {info['arrays']} arrays, {info['parameters']:,} parameters; EMA rate "
+        f"{info['ema_rate']}; Adam state {'yes' if info['adam_state'] else 'no'} (count "
+        f"{info['adam_count']}); buffers {info['buffers'] or 'none'}")
+  for name, shape in shown.items():
+    print(f'    {name} {tuple(shape)}')
+  if len(shapes) > len(shown):
+    print(f'    ... and {len(shapes) - len(shown)} more')
+  matches = info['matching_configs']
+  print(f"  matches {len(matches)} of {info['configs_tried']} config(s) tried: "
+        + (', '.join(matches) if matches else
+           'none (a shrunk or changed config: pass it with --config and its '
+           '--config.key=value overrides to check it)'))
+  print(json.dumps({**info, 'array_shapes_shown': shown}))
+
+
+def cmd_import_checkpoint(argv):
+  del argv
+  from score_sde.jobs import import_checkpoint
+  if FLAGS.original is None:
+    raise ValueError('import_checkpoint needs --original=<checkpoint file> (score_sde: '
+                     'checkpoint_<k>; score_sde_pytorch: checkpoint_<k>.pth).')
+  workdir = _require_workdir()
+  config = _validated_config()
+  summary = import_checkpoint.import_checkpoint(FLAGS.original, config, workdir,
+                                                config_name=_config_name())
+  print(f"Imported {summary['format']} step {summary['step']} "
+        f"({summary['parameters']:,} parameters) from {summary['source']} into {workdir}.")
+  for notice in summary['notices']:
+    print(f'note: {notice}')
+  print(f'Next: python launch.py sample --workdir {workdir}   (or bpd / eval / train)')
 
 
 def cmd_noise_scales(argv):
@@ -318,6 +381,7 @@ COMMANDS = {
     'eval': cmd_eval,
     'stats': cmd_stats,
     'describe': cmd_describe,
+    'import_checkpoint': cmd_import_checkpoint,
     'noise_scales': cmd_noise_scales,
 }
 
@@ -378,7 +442,7 @@ def main(argv):
   from score_sde import checkpoints, compile_cache, data, locks, parallel, train
   user_errors = (ValueError, FileNotFoundError, data.DatasetNotFoundError,
                  checkpoints.NoCheckpointError, train.NonFiniteLossError,
-                 locks.WorkdirLockedError)
+                 locks.WorkdirLockedError, FileExistsError)
   try:
     _check_names()
     _check_trained_workdir(argv[1])

@@ -98,6 +98,11 @@ def save(manager: ocp.CheckpointManager, step: int, state, data_iterator=None) -
   manager.save(step, args=ocp.args.Composite(**items), force=True)
 
 
+def has_data_position(manager: ocp.CheckpointManager, step: int) -> bool:
+  """Whether the checkpoint at `step` stores the data iterator (imported ones do not)."""
+  return os.path.isdir(os.path.join(str(manager.directory), str(step), 'data'))
+
+
 class NoCheckpointError(FileNotFoundError):
   """No usable checkpoint in a workdir."""
 
@@ -125,8 +130,11 @@ def restore(manager: ocp.CheckpointManager, abstract_state, data_iterator=None,
   errors, failed = [], []
   for candidate in steps:
     items = {'state': ocp.args.StandardRestore(abstract_state)}
-    if data_iterator is not None:
+    if data_iterator is not None and has_data_position(manager, candidate):
       items['data'] = grain.checkpoint.CheckpointRestore(data_iterator)
+    elif data_iterator is not None and jax.process_index() == 0:
+      print(f'note: the checkpoint at step {candidate} holds no data-loader position (an '
+            f'imported checkpoint); the data is read from its start.', flush=True)
     try:
       with _quiet_orbax():
         restored = manager.restore(candidate, args=ocp.args.Composite(**items))

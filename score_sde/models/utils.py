@@ -29,3 +29,28 @@ def init_params(key, model, config, batch_size: int = 1):
 def param_count(params) -> int:
   """Total number of scalars in a parameter pytree."""
   return int(sum(np.prod(p.shape) for p in jax.tree_util.tree_leaves(params)))
+
+
+def param_shapes_in_order(model, config) -> list[tuple[str, tuple[int, ...]]]:
+  """[('Module_k/.../name', shape), ...] of the network's parameters in the order
+  the modules are created (the forward pass's order), without computing them.
+
+  `jax.eval_shape` returns dicts with sorted keys; the order is read while the
+  initialisation is traced, when the parameter dicts are still in creation order.
+  """
+  order: list = []
+
+  def paths(tree, prefix=''):
+    for name, value in tree.items():
+      if isinstance(value, dict) or hasattr(value, 'items'):
+        yield from paths(value, f'{prefix}{name}/')
+      else:
+        yield f'{prefix}{name}', tuple(value.shape)
+
+  def init(key):
+    params = init_params(key, model, config)
+    order.extend(paths(params))
+    return params
+
+  jax.eval_shape(init, jax.random.PRNGKey(0))
+  return order
