@@ -41,6 +41,8 @@ MODEL_KEYS = frozenset({
     # the noise-conditional Wide-ResNet classifier (models/wideresnet.py)
     'num_classes', 'blocks_per_group', 'depth', 'channel_multiplier', 'base_channels',
     'embedding_size', 'standardize',
+    # score_sde_pytorch's RefineNet numerics (models/ncsnv2.py; set by import_checkpoint)
+    'refine_mults', 'norm_unbiased_variance', 'resize_align_corners',
 })
 OTHER_KEYS = frozenset({'optim.amsgrad', 'data.category', 'data.dim'})
 

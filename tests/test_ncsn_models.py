@@ -197,6 +197,87 @@ def test_unconditional_norms_match_numpy(norm_input, name):
   np.testing.assert_allclose(y, expected, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize('name, conditional', [('InstanceNorm++', False), ('InstanceNorm++', True),
+                                               ('VarianceNorm', False), ('VarianceNorm', True)])
+def test_unbiased_variance_option_matches_numpy(norm_input, name, conditional):
+  """score_sde_pytorch's torch.var: InstanceNorm++ divides the variance of the channel
+  means by C - 1, VarianceNorm the spatial variance by H W - 1; the instance
+  normalisation's own variance stays biased."""
+  x = norm_input
+  labels = jnp.array([0, 1, 0, 1])
+  layer = norms.get_normalization(name, conditional, 2 if conditional else 0,
+                                  unbiased_variance=True)()
+  params = layer.init(jax.random.PRNGKey(1), x, labels)['params']
+  rng = np.random.default_rng(2)
+  params = {k: jnp.asarray(rng.normal(size=v.shape), jnp.float32) for k, v in params.items()}
+  y = np.asarray(layer.apply({'params': params}, x, labels))
+  p = {k: np.asarray(v, np.float64) for k, v in params.items()}
+  if conditional:
+    p = {k: v[np.asarray(labels)][:, None, None, :] for k, v in p.items()}
+  x64 = np.asarray(x, np.float64)
+  mean = x64.mean(axis=(1, 2), keepdims=True)
+  if name == 'VarianceNorm':
+    var1 = x64.var(axis=(1, 2), keepdims=True, ddof=1)
+    scale = p['gamma'] if conditional else p['scale']
+    expected = scale * x64 / np.sqrt(var1 + EPS)
+  else:
+    var0 = x64.var(axis=(1, 2), keepdims=True)
+    means = (mean - mean.mean(-1, keepdims=True)) / np.sqrt(mean.var(-1, keepdims=True, ddof=1)
+                                                             + EPS)
+    expected = p['gamma'] * ((x64 - mean) / np.sqrt(var0 + EPS) + p['alpha'] * means) + p['beta']
+  np.testing.assert_allclose(y, expected, rtol=1e-4, atol=1e-4)
+  biased = norms.get_normalization(name, conditional, 2 if conditional else 0)()
+  assert np.abs(np.asarray(biased.apply({'params': params}, x, labels)) - y).max() > 1e-3
+
+
+@pytest.mark.parametrize('size_in, size_out', [((4, 4), (8, 8)), ((3, 5), (7, 9)), ((1, 2), (4, 4))])
+def test_align_corners_resize_matches_linear_interpolation(size_in, size_out):
+  """PyTorch's bilinear align_corners=True: output i samples the input at
+  i (n_in - 1) / (n_out - 1); computed here with np.interp, axis by axis."""
+  x = np.asarray(jax.random.normal(jax.random.PRNGKey(0), (2, *size_in, 3)), np.float64)
+  y = np.asarray(ncsnv2.resize_bilinear_align_corners(jnp.asarray(x, jnp.float32), size_out))
+
+  def along(a, axis, n_out):
+    grid = np.linspace(0, a.shape[axis] - 1, n_out)
+    return np.apply_along_axis(lambda v: np.interp(grid, np.arange(len(v)), v), axis, a)
+
+  expected = along(along(x, 1, size_out[0]), 2, size_out[1])
+  np.testing.assert_allclose(y, expected, rtol=1e-5, atol=1e-6)
+  if size_in[0] > 1:
+    np.testing.assert_allclose(y[:, [0, -1]][:, :, [0, -1]], x[:, [0, -1]][:, :, [0, -1]],
+                               rtol=1e-6)
+
+
+def test_port_options_change_the_network_as_stated():
+  """refine_mults sets the RefineBlock widths; the numerics options change the
+  function but not the parameters."""
+  x = images(jax.random.PRNGKey(7), 2, 8)
+  labels = jnp.array([1, 4])
+  plain = small_model('ncsnv2')
+  narrow = small_model('ncsnv2', refine_mults=(2, 2, 1, 1))
+  params = synthetic_params(narrow, x, labels)
+  assert params['RefineBlock_2']['MSFBlock_0']['Conv_0']['kernel'].shape == (3, 3, 16, 8)
+  assert (mutils.param_count(synthetic_params(plain, x, labels))
+          > mutils.param_count(params))
+  outputs = [np.asarray(small_model('ncsnv2', refine_mults=(2, 2, 1, 1), **options).apply(
+      {'params': params}, x, labels)) for options in (
+          {}, {'norm_unbiased_variance': True}, {'resize_align_corners': True})]
+  assert np.abs(outputs[1] - outputs[0]).max() > 1e-4
+  assert np.abs(outputs[2] - outputs[0]).max() > 1e-4
+
+
+@pytest.mark.parametrize('options, message', [
+    ({'refine_mults': (2, 2, 1)}, r'refine_mults = \(2, 2, 1\) does not fit NCSNv2.*4 positive'),
+    ({'refine_mults': (1, 2, 2, 1)}, r"the first equal to the deepest stage's 2"),
+    ({'refine_mults': (2, 0, 1, 1)}, r'positive integers'),
+    ({'resize_align_corners': True, 'interpolation': 'nearest_neighbor'},
+     r"resize_align_corners applies to bilinear resizing"),
+])
+def test_bad_port_options_raise(options, message):
+  with pytest.raises(ValueError, match=message):
+    ncsnv2.NCSNv2(nf=8, image_size=8, **options)
+
+
 def test_group_norm_normalises_groups(norm_input):
   x = jnp.tile(norm_input, (1, 1, 1, 2))  # 10 channels -> gcd(32, 10) = 2 groups
   layer = norms.GroupNorm()

@@ -16,7 +16,6 @@ import numpy as np
 import pytest
 
 from score_sde import experiment as experiment_lib
-from score_sde import score_fn as score_fn_lib
 from score_sde.convert import original
 from score_sde.convert import torch_refinenet
 from score_sde.convert import torch_state
@@ -27,20 +26,6 @@ DATA = os.path.join(os.path.dirname(__file__), 'data', 'original_torch')
 FITS_OUR_WIDTHS = ('ve_ncsnv2_bedroom_128', 've_ncsnv2_bedroom_256')
 PORT_WIDTHS = ('ve_ncsnv2_cifar10', 've_ncsn_cifar10')
 RTOL = 1e-5
-
-
-class _NCSNv2PortWidths(ncsnv2.NCSNv2):
-  """NCSNv2 (32-64 px) with the PyTorch port's decoder: the third RefineBlock outputs nf."""
-  REFINE_MULTS = (2, 2, 1, 1)
-
-
-class _NCSNPortWidths(ncsnv2.NCSN):
-  """NCSN with the PyTorch port's decoder widths."""
-  REFINE_MULTS = (2, 2, 1, 1)
-
-
-_PORT_MODELS = {'ncsnv2_64': _NCSNv2PortWidths, 'ncsnv2': _NCSNv2PortWidths,
-                'ncsn': _NCSNPortWidths}
 
 
 def _fixture(name):
@@ -66,18 +51,22 @@ def _checkpoint(name):
   return torch_state.read(os.path.join(DATA, name, fixture['checkpoint']))
 
 
+def _options(fixture, numerics):
+  """config.model options for the port's function ('port') or for the Flax
+  original's numerics with the port's RefineBlock widths ('flax')."""
+  port = torch_refinenet.port_model_options(fixture['model'])
+  if numerics == 'port':
+    return {f'model.{key}': value for key, value in port.items()}
+  return {'model.refine_mults': port['refine_mults']}
+
+
 @functools.lru_cache(maxsize=None)
-def _imported(name, port_widths=False):
+def _imported(name, numerics='flax'):
   """(mapped EMA, mapped training params, target, score_model_fn) for a fixture."""
   fixture = _fixture(name)
-  config = _config(fixture)
+  config = _config(fixture, **_options(fixture, numerics))
   experiment = experiment_lib.build_experiment(config)
   model, score_model_fn = experiment.model, experiment.score_model_fn
-  if port_widths:
-    model = _PORT_MODELS[config.model.name].from_config(config)
-    score4 = score_fn_lib.get_score_model_fn(
-        experiment.sde, score_fn_lib.get_model_fn(model), continuous=False)
-    score_model_fn = lambda params, x, t: score4(params, x, t, False, None)  # noqa: E731
   target = model_utils.param_shapes_in_order(model, config)
   checkpoint = _checkpoint(name)
   ema = torch_state.to_ours(checkpoint.ema_params, target, config.model.name)
@@ -90,52 +79,54 @@ def _relative_error(ours, expected):
 
 
 @functools.lru_cache(maxsize=None)
-def _score(name, port_widths, which='ema'):
-  ema, params, _, score_model_fn = _imported(name, port_widths)
+def _score(name, numerics, which='ema'):
+  ema, params, _, score_model_fn = _imported(name, numerics)
   expected = np.load(os.path.join(DATA, name, 'expected.npz'))
   tree = original.unflatten(ema if which == 'ema' else params)
   return np.asarray(score_model_fn(tree, expected['x'], expected['t'])), expected
 
 
-CASES = [(name, False) for name in FITS_OUR_WIDTHS] + [(name, True) for name in PORT_WIDTHS]
+NAMES = FITS_OUR_WIDTHS + PORT_WIDTHS
 
 
-@pytest.mark.parametrize('name,port_widths', CASES)
-def test_checkpoint_fills_the_network_exactly(name, port_widths):
-  ema, params, target, _ = _imported(name, port_widths)
+@pytest.mark.parametrize('name', NAMES)
+def test_checkpoint_fills_the_network_exactly(name):
+  ema, params, target, _ = _imported(name)
   for mapped in (ema, params):
     assert not [key for key in mapped if key.startswith('(unplaced)')]
     original.check_against(mapped, target, source=name, config_name=name)
   assert len(ema) == len(target)
 
 
-@pytest.mark.parametrize('name,port_widths', CASES)
-def test_score_equals_the_original_with_ema_weights(name, port_widths):
-  ours, expected = _score(name, port_widths)
-  assert _relative_error(ours, expected['score_flax_conventions']) < RTOL
-
-
-@pytest.mark.parametrize('name,port_widths', CASES[:1] + CASES[-1:])
-def test_training_weights_give_another_score(name, port_widths):
-  """The fixture's EMA differs from the parameters, so the test above sees which was used."""
-  ours, expected = _score(name, port_widths, which='params')
-  assert _relative_error(ours, expected['score_flax_conventions']) > 1e-3
-
-
-@pytest.mark.xfail(strict=True, reason=(
-    "the PyTorch port's InstanceNorm++ uses the unbiased variance of the channel means "
-    'and its RefineNet upsamples with align_corners=True; our networks follow the Flax '
-    'original (biased variance, half-pixel resize)'))
-@pytest.mark.parametrize('name,port_widths', CASES)
-def test_score_equals_the_ports_own_numerics(name, port_widths):
-  ours, expected = _score(name, port_widths)
+@pytest.mark.parametrize('name', NAMES)
+def test_score_equals_the_ports_own_numerics(name):
+  """With the port's options (unbiased variances, align_corners, widths) our network
+  computes score_sde_pytorch's own score."""
+  ours, expected = _score(name, 'port')
   assert _relative_error(ours, expected['score']) < RTOL
+
+
+@pytest.mark.parametrize('name', NAMES)
+def test_score_under_flax_conventions_equals_the_patched_original(name):
+  """The same weights under our default numerics equal the port's code run with the
+  Flax original's conventions: each option is what separates the two functions."""
+  ours, expected = _score(name, 'flax')
+  assert _relative_error(ours, expected['score_flax_conventions']) < RTOL
+  assert _relative_error(ours, expected['score']) > 1e-2
+
+
+@pytest.mark.parametrize('name', [FITS_OUR_WIDTHS[0], PORT_WIDTHS[-1]])
+def test_training_weights_give_another_score(name):
+  """The fixture's EMA differs from the parameters, so the tests above see which was used."""
+  ours, expected = _score(name, 'port', which='params')
+  assert _relative_error(ours, expected['score']) > 1e-3
 
 
 @pytest.mark.parametrize('name', PORT_WIDTHS)
 def test_port_decoder_width_is_named_against_our_config(name):
   """score_sde_pytorch's NCSN / NCSNv2 (32-64 px) give the third RefineBlock nf
-  channels, the Flax original (and ours) 2 nf: the mismatch names those arrays."""
+  channels, the Flax original (and our default) 2 nf: without model.refine_mults
+  the mismatch names those arrays."""
   fixture = _fixture(name)
   config = _config(fixture)
   model = experiment_lib.build_experiment(config).model

@@ -51,6 +51,25 @@ ARCHITECTURES = {
     'ncsnv2_256': _SIX,
 }
 
+# The port's networks as options of ours (models/ncsnv2.py): its RefineBlock widths
+# (x nf, deepest first; the 32-64 px NCSN / NCSNv2 give the third block nf where the
+# Flax original gives 2 nf), torch.var's unbiased variance in InstanceNorm++ and
+# VarianceNorm, and align_corners=True in the fusion blocks' bilinear upsampling.
+PORT_REFINE_MULTS = {
+    'ncsn': (2, 2, 1, 1),
+    'ncsnv2': (2, 2, 1, 1),
+    'ncsnv2_64': (2, 2, 1, 1),
+    'ncsnv2_128': (4, 2, 2, 1, 1),
+    'ncsnv2_256': (4, 2, 2, 2, 1, 1),
+}
+
+
+def port_model_options(model_name: str) -> dict:
+  """config.model keys that make our `model_name` network compute score_sde_pytorch's."""
+  return {'refine_mults': PORT_REFINE_MULTS[model_name.lower()],
+          'norm_unbiased_variance': True, 'resize_align_corners': True}
+
+
 BLOCKS_PER_STAGE = 2
 # Children of our modules that are not normalisation layers.
 _STRUCTURAL = ('Conv_', 'ResidualBlock_', 'RefineBlock_', 'RCUBlock_', 'MSFBlock_',

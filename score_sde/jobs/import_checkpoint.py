@@ -15,6 +15,7 @@ given configs it matches.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import datetime
 import hashlib
@@ -32,6 +33,7 @@ from score_sde import io
 from score_sde import models
 from score_sde.convert import flax_msgpack
 from score_sde.convert import original as original_lib
+from score_sde.convert import torch_refinenet
 from score_sde.convert import torch_state
 from score_sde.models import utils as model_utils
 
@@ -104,6 +106,24 @@ def _check_noise_levels(original: original_lib.OriginalCheckpoint, config,
         f'model.sigma_min, model.num_scales. Nothing was written.')
 
 
+def with_original_numerics(original: original_lib.OriginalCheckpoint, config):
+  """(config, {key: value set}): for a score_sde_pytorch NCSN / NCSNv2 file, a copy of
+  `config` whose network computes that code base's function (its RefineBlock
+  widths, unbiased variances, align_corners upsampling: models/ncsnv2.py). Keys the
+  config already sets stay as they are. Other files: `config` unchanged, {}."""
+  name = str(config.model.name).lower()
+  if original.format != original_lib.TORCH or name not in torch_state.REFINENET_MODELS:
+    return config, {}
+  config = copy.deepcopy(config)
+  added = {}
+  with config.unlocked():
+    for key, value in torch_refinenet.port_model_options(name).items():
+      if key not in config.model:
+        config.model[key] = value
+        added[key] = value
+  return config, added
+
+
 def _as_dtypes(tree, abstract):
   return jax.tree.map(lambda value, spec: jnp.asarray(value, spec.dtype), tree, abstract)
 
@@ -164,8 +184,9 @@ def import_checkpoint(path: str, config, workdir: str, *,
     raise ValueError('import_checkpoint runs in one process; start it without '
                      'jax.distributed (it only converts a file).')
   _check_new_workdir(workdir)
-  experiment_lib.check_config(config)
   original = read_original(path)
+  config, numerics = with_original_numerics(original, config)
+  experiment_lib.check_config(config)
   mapped = map_original(original, config, config_name)
   state = train_state(original, mapped, config)
   notices = []
@@ -174,13 +195,10 @@ def import_checkpoint(path: str, config, workdir: str, *,
     notices.append(f'the file\'s EMA rate is {original.ema_rate:g} but config.model.ema_rate '
                    f'is {float(config.model.ema_rate):g}; fine-tuning uses the config\'s '
                    f'(pass --config.model.ema_rate={original.ema_rate:g} to keep the file\'s).')
-  if (original.format == original_lib.TORCH
-      and str(config.model.name).lower() in torch_state.REFINENET_MODELS):
-    notices.append('score_sde_pytorch\'s NCSN / NCSNv2 compute InstanceNorm++ with the '
-                   'unbiased variance of the channel means and upsample with '
-                   'align_corners=True; the networks here follow the Flax original, so '
-                   'scores differ from that code base\'s own (measured: 9-28% relative on '
-                   'tests/data/original_torch).')
+  if numerics:
+    settings = ', '.join(f'model.{key}={value}' for key, value in numerics.items())
+    notices.append(f'score_sde_pytorch\'s NCSN / NCSNv2 numerics, kept in config.json: '
+                   f'{settings} (the Flax original\'s differ; see models/ncsnv2.py).')
   provenance = {
       'source': os.path.abspath(path), 'format': original.format,
       'sha256': _sha256(path), 'step': original.step, 'config': config_name,
@@ -236,6 +254,7 @@ def describe_original(path: str, candidates: dict | None = None) -> dict:
   for name, config in (candidates or {}).items():
     if not _family_matches(original, config):
       continue
+    config, _ = with_original_numerics(original, config)
     try:
       map_original(dataclasses.replace(original, adam_mu=None, adam_nu=None), config, name)
     except original_lib.CheckpointMismatchError:

@@ -25,9 +25,18 @@ an output RCU; finally norm, act, 3x3 conv to the data channels.
 
 Decoder widths follow the original JAX reference (yang-song/score_sde): for
 NCSN / NCSNv2 the third RefineBlock outputs 2nf channels. The PyTorch port
-(and ermongroup/ncsnv2) use nf there, which gives fewer parameters
-(NCSNv2 CIFAR-10: 29,694,083 instead of 33,970,563); the 128 / 256 px
-variants agree in both.
+(and ermongroup/ncsnv2) use nf there (model.refine_mults = (2, 2, 1, 1)), which
+gives fewer parameters (NCSNv2 CIFAR-10: 29,694,083 instead of 33,970,563);
+the 128 / 256 px variants agree in both.
+
+Options for the numerics of score_sde_pytorch (set by `import_checkpoint` for
+its NCSN / NCSNv2 files; absent from the configs, so the Flax original's apply):
+  model.refine_mults             RefineBlock widths (x nf) from the deepest level up,
+                                 e.g. (2, 2, 1, 1) for the port's NCSN / NCSNv2
+  model.norm_unbiased_variance   InstanceNorm++ / VarianceNorm divide by n - 1
+                                 where the port calls torch.var
+  model.resize_align_corners     bilinear upsampling in the fusion blocks with
+                                 align_corners=True (corner pixels map onto corners)
 
 The conditional blocks of NCSN normalise before every conv of the decoder and
 use average pooling in the chained residual pooling; NCSNv2's decoder has no
@@ -115,6 +124,32 @@ def conv(x, features: int, kernel_size: int = 3, dilation: int = 1,
       kernel_dilation=(dilation, dilation), use_bias=use_bias, dtype=dtype,
       kernel_init=nn.initializers.variance_scaling(1 / 3, 'fan_in', 'uniform'),
       bias_init=_uniform(1 / math.sqrt(fan_in)))(x)
+
+
+def _align_corners_weights(size_in: int, size_out: int) -> np.ndarray:
+  """[size_out, size_in] linear interpolation weights with the corners aligned:
+  output i samples the input at i (size_in - 1) / (size_out - 1)."""
+  weights = np.zeros((size_out, size_in))
+  scale = (size_in - 1) / (size_out - 1) if size_out > 1 else 0.0
+  for i in range(size_out):
+    source = i * scale
+    low = min(int(np.floor(source)), size_in - 1)
+    high = min(low + 1, size_in - 1)
+    frac = source - low
+    weights[i, low] += 1.0 - frac
+    weights[i, high] += frac
+  return weights
+
+
+def resize_bilinear_align_corners(x, shape: tuple[int, int]):
+  """Bilinear resize of x [B, H, W, C] to [B, *shape, C] with align_corners=True
+  (PyTorch's F.interpolate option; jax.image.resize samples at pixel centres).
+  Separable: one interpolation matrix per axis, applied at full precision."""
+  rows = jnp.asarray(_align_corners_weights(x.shape[1], shape[0]), x.dtype)
+  cols = jnp.asarray(_align_corners_weights(x.shape[2], shape[1]), x.dtype)
+  full = jax.lax.Precision.HIGHEST
+  x = jnp.einsum('oh,bhwc->bowc', rows, x, precision=full)
+  return jnp.einsum('pw,bowc->bopc', cols, x, precision=full)
 
 
 def mean_pool(x):
@@ -222,6 +257,7 @@ class MSFBlock(nn.Module):
   shape: tuple[int, int]
   interpolation: str = 'bilinear'
   normalize: Optional[Callable] = None
+  align_corners: bool = False
   dtype: Any = jnp.float32
 
   @nn.compact
@@ -230,7 +266,9 @@ class MSFBlock(nn.Module):
     for x in xs:
       h = x if self.normalize is None else self.normalize()(x, labels)
       h = conv(h, self.features, dtype=self.dtype)
-      if h.shape[1:3] != tuple(self.shape):
+      if h.shape[1:3] != tuple(self.shape) and self.align_corners:
+        h = resize_bilinear_align_corners(h, tuple(self.shape))
+      elif h.shape[1:3] != tuple(self.shape):
         h = jax.image.resize(h, (h.shape[0], *self.shape, h.shape[-1]),
                              INTERPOLATIONS[self.interpolation])
       total = total + h
@@ -246,6 +284,7 @@ class RefineBlock(nn.Module):
   interpolation: str = 'bilinear'
   start: bool = False
   end: bool = False
+  align_corners: bool = False
   dtype: Any = jnp.float32
 
   @nn.compact
@@ -259,7 +298,7 @@ class RefineBlock(nn.Module):
                          f'channels; got {h.shape[-1]}.')
     else:
       h = MSFBlock(self.features, self.shape, self.interpolation, self.normalize,
-                   self.dtype)(hs, labels)
+                   self.align_corners, self.dtype)(hs, labels)
     h = CRPBlock(self.features, self.act, self.normalize, dtype=self.dtype)(h, labels)
     return RCUBlock(self.features, n_blocks=3 if self.end else 1, **kw)(h, labels)
 
@@ -280,7 +319,8 @@ class RefineNet(nn.Module):
 
   STAGES: per backbone stage (channel multiplier of nf, first block resamples
   'down', dilation); REFINE_MULTS: features (x nf) of the RefineBlocks from the
-  deepest level up; CONDITIONAL: normalisations conditioned on the noise index.
+  deepest level up (config.model.refine_mults overrides them); CONDITIONAL:
+  normalisations conditioned on the noise index.
   """
   STAGES: ClassVar[tuple] = ()
   REFINE_MULTS: ClassVar[tuple] = ()
@@ -298,6 +338,9 @@ class RefineNet(nn.Module):
   interpolation: str = 'bilinear'
   centered: bool = False
   scale_by_sigma: bool = True
+  refine_mults: Optional[tuple] = None
+  norm_unbiased_variance: bool = False
+  resize_align_corners: bool = False
   dtype: str = 'float32'
 
   def __post_init__(self):
@@ -315,7 +358,28 @@ class RefineNet(nn.Module):
       raise ValueError(f'{name} needs 0 < sigma_min < sigma_max; got '
                        f'{self.sigma_min}, {self.sigma_max}.')
     self._check_size(self.image_size, 'config.data.image_size')
+    self._check_refine_mults()
+    if self.resize_align_corners and self.interpolation != 'bilinear':
+      raise ValueError('config.model.resize_align_corners applies to bilinear resizing; '
+                       f'config.model.interpolation is {self.interpolation!r}.')
     super().__post_init__()
+
+  def _check_refine_mults(self):
+    if self.refine_mults is None:
+      return
+    mults, deepest = tuple(self.refine_mults), self.STAGES[-1][0]
+    if (len(mults) != len(self.STAGES)
+        or not all(isinstance(m, (int, np.integer)) and m >= 1 for m in mults)
+        or mults[0] != deepest):
+      raise ValueError(
+          f'config.model.refine_mults = {mults} does not fit {type(self).__name__}: it '
+          f'needs {len(self.STAGES)} positive integers (one per RefineBlock, deepest '
+          f'first), the first equal to the deepest stage\'s {deepest}; this network\'s '
+          f'own are {self.REFINE_MULTS}.')
+
+  def decoder_mults(self) -> tuple:
+    """RefineBlock widths (x nf), deepest level first."""
+    return self.REFINE_MULTS if self.refine_mults is None else tuple(self.refine_mults)
 
   @classmethod
   def downsampling_factor(cls) -> int:
@@ -346,6 +410,10 @@ class RefineNet(nn.Module):
         interpolation=str(model.get('interpolation', 'bilinear')),
         centered=bool(data.centered),
         scale_by_sigma=bool(model.get('scale_by_sigma', cls.SCALE_BY_SIGMA)),
+        refine_mults=(tuple(model.refine_mults) if model.get('refine_mults') is not None
+                      else None),
+        norm_unbiased_variance=bool(model.get('norm_unbiased_variance', False)),
+        resize_align_corners=bool(model.get('resize_align_corners', False)),
         dtype=str(model.get('dtype', 'float32')))
 
   def sigmas(self) -> np.ndarray:
@@ -368,7 +436,8 @@ class RefineNet(nn.Module):
     act = layers.get_act(self.nonlinearity)
     dt = layers.compute_dtype(self.dtype)
     num_classes = self.num_scales if self.CONDITIONAL else 0
-    block_norm = norms.get_normalization(self.normalization, self.CONDITIONAL, num_classes)
+    block_norm = norms.get_normalization(self.normalization, self.CONDITIONAL, num_classes,
+                                         self.norm_unbiased_variance)
     decoder_norm = block_norm if self.CONDITIONAL else None
 
     h = x if self.centered else 2 * x - 1.0
@@ -382,11 +451,11 @@ class RefineNet(nn.Module):
 
     ref = None
     deepest_first = levels[::-1]
-    for k, (level, mult) in enumerate(zip(deepest_first, self.REFINE_MULTS)):
+    for k, (level, mult) in enumerate(zip(deepest_first, self.decoder_mults())):
       xs = [level] if ref is None else [level, ref]
       ref = RefineBlock(mult * self.nf, tuple(level.shape[1:3]), act, decoder_norm,
-                        self.interpolation, start=k == 0,
-                        end=k == len(levels) - 1, dtype=dt)(xs, idx)
+                        self.interpolation, start=k == 0, end=k == len(levels) - 1,
+                        align_corners=self.resize_align_corners, dtype=dt)(xs, idx)
 
     h = act(block_norm()(ref, idx))
     h = conv(h, x.shape[-1], dtype=dt).astype(jnp.float32)

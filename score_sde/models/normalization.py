@@ -17,6 +17,12 @@ instance normalisation removes, which matters for colour. The conditional
 variants (NCSN) keep one set of (gamma, alpha, beta) per noise level: the
 parameters have shape [num_classes, C] and row `labels[b]` is used for example b.
 
+`unbiased_variance` (config.model.norm_unbiased_variance) divides v in
+InstanceNorm++ and s_c^2 in VarianceNorm by (n - 1) instead of n: the
+numerics of score_sde_pytorch, whose layers call torch.var there (the Flax
+original and our default divide by n; instance normalisation's own s_c^2 is
+biased in both code bases).
+
 Every layer is called as `norm(x, labels)`; unconditional layers ignore
 `labels`. Statistics are computed in float32 whatever the compute dtype; the
 output has the dtype of x. Initialisation as in the reference: gamma and alpha
@@ -45,17 +51,23 @@ def _check_image(x, layer: str):
                      f'shape {x.shape}.')
 
 
-def _channel_stats(x32):
-  """Per-example, per-channel mean and variance over H, W: each [B, 1, 1, C]."""
+def _ddof(unbiased: bool) -> int:
+  return 1 if unbiased else 0
+
+
+def _channel_stats(x32, unbiased: bool = False):
+  """Per-example, per-channel mean and variance over H, W: each [B, 1, 1, C]
+  (the variance divides by H W, or by H W - 1 if `unbiased`)."""
   mean = jnp.mean(x32, axis=(1, 2), keepdims=True)
-  var = jnp.var(x32, axis=(1, 2), keepdims=True)
+  var = jnp.var(x32, axis=(1, 2), keepdims=True, ddof=_ddof(unbiased))
   return mean, var
 
 
-def _standardised_means(mean):
-  """(mu_c - m) / sqrt(v + eps) with m, v the mean / variance over channels."""
+def _standardised_means(mean, unbiased: bool = False):
+  """(mu_c - m) / sqrt(v + eps) with m, v the mean / variance over channels
+  (v divides by C, or by C - 1 if `unbiased`)."""
   m = jnp.mean(mean, axis=-1, keepdims=True)
-  v = jnp.var(mean, axis=-1, keepdims=True)
+  v = jnp.var(mean, axis=-1, keepdims=True, ddof=_ddof(unbiased))
   return (mean - m) / jnp.sqrt(v + EPS)
 
 
@@ -103,13 +115,14 @@ class InstanceNorm(nn.Module):
 class VarianceNorm(nn.Module):
   """Divides each channel by its spatial standard deviation (no centring)."""
   bias: bool = False
+  unbiased_variance: bool = False
 
   @nn.compact
   def __call__(self, x, labels=None):
     _check_image(x, 'VarianceNorm')
     c = x.shape[-1]
     x32 = x.astype(jnp.float32)
-    _, var = _channel_stats(x32)
+    _, var = _channel_stats(x32, self.unbiased_variance)
     h = x32 / jnp.sqrt(var + EPS) * self.param('scale', _near_one, (c,))
     if self.bias:
       h = h + self.param('bias', nn.initializers.zeros, (c,))
@@ -119,6 +132,7 @@ class VarianceNorm(nn.Module):
 class InstanceNormPlus(nn.Module):
   """InstanceNorm++ (Song & Ermon 2019): 3C parameters alpha, gamma, beta."""
   bias: bool = True
+  unbiased_variance: bool = False
 
   @nn.compact
   def __call__(self, x, labels=None):
@@ -127,7 +141,8 @@ class InstanceNormPlus(nn.Module):
     x32 = x.astype(jnp.float32)
     mean, var = _channel_stats(x32)
     h = (x32 - mean) / jnp.sqrt(var + EPS)
-    h = h + _standardised_means(mean) * self.param('alpha', _near_one, (c,))
+    h = h + (_standardised_means(mean, self.unbiased_variance)
+             * self.param('alpha', _near_one, (c,)))
     h = h * self.param('gamma', _near_one, (c,))
     if self.bias:
       h = h + self.param('beta', nn.initializers.zeros, (c,))
@@ -173,6 +188,7 @@ class ConditionalVarianceNorm(nn.Module):
   """Variance norm with a scale per label: num_classes C params."""
   num_classes: int
   bias: bool = False
+  unbiased_variance: bool = False
 
   @nn.compact
   def __call__(self, x, labels=None):
@@ -180,7 +196,7 @@ class ConditionalVarianceNorm(nn.Module):
     _check_labels(labels, x, 'ConditionalVarianceNorm')
     shape = (self.num_classes, x.shape[-1])
     x32 = x.astype(jnp.float32)
-    _, var = _channel_stats(x32)
+    _, var = _channel_stats(x32, self.unbiased_variance)
     h = x32 / jnp.sqrt(var + EPS)
     h = h * lookup_per_label(self.param('gamma', _near_one, shape), labels)
     if self.bias:
@@ -193,6 +209,7 @@ class ConditionalInstanceNormPlus(nn.Module):
   [num_classes, C], so 3 num_classes C parameters (2 without bias)."""
   num_classes: int
   bias: bool = True
+  unbiased_variance: bool = False
 
   @nn.compact
   def __call__(self, x, labels=None):
@@ -203,7 +220,8 @@ class ConditionalInstanceNormPlus(nn.Module):
     mean, var = _channel_stats(x32)
     gamma = lookup_per_label(self.param('gamma', _near_one, shape), labels)
     alpha = lookup_per_label(self.param('alpha', _near_one, shape), labels)
-    h = (x32 - mean) / jnp.sqrt(var + EPS) + _standardised_means(mean) * alpha
+    h = ((x32 - mean) / jnp.sqrt(var + EPS)
+         + _standardised_means(mean, self.unbiased_variance) * alpha)
     h = gamma * h
     if self.bias:
       h = h + lookup_per_label(self.param('beta', nn.initializers.zeros, shape), labels)
@@ -237,15 +255,22 @@ def check_normalization(name: str, conditional: bool) -> None:
                      f'(config.model.normalization); valid: {sorted(table)}.')
 
 
-def get_normalization(name: str, conditional: bool = False, num_classes: int = 0):
+def get_normalization(name: str, conditional: bool = False, num_classes: int = 0,
+                      unbiased_variance: bool = False):
   """A constructor `() -> norm` with `norm(x, labels) -> [B, H, W, C]`.
 
   Conditional layers get one parameter set per class (`num_classes` rows).
+  `unbiased_variance` reaches the layers that have the option (InstanceNorm++,
+  VarianceNorm); the others compute the biased variance in both code bases.
   """
   check_normalization(name, conditional)
+  layer = (CONDITIONAL_NORMALIZATIONS if conditional else NORMALIZATIONS)[name]
+  options = {}
+  if 'unbiased_variance' in layer.__dataclass_fields__:
+    options['unbiased_variance'] = unbiased_variance
   if conditional:
     if num_classes < 1:
       raise ValueError(f'a conditional normalization needs num_classes >= 1; '
                        f'got {num_classes}.')
-    return functools.partial(CONDITIONAL_NORMALIZATIONS[name], num_classes=num_classes)
-  return NORMALIZATIONS[name]
+    options['num_classes'] = num_classes
+  return functools.partial(layer, **options) if options else layer
