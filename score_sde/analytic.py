@@ -114,8 +114,10 @@ class GaussianMixture:
       var = m[..., None, None] ** 2 * self.covs + s[..., None, None] ** 2
       component_scores = -diff / var
     else:
-      chol = jnp.linalg.cholesky(self._full_covs(m, s))                 # [..., K, D, D]
-      component_scores = -jax.scipy.linalg.cho_solve((chol, True), diff[..., None])[..., 0]
+      basis, var = self._eigen(m, s)                                    # [K, D, D], [..., K, D]
+      coords = jnp.einsum('kdj,...kd->...kj', basis, diff, precision='highest')
+      component_scores = -jnp.einsum('kdj,...kj->...kd', basis, coords / var,
+                                     precision='highest')
     return jnp.sum(resp[..., None] * component_scores, axis=-2)
 
   def score_fn(self, sde):
@@ -136,10 +138,16 @@ class GaussianMixture:
     t = jnp.broadcast_to(jnp.asarray(t, jnp.float32), x.shape[:-1])
     return sde_lib.transition_coeffs(sde, t)
 
-  def _full_covs(self, m, s):
-    eye = jnp.eye(self.dim)
-    return (m[..., None, None, None] ** 2 * self.covs
-            + s[..., None, None, None] ** 2 * eye)
+  def _eigen(self, m, s):
+    """(U [K, D, D], variances [..., K, D]) with m^2 Sigma_k + s^2 I = U_k diag(var_k) U_k^T.
+
+    One eigendecomposition of the K data covariances per call, shared by every
+    example and time: no factorisation per example (a per-example Cholesky inside
+    a vmapped adaptive ODE solve stalls XLA:CPU for batches of ~100 or more).
+    """
+    eigenvalues, basis = jnp.linalg.eigh(self.covs)
+    var = m[..., None, None] ** 2 * eigenvalues + s[..., None, None] ** 2
+    return basis, var
 
   def _component_log_probs(self, x, m, s):
     m = jnp.asarray(m, jnp.float32)
@@ -150,10 +158,10 @@ class GaussianMixture:
       var = m[..., None, None] ** 2 * self.covs + s[..., None, None] ** 2
       log_norm = -0.5 * jnp.sum(jnp.log(2 * jnp.pi * var) + diff ** 2 / var, axis=-1)
     else:
-      chol = jnp.linalg.cholesky(self._full_covs(m, s))
-      white = jax.scipy.linalg.solve_triangular(chol, diff[..., None], lower=True)[..., 0]
-      log_det = 2 * jnp.sum(jnp.log(jnp.diagonal(chol, axis1=-2, axis2=-1)), axis=-1)
-      log_norm = -0.5 * (d * jnp.log(2 * jnp.pi) + log_det + jnp.sum(white ** 2, axis=-1))
+      basis, var = self._eigen(m, s)
+      coords = jnp.einsum('kdj,...kd->...kj', basis, diff, precision='highest')
+      log_norm = -0.5 * (d * jnp.log(2 * jnp.pi) + jnp.sum(jnp.log(var), axis=-1)
+                         + jnp.sum(coords ** 2 / var, axis=-1))
     return jnp.log(self.weights) + log_norm
 
 
