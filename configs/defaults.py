@@ -38,7 +38,8 @@ def base() -> ml_collections.ConfigDict:
   training.ema_warmup = False           # (ours) EMA rate min(ema_rate, (1+step)/(10+step))
 
   config.sampling = sampling = ml_collections.ConfigDict()
-  sampling.method = 'pc'                # pc | ode | sde | ddim
+  sampling.method = 'pc'                # pc | ode | sde | ddim | heun | edm | dpmpp_2m |
+                                        # dpmpp_3m | dpmpp_2m_sde | unipc
   sampling.predictor = 'reverse_diffusion'
   sampling.corrector = 'langevin'
   sampling.n_steps_each = 1
@@ -52,6 +53,15 @@ def base() -> ml_collections.ConfigDict:
   sampling.rtol = 1e-5                  # (ours) adaptive ODE tolerances
   sampling.atol = 1e-5
   sampling.ddim_eta = 0.0               # (ours)
+  # (ours) few-step samplers (score_sde/sampling/edm.py, multistep.py)
+  sampling.time_schedule = 'auto'       # karras | logsnr | time | auto: the method's own
+  sampling.rho = 7.0                    # Karras schedule exponent
+  sampling.s_churn = 40.0               # edm: stochastic churn (EDM's S_churn, S_tmin, ...)
+  sampling.s_tmin = 0.05
+  sampling.s_tmax = 50.0
+  sampling.s_noise = 1.003
+  sampling.solver_order = 3             # unipc: 1, 2 or 3
+  sampling.lower_order_final = True     # dpmpp_*, unipc: lower order at the last steps (K < 15)
 
   config.eval = evaluate = ml_collections.ConfigDict()
   evaluate.begin_ckpt = 9

@@ -414,7 +414,7 @@ def test_sampling_fn_takes_params_without_recompiling():
     ('pc', dict(snr_norm='median'), r"unknown snr_norm 'median'; valid: \['batch', 'example'"),
     ('ode', dict(ode_solver='rk45'), r"unknown ODE solver 'rk45'; valid: \['dopri5', 'euler'"),
     ('sde', dict(sde_solver='milstein'), r"unknown SDE solver 'milstein'; valid: \['euler'"),
-    ('langevin', {}, r"unknown sampling method 'langevin'; valid: \['ddim', 'ode', 'pc'"),
+    ('langevin', {}, r"unknown sampling method 'langevin'; valid: \['ddim', 'dpmpp_2m'"),
     ('pc', dict(num_steps=-5), r'num_steps must be an integer >= 0'),
     ('pc', dict(n_steps_each=0), r'n_steps_each must be an integer >= 1'),
     ('pc', dict(snr=0.0), r'snr must be a positive number'),

@@ -16,7 +16,19 @@ the SDE's class. Each starts from the prior at T and stops at a small eps.
   'ode'    diffeq.py  probability-flow ODE, adaptive or fixed steps (diffrax)
   'sde'    diffeq.py  reverse SDE, one Brownian tree per example (diffrax)
   'ddim'   ddim.py    DDIM, deterministic (eta = 0) to ancestral (eta = 1)
-  common.py: keys, shapes, Tweedie's denoiser and the checks they share.
+  'heun'   edm.py     EDM's Heun sampler on the probability-flow ODE (Karras et al. 2022)
+  'edm'    edm.py     the same with EDM's stochastic churn
+  'dpmpp_2m', 'dpmpp_3m', 'dpmpp_2m_sde'
+           multistep.py  DPM-Solver++ multistep, data prediction in log-SNR (Lu et al. 2022b)
+  'unipc'  multistep.py  UniPC predictor-corrector, B(h) = h (Zhao et al. 2023)
+  common.py: keys, shapes, Tweedie's denoiser and the checks they share;
+  schedules.py: the time grids of the few-step methods (Karras, log-SNR, time).
+
+num_steps is the number of time steps from T to eps for every method (0: the
+SDE's N). Score evaluations (`info['nfe']`, exact): pc num_steps x (1 +
+n_steps_each) for the predictor and corrector used; ddim, dpmpp_*, unipc and
+Euler ode num_steps; heun and edm 2 num_steps; adaptive ode as counted by the
+solver; each + 1 with noise_removal (one Tweedie step at eps).
 
 A new sampler is a module here with a pure function
 `sampler(key, score_fn, sde, shape, *, <options>, constrain) -> (x [B, ...],
@@ -43,7 +55,10 @@ from score_sde import parallel
 from score_sde.sampling import common
 from score_sde.sampling import ddim
 from score_sde.sampling import diffeq
+from score_sde.sampling import edm
+from score_sde.sampling import multistep
 from score_sde.sampling import pc
+from score_sde.sampling import schedules
 from score_sde.sampling.common import (Info, ScoreFn, ScoreModelFn, batch_times,
                                        chain_signal_factor, check_count, check_score_shape,
                                        check_shape, example_keys, example_normal,
@@ -78,7 +93,7 @@ __all__ = [
     'expected_normal_norm', 'fold_keys', 'identity', 'lookup', 'per_example_norm',
     'per_example_score', 'prior_sample', 'tweedie_denoise', 'with_num_steps',
     # modules
-    'common', 'ddim', 'diffeq', 'pc',
+    'common', 'ddim', 'diffeq', 'edm', 'multistep', 'pc', 'schedules',
 ]
 
 
@@ -101,6 +116,24 @@ METHODS = {
         diffeq.check_sde_sampler_options),
     'ddim': Method(ddim.ddim_sampler, dict(
         ddim_eta=0.0, num_steps=0, noise_removal=True, eps=1e-3), ddim.check_options),
+    'heun': Method(edm.heun_sampler, dict(
+        num_steps=0, time_schedule='logsnr', rho=7.0, noise_removal=True, eps=1e-3),
+        edm.check_heun_options),
+    'edm': Method(edm.edm_sampler, dict(
+        num_steps=0, time_schedule='logsnr', rho=7.0, s_churn=40.0, s_tmin=0.05,
+        s_tmax=50.0, s_noise=1.003, noise_removal=True, eps=1e-3), edm.check_edm_options),
+    'dpmpp_2m': Method(multistep.dpmpp_2m_sampler, dict(
+        num_steps=0, time_schedule='logsnr', rho=7.0, lower_order_final=True,
+        noise_removal=True, eps=1e-3), multistep.check_options),
+    'dpmpp_3m': Method(multistep.dpmpp_3m_sampler, dict(
+        num_steps=0, time_schedule='logsnr', rho=7.0, lower_order_final=True,
+        noise_removal=True, eps=1e-3), multistep.check_options),
+    'dpmpp_2m_sde': Method(multistep.dpmpp_2m_sde_sampler, dict(
+        num_steps=0, time_schedule='logsnr', rho=7.0, lower_order_final=True,
+        noise_removal=True, eps=1e-3), multistep.check_options),
+    'unipc': Method(multistep.unipc_sampler, dict(
+        num_steps=0, solver_order=3, time_schedule='logsnr', rho=7.0,
+        lower_order_final=True, noise_removal=True, eps=1e-3), multistep.check_options),
 }
 
 
@@ -115,6 +148,8 @@ def resolve_options(sde, method: str, options: dict) -> tuple[Method, dict]:
     raise ValueError(f'unknown option(s) {unknown} for sampling method {method!r}; '
                      f'valid: {sorted(spec.defaults)}.')
   opts = {**spec.defaults, **options}
+  if str(opts.get('time_schedule', '')).lower() == 'auto':
+    opts['time_schedule'] = spec.defaults['time_schedule']   # the method's own
   eps = float(opts['eps'])
   if not 0.0 < eps < sde.T:
     raise ValueError(f'eps must lie in (0, T) = (0, {sde.T}); got {eps}.')
@@ -206,7 +241,12 @@ def sample(key, score_fn: ScoreFn, sde, shape, method: str = 'pc', *, mesh=None,
       probability_flow, noise_removal, num_steps), 'ode' (ode_solver, rtol,
       atol, num_steps: 0 = adaptive, max_steps, noise_removal), 'sde'
       (sde_solver, num_steps, noise_removal), 'ddim' (ddim_eta, num_steps,
-      noise_removal). All take eps (default 1e-3). num_steps 0 means sde.N.
+      noise_removal), 'heun' (num_steps, time_schedule, rho, noise_removal),
+      'edm' (those of heun, s_churn, s_tmin, s_tmax, s_noise), 'dpmpp_2m',
+      'dpmpp_3m', 'dpmpp_2m_sde' (num_steps, time_schedule, rho,
+      lower_order_final, noise_removal), 'unipc' (those and solver_order).
+      All take eps (default 1e-3). num_steps 0 means sde.N; time_schedule is
+      'karras' | 'logsnr' | 'time' (default 'logsnr'; 'auto': the default).
     mesh: optional device mesh; samples are sharded over its 'data' axis.
 
   Returns:

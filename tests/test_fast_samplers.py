@@ -1,0 +1,237 @@
+"""The few-step samplers (heun, edm, dpmpp_2m, dpmpp_3m, dpmpp_2m_sde, unipc) on every SDE.
+
+Checked against: the exact Gaussian mixture of tests/test_sampling.py (the same
+calibrated chi^2-like statistic), a point mass (whose probability-flow ODE
+every one of these methods integrates exactly, at any step count), the
+tight-tolerance adaptive ODE from the same prior draw (convergence orders),
+counted score calls, closed-form time grids, and 1 versus 4 devices.
+"""
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from score_sde import parallel
+from score_sde import sampling
+from score_sde import sde as sde_lib
+from score_sde.sampling import multistep
+from score_sde.sampling import schedules
+from tests.test_sampling import MIX, SCORES, SDES, mixture_stat, threshold
+
+KEY = jax.random.PRNGKey(0)
+FAST = ('heun', 'edm', 'dpmpp_2m', 'dpmpp_3m', 'dpmpp_2m_sde', 'unipc')
+DETERMINISTIC = ('heun', 'dpmpp_2m', 'dpmpp_3m', 'unipc')
+ALL_SDES = {**SDES, 'cosine': sde_lib.VPSDE(schedule='cosine')}
+EVALS_PER_STEP = {'heun': 2, 'edm': 2}
+
+
+def run(sde_name, method, num_samples=2000, key=KEY, **options):
+  sde = ALL_SDES[sde_name]
+  score = SCORES.get(sde_name) or _cosine_score()
+  return sampling.sample(key, score, sde, (num_samples, 2), method, **options)
+
+
+_COSINE = []
+
+
+def _cosine_score():
+  if not _COSINE:                      # one object, so its compiled samplers are reused
+    _COSINE.append(MIX.score_fn(ALL_SDES['cosine']))
+  return _COSINE[0]
+
+
+# ----------------------------------------------------------------------------
+# Distributions
+# ----------------------------------------------------------------------------
+
+# 30 steps (50 for edm, whose churn adds noise each step): every method passes
+# the statistic calibrated on true samples (threshold df + 6 sqrt(2 df)).
+FAST_CASES = [('vp', m) for m in FAST] + [('ve', 'dpmpp_2m'), ('subvp', 'unipc'),
+                                           ('cosine', 'heun')]
+SLOW_CASES = sorted({(s, m) for s in ALL_SDES for m in FAST} - set(FAST_CASES))
+
+
+@pytest.mark.parametrize('sde_name,method', FAST_CASES + [
+    pytest.param(*case, marks=pytest.mark.slow) for case in SLOW_CASES])
+def test_sampler_matches_mixture(sde_name, method):
+  x, info = run(sde_name, method, num_steps=50 if method == 'edm' else 30)
+  assert mixture_stat(MIX, x) < threshold(MIX)
+
+
+# ----------------------------------------------------------------------------
+# Exactness and convergence
+# ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize('sde_name', list(ALL_SDES))
+@pytest.mark.parametrize('method', DETERMINISTIC)
+@pytest.mark.parametrize('schedule', schedules.SCHEDULES)
+def test_point_mass_flow_is_integrated_exactly(sde_name, method, schedule):
+  """Data = a point mu: D(x, t) = mu, and the flow is x_t = m_t (mu + (x_T / m_T - mu)
+  sigma_t / sigma_T) (linear in sigma). Exponential integrators with a constant data
+  prediction and Heun on a linear path are exact at any step count."""
+  sde = ALL_SDES[sde_name]
+  mu = jnp.array([0.7, -1.3])
+
+  def score(x, t):
+    mean_coeff, std = sde_lib.transition_coeffs(sde, t)
+    return -(x - mean_coeff[:, None] * mu) / std[:, None] ** 2
+
+  eps = 1e-3
+  x, _ = sampling.sample(KEY, score, sde, (64, 2), method, num_steps=4, time_schedule=schedule,
+                         noise_removal=False, eps=eps)
+  prior = sampling.prior_sample(sde, sampling.fold_keys(sampling.example_keys(KEY, 64), 0),
+                                (64, 2))
+  m_end, _ = sde_lib.transition_coeffs(sde, eps)
+  m_start, _ = sde_lib.transition_coeffs(sde, sde.T)
+  shrink = schedules.edm_sigma(sde, eps) / schedules.edm_sigma(sde, sde.T)
+  expected = m_end * (mu + (prior / m_start - mu) * shrink)
+  # Heun works on y = x / m(t), up to sigma(T) = 6024 under the cosine VP: float32
+  # rounding of |y| ~ 1e4 leaves up to ~4e-3 absolute (measured) after the steps.
+  atol = 5e-3 if method == 'heun' else 2e-5
+  np.testing.assert_allclose(x, expected, rtol=2e-4, atol=atol)
+
+
+@pytest.fixture(scope='module')
+def tight_ode_solution():
+  x, _ = run('vp', 'ode', 200, rtol=1e-6, atol=1e-6)
+  return np.asarray(x)
+
+
+@pytest.mark.parametrize('method,options,order', [
+    ('heun', {}, 2), ('dpmpp_2m', {}, 2), ('dpmpp_3m', {}, 3), ('unipc', {}, 3),
+    ('unipc', dict(solver_order=2), 2)])
+def test_convergence_order_towards_the_ode_solution(tight_ode_solution, method, options, order):
+  """Median distance to the tight adaptive ODE from the same prior draw falls like
+  num_steps^-order (measured: heun 2.1, dpmpp_2m 2.1, dpmpp_3m 3.4, unipc 3.0 / 3.1)."""
+  errors = []
+  for num_steps in (40, 80):
+    x, _ = run('vp', method, 200, num_steps=num_steps, **options)
+    errors.append(np.median(np.linalg.norm(np.asarray(x) - tight_ode_solution, axis=1)))
+  observed = np.log2(errors[0] / errors[1])
+  assert observed > order - 0.35, (errors, observed)
+
+
+# ----------------------------------------------------------------------------
+# Time grids
+# ----------------------------------------------------------------------------
+
+def test_karras_grid_on_ve_equals_the_closed_form():
+  """VE: sigma(t) = sigma_min (sigma_max / sigma_min)^t, so t = log(sigma / sigma_min) /
+  log(sigma_max / sigma_min) for EDM's sigma_i."""
+  sde = sde_lib.VESDE(sigma_min=0.01, sigma_max=50.0)
+  eps, k, rho = 1e-5, 10, 7.0
+  times = np.asarray(schedules.time_grid(sde, k, eps, 'karras', rho), np.float64)
+  lo, hi = 0.01 * (5000.0 ** eps), 0.01 * (5000.0 ** 1.0)
+  sigmas = (hi ** (1 / rho) + np.arange(k + 1) / k * (lo ** (1 / rho) - hi ** (1 / rho))) ** rho
+  np.testing.assert_allclose(times, np.log(sigmas / 0.01) / np.log(5000.0), atol=2e-6)
+
+
+@pytest.mark.parametrize('sde_name', list(ALL_SDES))
+def test_logsnr_and_time_grids(sde_name):
+  sde = ALL_SDES[sde_name]
+  eps = 1e-3
+  times = schedules.time_grid(sde, 8, eps, 'logsnr')
+  lam = np.asarray(schedules.log_snr(sde, times), np.float64)
+  np.testing.assert_allclose(np.diff(lam), (lam[-1] - lam[0]) / 8, rtol=2e-3)
+  np.testing.assert_array_equal(np.asarray(times)[[0, -1]], np.float32([sde.T, eps]))
+  uniform = np.asarray(schedules.time_grid(sde, 8, eps, 'time'))
+  np.testing.assert_allclose(uniform, np.linspace(sde.T, eps, 9), atol=1e-6)
+  for schedule in schedules.SCHEDULES:
+    assert np.all(np.diff(np.asarray(schedules.time_grid(sde, 8, eps, schedule))) < 0)
+
+
+def test_step_orders_warm_up_and_lower_the_final_steps():
+  np.testing.assert_array_equal(multistep.step_orders(6, 3, True), [1, 2, 3, 3, 2, 1])
+  np.testing.assert_array_equal(multistep.step_orders(6, 3, False), [1, 2, 3, 3, 3, 3])
+  np.testing.assert_array_equal(multistep.step_orders(20, 2, True)[-3:], [2, 2, 2])
+
+
+# ----------------------------------------------------------------------------
+# Evaluations, randomness, devices
+# ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize('method', FAST)
+@pytest.mark.parametrize('noise_removal', [True, False])
+def test_reported_nfe_counts_score_calls(method, noise_removal):
+  calls = []
+  sde = SDES['vp']
+
+  def counting_score(x, t):
+    jax.debug.callback(lambda _: calls.append(1), t)
+    return MIX.score(x, t, sde)
+
+  options = dict(num_steps=5, noise_removal=noise_removal)
+  sampling.sample(KEY, counting_score, sde, (1, 2), method, **options)
+  jax.effects_barrier()
+  calls.clear()
+  _, info = sampling.sample(KEY, counting_score, sde, (1, 2), method, **options)
+  jax.effects_barrier()
+  assert len(calls) == int(info['nfe']) == 5 * EVALS_PER_STEP.get(method, 1) + noise_removal
+
+
+@pytest.mark.parametrize('method', ['edm', 'dpmpp_2m_sde'])
+def test_stochastic_samplers_draw_per_example_noise(method):
+  x1, _ = run('vp', method, 16, num_steps=10)
+  x2, _ = run('vp', method, 16, num_steps=10)
+  np.testing.assert_array_equal(x1, x2)
+  x_small, _ = run('vp', method, 8, num_steps=10)
+  np.testing.assert_allclose(x_small, x1[:8], rtol=1e-6, atol=1e-6)
+  x_other, _ = run('vp', method, 16, key=jax.random.PRNGKey(1), num_steps=10)
+  assert np.all(np.abs(np.asarray(x_other - x1)) > 1e-6)
+  x_det, _ = run('vp', 'heun' if method == 'edm' else 'dpmpp_2m', 16, num_steps=10)
+  assert np.all(np.abs(np.asarray(x_det - x1)) > 1e-6)     # the noise is really used
+
+
+@pytest.mark.parametrize('method', ['edm', 'dpmpp_2m_sde', 'unipc'])
+def test_samples_do_not_depend_on_device_count(method):
+  if len(jax.devices()) < 4:
+    pytest.skip('needs 4 devices; tests/conftest.py simulates 4 CPU devices unless XLA_FLAGS '
+                'already sets --xla_force_host_platform_device_count')
+  sde = SDES['vp']
+  config = ml_collections.ConfigDict()
+  config.sampling = ml_collections.ConfigDict(dict(method=method, num_steps=8,
+                                                   time_schedule='auto'))
+  outputs = []
+  for num_devices in (1, 4):
+    mesh = parallel.make_mesh(jax.devices()[:num_devices])
+    fn = sampling.get_sampling_fn(config, sde, lambda mix, x, t: mix.score(x, t, sde), (8, 2),
+                                  1e-3, mesh)
+    x, info = fn(KEY, MIX)
+    assert len(x.sharding.device_set) == num_devices
+    outputs.append(np.asarray(x))
+  assert int(info['nfe']) == 8 * EVALS_PER_STEP.get(method, 1) + 1
+  # Only rounding may differ (XLA fuses per device count; EDM's y = x / m(t) at
+  # sigma(T) = 152 amplifies it: 4e-5 measured).
+  np.testing.assert_allclose(outputs[0], outputs[1], rtol=1e-4, atol=1e-4)
+
+
+def test_config_auto_schedule_is_the_methods_own():
+  sde = SDES['vp']
+  for method in FAST:
+    _, opts = sampling.resolve_options(sde, method, dict(time_schedule='auto'))
+    assert opts['time_schedule'] == sampling.METHODS[method].defaults['time_schedule']
+  _, opts = sampling.resolve_options(sde, 'heun', dict(time_schedule='Karras'))
+  assert opts['time_schedule'] == 'karras'
+
+
+
+# ----------------------------------------------------------------------------
+# Bad input
+# ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize('method,options,match', [
+    ('heun', dict(time_schedule='cosine'), r"unknown time_schedule 'cosine'; valid: \['karras'"),
+    ('dpmpp_2m', dict(rho=0.0), r'rho \(the Karras schedule exponent\) must be > 0'),
+    ('edm', dict(s_churn=-1.0), r's_churn must be a number >= 0'),
+    ('edm', dict(s_tmin=10.0, s_tmax=1.0), r's_tmin must not exceed s_tmax'),
+    ('unipc', dict(solver_order=4), r'solver_order \(UniPC\) must be 1, 2 or 3; got 4'),
+    ('dpmpp_2m', dict(solver_order=3), r"unknown option\(s\) \['solver_order'\] for sampling "
+                                       r"method 'dpmpp_2m'"),
+    ('heun', dict(ddim_eta=1.0), r"unknown option\(s\) \['ddim_eta'\]"),
+    ('dpmpp_3m', dict(num_steps=-1), r'num_steps must be an integer >= 0'),
+    ('dpmpp_5m', {}, r"unknown sampling method 'dpmpp_5m'; valid: \['ddim', 'dpmpp_2m'"),
+])
+def test_bad_options_raise_clear_errors(method, options, match):
+  with pytest.raises(ValueError, match=match):
+    run('vp', method, 4, **options)
