@@ -235,3 +235,18 @@ def test_config_auto_schedule_is_the_methods_own():
 def test_bad_options_raise_clear_errors(method, options, match):
   with pytest.raises(ValueError, match=match):
     run('vp', method, 4, **options)
+
+
+def test_a_workdir_trained_before_these_samplers_takes_their_options(tmp_path):
+  """A stored config without the new sampling keys gets their defaults, so
+  --config.sampling.time_schedule=... works on it (configs/workdir.py)."""
+  import json
+  from configs import defaults
+  from configs import workdir as workdir_config
+  stored = json.loads(defaults.digits().to_json())
+  for key in ('time_schedule', 'rho', 's_churn', 'solver_order'):
+    del stored['sampling'][key]
+  (tmp_path / 'config.json').write_text(json.dumps(stored))
+  config = workdir_config.load_stored_config(str(tmp_path))
+  assert config.sampling.time_schedule == 'auto' and config.sampling.solver_order == 3
+  assert config.model.to_json() == defaults.digits().model.to_json()
