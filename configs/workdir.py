@@ -10,18 +10,20 @@ from score_sde import io
 def load_stored_config(workdir: str):
   """The resolved config a training run stored in <workdir>/config.json.
 
-  Sampler keys added to configs/defaults.py after the run was trained (e.g. the
-  few-step samplers' `sampling.time_schedule`) are filled in with their defaults,
-  so they can be overridden on the command line; they do not change the model.
+  Sampler and evaluation keys added to configs/defaults.py after the run was
+  trained (e.g. the few-step samplers' `sampling.time_schedule`,
+  `eval.matmul_precision`) are filled in with their defaults, so they can be
+  overridden on the command line; they do not change the model.
   """
   from configs import defaults
   config = io.read_config_json(workdir)
-  sampling = defaults.base().sampling
-  missing = [key for key in sampling if key not in config.sampling]
-  if missing:
-    with config.unlocked():
-      for key in missing:
-        config.sampling[key] = sampling[key]
+  base = defaults.base()
+  for section in ('sampling', 'eval'):
+    missing = [key for key in base[section] if key not in config[section]]
+    if missing:
+      with config.unlocked():
+        for key in missing:
+          config[section][key] = base[section][key]
   return config
 
 

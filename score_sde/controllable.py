@@ -342,6 +342,7 @@ def _pc_options(sde, options: dict) -> dict:
     raise ValueError(f'unknown option(s) {unknown} for PC inpainting / colourisation; '
                      f'valid: {sorted(PC_OPTIONS)}.')
   _, opts = sampling.resolve_options(sde, 'pc', options)
+  opts.pop('matmul_precision')          # not a PC_OPTIONS key: always the default
   return opts
 
 
@@ -580,11 +581,16 @@ def build_conditional_sampler(sde, score_model_fn, logits_model_fn, shape, num_c
   shape = sampling.check_shape(shape)
   scale = _check_scale(scale)
   spec, opts = sampling.resolve_options(sde, method, options)
+  precision = opts.pop('matmul_precision')
   method = str(method).lower()
   per_example = method in ('ode', 'sde')
   constrain = _batch_constraint(mesh, shape[0], 'number of samples')
 
   def sampler(key, score_params, classifier_params, labels):
+    with jax.default_matmul_precision(precision):
+      return conditional(key, score_params, classifier_params, labels)
+
+  def conditional(key, score_params, classifier_params, labels):
     if tuple(labels.shape) != shape[:1]:
       raise ValueError(f'labels must have shape [{shape[0]}]; got {list(labels.shape)}.')
     score_fn = lambda x, t: score_model_fn(score_params, x, t)  # noqa: E731

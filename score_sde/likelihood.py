@@ -57,6 +57,7 @@ ScoreModelFn = sampling.ScoreModelFn
 
 # Above this data dimension 'exact' (D JVPs per evaluation) is refused.
 EXACT_DIVERGENCE_MAX_DIM = 1024
+check_precision = sampling.check_precision
 
 
 # ----------------------------------------------------------------------------
@@ -100,8 +101,9 @@ DIVERGENCES = {
 # ----------------------------------------------------------------------------
 
 def _check_options(x_shape, *, rtol, atol, solver, divergence, num_probes, eps,
-                   num_steps, max_steps, T) -> None:
+                   num_steps, max_steps, T, precision='highest') -> None:
   """Raises a ValueError naming the bad option and the fix."""
+  check_precision(precision)
   if len(x_shape) < 2:
     raise ValueError(f'x must be a batch [B, ...] of examples; got shape {x_shape}.')
   sampling.lookup(DIVERGENCES, divergence, 'divergence')
@@ -120,8 +122,18 @@ def _check_options(x_shape, *, rtol, atol, solver, divergence, num_probes, eps,
 
 def likelihood_from_score(key, score_fn: ScoreFn, sde, x: jax.Array, *, rtol=1e-5,
                           atol=1e-5, solver='tsit5', divergence='hutchinson_rademacher',
-                          num_probes=1, eps=1e-5, num_steps=0, max_steps=4096):
-  """The pure computation behind `log_likelihood` (trace it under jit)."""
+                          num_probes=1, eps=1e-5, num_steps=0, max_steps=4096,
+                          precision='highest'):
+  """The pure computation behind `log_likelihood` (trace it under jit); every
+  dot and convolution it traces gets matmul `precision` (module doc)."""
+  with jax.default_matmul_precision(check_precision(precision)):
+    return _likelihood_from_score(key, score_fn, sde, x, rtol=rtol, atol=atol, solver=solver,
+                                  divergence=divergence, num_probes=num_probes, eps=eps,
+                                  num_steps=num_steps, max_steps=max_steps)
+
+
+def _likelihood_from_score(key, score_fn, sde, x, *, rtol, atol, solver, divergence,
+                           num_probes, eps, num_steps, max_steps):
   batch, example_shape = x.shape[0], x.shape[1:]
   dim = int(np.prod(example_shape))
   sampling.check_score_shape(score_fn, x)
@@ -152,15 +164,18 @@ def likelihood_from_score(key, score_fn: ScoreFn, sde, x: jax.Array, *, rtol=1e-
 
 def get_likelihood_fn(sde, score_model_fn: ScoreModelFn, *, rtol=1e-5, atol=1e-5,
                       solver='tsit5', divergence='hutchinson_rademacher', num_probes=1,
-                      eps=1e-5, num_steps=0, max_steps=4096, mesh=None) -> Callable:
+                      eps=1e-5, num_steps=0, max_steps=4096, precision='highest',
+                      mesh=None) -> Callable:
   """Jitted likelihood_fn(key, params, x) -> (logp [B] nats, z, info) for the launcher.
 
   score_model_fn(params, x, t) gives the score. With a mesh, x and z are
-  sharded over its 'data' axis and key / params replicated.
+  sharded over its 'data' axis and key / params replicated. `precision`: the
+  matmul precision of every dot and convolution (module doc).
   """
   options = dict(rtol=rtol, atol=atol, solver=str(solver).lower(),
                  divergence=str(divergence).lower(), num_probes=num_probes, eps=eps,
-                 num_steps=num_steps, max_steps=max_steps)
+                 num_steps=num_steps, max_steps=max_steps,
+                 precision=check_precision(precision))
   sampling.lookup(DIVERGENCES, options['divergence'], 'divergence')
   sampling.check_ode_options(options['solver'], num_steps, rtol, atol, max_steps)
 
@@ -186,7 +201,7 @@ def _cached_likelihood_fn(score_fn, sde, option_items, mesh):
 
 def log_likelihood(key, score_fn: ScoreFn, sde, x: jax.Array, *, rtol=1e-5, atol=1e-5,
                    solver='tsit5', divergence='hutchinson_rademacher', num_probes=1,
-                   eps=1e-5, num_steps=0, max_steps=4096, mesh=None):
+                   eps=1e-5, num_steps=0, max_steps=4096, precision='highest', mesh=None):
   """log p(x) in nats per example through the probability-flow ODE.
 
   Args:
@@ -199,6 +214,8 @@ def log_likelihood(key, score_fn: ScoreFn, sde, x: jax.Array, *, rtol=1e-5, atol
     divergence: 'hutchinson_rademacher' | 'hutchinson_gaussian' | 'exact'.
     num_probes: Hutchinson probes per example, fixed during the solve.
     eps: the ODE runs from eps to T.
+    precision: matmul precision of every dot / convolution ('highest': full
+      float32 on TPU and GPU too; see the module doc).
 
   Returns:
     (logp [B] = prior_logp(z) + int div, z = x(T) [B, ...], info) with
@@ -207,7 +224,8 @@ def log_likelihood(key, score_fn: ScoreFn, sde, x: jax.Array, *, rtol=1e-5, atol
   x = jnp.asarray(x)
   options = dict(rtol=rtol, atol=atol, solver=str(solver).lower(),
                  divergence=str(divergence).lower(), num_probes=num_probes, eps=eps,
-                 num_steps=num_steps, max_steps=max_steps)
+                 num_steps=num_steps, max_steps=max_steps,
+                 precision=check_precision(precision))
   _check_options(x.shape, T=sde.T, **options)
   fn = _cached_likelihood_fn(score_fn, sde, tuple(sorted(options.items())), mesh)
   return fn(key, None, x)
@@ -223,7 +241,8 @@ def _cached_flow(score_fn, sde, t0, t1, option_items):
 
   def flow(x):
     sampling.check_score_shape(score_fn, x)
-    y, _ = sampling.probability_flow_solve(score_fn, sde, x, t0, t1, **options)
+    with jax.default_matmul_precision('highest'):     # an exact map on every backend
+      y, _ = sampling.probability_flow_solve(score_fn, sde, x, t0, t1, **options)
     return y
 
   return jax.jit(flow)

@@ -101,6 +101,7 @@ def test_bpd_job_resumes_to_the_same_result(workdir):
   assert result['num_levels'] == 17 and result['dim'] == 64
   assert np.isfinite(result['bpd']) and result['bpd_stderr'] > 0 and result['nfe_mean'] > 0
   assert result['solver']['rtol'] == 1e-3
+  assert result['solver']['precision'] == 'highest'     # config.eval.matmul_precision
   out_dir = result['result_file'][:-len('.json')]
   assert re.fullmatch(r'bpd_test_10_[0-9a-f]{8}', os.path.basename(out_dir))
   assert _shards(out_dir) == [f'shard_{i:05d}.npz' for i in range(4)]

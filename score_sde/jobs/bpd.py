@@ -38,6 +38,7 @@ class LikelihoodSettings:
   divergence: str = 'hutchinson_rademacher'
   num_probes: int = 1
   eps: float = LIKELIHOOD_EPS
+  precision: str = 'highest'     # matmul precision of the likelihood program
 
 
 def bpd_job(workdir: str, config, *, split: str = 'test', num_repeats: int = 1,
@@ -56,8 +57,9 @@ def bpd_job(workdir: str, config, *, split: str = 'test', num_repeats: int = 1,
   mesh = mesh or parallel.make_mesh()
   experiment, state, step = common.experiment_and_state(workdir, config, mesh, checkpoint,
                                                         state, step)
-  settings = settings or LikelihoodSettings(rtol=config.eval.get('rtol', 1e-5),
-                                            atol=config.eval.get('atol', 1e-5))
+  settings = settings or LikelihoodSettings(
+      rtol=config.eval.get('rtol', 1e-5), atol=config.eval.get('atol', 1e-5),
+      precision=likelihood.check_precision(config.eval.get('matmul_precision', 'highest')))
   levels = experiment.num_levels
   if levels < 2:
     raise ValueError(f'bits/dim need quantised data; {config.data.dataset} is continuous.')

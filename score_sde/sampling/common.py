@@ -23,6 +23,20 @@ ScoreModelFn = Callable[[Any, jax.Array, jax.Array], jax.Array]
 Info = dict
 
 
+# jax.default_matmul_precision values: 'default' is the backend's fastest (bfloat16
+# passes for float32 on TPU, TF32 on recent GPUs), 'highest' full float32 everywhere.
+MATMUL_PRECISIONS = ('default', 'high', 'highest')
+
+
+def check_precision(precision) -> str:
+  """'default' | 'high' | 'highest' (lower-cased), or a ValueError naming the choices."""
+  name = str(precision).lower()
+  if name not in MATMUL_PRECISIONS:
+    raise ValueError(f'unknown matmul precision {precision!r}; valid: {list(MATMUL_PRECISIONS)} '
+                     f"('highest': full float32 on every backend).")
+  return name
+
+
 def identity(x):
   return x
 
