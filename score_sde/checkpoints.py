@@ -18,7 +18,6 @@ import datetime
 import logging
 import os
 
-import grain
 import jax
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
@@ -94,6 +93,7 @@ def save(manager: ocp.CheckpointManager, step: int, state, data_iterator=None) -
   """Starts an asynchronous save of `state` (and the data iterator) at `step`."""
   items = {'state': ocp.args.StandardSave(state)}
   if data_iterator is not None:
+    import grain          # only a training run (which has it) saves a data position
     items['data'] = grain.checkpoint.CheckpointSave(data_iterator)
   manager.save(step, args=ocp.args.Composite(**items), force=True)
 
@@ -131,6 +131,7 @@ def restore(manager: ocp.CheckpointManager, abstract_state, data_iterator=None,
   for candidate in steps:
     items = {'state': ocp.args.StandardRestore(abstract_state)}
     if data_iterator is not None and has_data_position(manager, candidate):
+      import grain
       items['data'] = grain.checkpoint.CheckpointRestore(data_iterator)
     elif data_iterator is not None and jax.process_index() == 0:
       print(f'note: the checkpoint at step {candidate} holds no data-loader position (an '

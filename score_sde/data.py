@@ -29,8 +29,11 @@ import glob
 import os
 from typing import Iterator
 
-import grain
 import numpy as np
+
+# grain (and tensorflow_datasets) are imported where a loader or source is built, so
+# that the library's steps, samplers and benchmarks/device_check.py import on a
+# host that has neither.
 
 DEFAULT_DATA_DIR_ENV = 'TFDS_DATA_DIR'
 
@@ -362,6 +365,7 @@ class _GlobalStream:
     self._transform = _example_transform(
         config, flip=augment and config.data.random_flip,
         dequantize=config.data.uniform_dequantization)
+    import grain
     self._order = grain.MapDataset.range(len(source)).shuffle(seed=seed).repeat()
 
   def __len__(self):
@@ -410,6 +414,7 @@ def train_iterator(config, *, global_batch_size: int, seed: int, split: str = 't
   dequantised when config.data.uniform_dequantization. The returned grain
   iterator has get_state() / set_state() for checkpoints.
   """
+  import grain
   _check_batch(global_batch_size, process_count)
   source = get_data_source(config, split)
   if with_labels and (is_toy(config) or 'label' not in source[0]):

@@ -203,8 +203,7 @@ def make_train_calls(train_step, mesh, n: int, *, layout: str,
       return state, jax.device_get(metrics)
     return unrolled_calls
 
-  p_step = jit(train_step, in_shardings=(replicated, parallel.batch_sharding(mesh)),
-               out_shardings=(replicated, replicated), donate_argnums=(0,))
+  p_step = jit_train_step(train_step, mesh, layout=layout)
 
   def step_calls(state, local_batches):
     per_step = []
@@ -213,6 +212,14 @@ def make_train_calls(train_step, mesh, n: int, *, layout: str,
       per_step.append(metrics)
     return state, jax.tree.map(lambda *m: np.stack(m), *jax.device_get(per_step))
   return step_calls
+
+
+def jit_train_step(train_step, mesh, *, layout: str) -> Callable:
+  """train_step compiled for `layout` (`step_jit`): the state replicated and donated,
+  the batch [B, ...] sharded on 'data' (NamedSharding), state and metrics replicated."""
+  replicated = parallel.replicated(mesh)
+  return step_jit(layout)(train_step, in_shardings=(replicated, parallel.batch_sharding(mesh)),
+                          out_shardings=(replicated, replicated), donate_argnums=(0,))
 
 
 def make_eval_call(eval_step, mesh, *, layout: str) -> Callable:
@@ -231,7 +238,7 @@ def _crossed(previous: int, current: int, every: int) -> bool:
 # The training loop
 # ----------------------------------------------------------------------------
 
-def _loss_fns(config, experiment):
+def loss_fns(config, experiment):
   """(train loss, eval loss), each (params, key, batch) -> scalar."""
   if experiment_lib.is_classifier(config):
     return tuple(losses.get_classifier_loss_fn(experiment.sde, experiment.model_fn,
@@ -301,7 +308,7 @@ def _train_and_evaluate(config, workdir: str, mesh, *, final_evaluation: bool,
 
   # ---- model, loss, optimiser ------------------------------------------------
   experiment = experiment_lib.build_experiment(config)
-  loss_fn, eval_loss_fn = _loss_fns(config, experiment)
+  loss_fn, eval_loss_fn = loss_fns(config, experiment)
   optimizer, schedule = experiment_lib.get_optimizer(config)
 
   # ---- state: restore or initialise, replicated on the mesh -----------------

@@ -612,7 +612,7 @@ def test_snapshot_samples_and_eval_see_the_checkpointed_ema(tmp_path, monkeypatc
     eval_losses = [json.loads(l)['eval_loss'] for l in f if 'eval_loss' in l]
   # The eval loss, recomputed from the checkpoint's EMA tree (the loop reads the flat one).
   experiment = experiment_lib.build_experiment(config)
-  eval_loss_fn = train._loss_fns(config, experiment)[1]
+  eval_loss_fn = train.loss_fns(config, experiment)[1]
   eval_iter = data_lib.train_iterator(config, global_batch_size=config.training.batch_size,
                                       seed=config.seed + 1, split='test', augment=False)
   expected = []
