@@ -1,0 +1,113 @@
+"""Few-step samplers on trained digits models: digits-FID / KID / confident fraction
+versus score evaluations, next to PC, DDIM, the Euler probability-flow ODE and the
+adaptive ODE, with the real-data floor.
+
+For a trained digits workdir (the README's main job, runs/digits, or the VE NCSN++
+digits config), each line is one JSON object: method, options, num_steps, nfe,
+digits_fid, digits_kid (in the classifier's squared feature units), confident_fraction, seconds (sampling, compiled),
+seed. Every sampler draws `--num_samples` samples (default 297, as many as the test
+digits the metrics compare with) from the EMA weights with the same seeds, so the
+methods see the same prior draws. `--seeds` repeats a line with other seeds: the
+spread over seeds is the noise of a number (reported as "fid_std" lines).
+
+  python benchmarks/fast_samplers_digits.py --workdir runs/digits [--nfes 5,10,20,35,50]
+      [--methods heun,edm,dpmpp_2m,dpmpp_3m,dpmpp_2m_sde,unipc,ddim,euler_ode]
+      [--baselines pc,ode] [--seeds 0,1,2]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+# label -> (method, options, score evaluations per step)
+SAMPLERS = {
+    'heun': ('heun', {}, 2),
+    'edm': ('edm', {}, 2),
+    'dpmpp_2m': ('dpmpp_2m', {}, 1),
+    'dpmpp_3m': ('dpmpp_3m', {}, 1),
+    'dpmpp_2m_sde': ('dpmpp_2m_sde', {}, 1),
+    'unipc': ('unipc', {}, 1),
+    'ddim': ('ddim', {}, 1),
+    'euler_ode': ('ode', {'ode_solver': 'euler'}, 1),
+}
+
+
+def levels_of(model, x) -> np.ndarray:
+  levels = max(model.experiment.num_levels, 2)
+  unit = np.clip(np.asarray(model.to_unit(x)), 0.0, 1.0)
+  return np.round(unit * (levels - 1)).astype(np.uint8)
+
+
+_COMPILED = set()
+
+
+def measure(model, n: int, seed: int, record: dict, **sampler_options) -> dict:
+  from score_sde.evaluation import digits_classifier
+  key = jax.random.PRNGKey(seed)
+  signature = json.dumps(sampler_options, sort_keys=True)
+  if signature not in _COMPILED:                            # compile outside the timing
+    jax.block_until_ready(model.sample(key, n, **sampler_options))
+    _COMPILED.add(signature)
+  start = time.perf_counter()
+  x, info = jax.block_until_ready(model.sample(key, n, **sampler_options))
+  seconds = time.perf_counter() - start
+  quality = digits_classifier.digits_metrics(levels_of(model, x), model.config)
+  return {**record, 'seed': seed, 'nfe': int(info['nfe']), 'seconds': round(seconds, 2),
+          'digits_fid': quality['digits_fid'], 'digits_kid': quality['digits_kid'],
+          'confident_fraction': quality['confident_fraction']}
+
+
+def emit(record: dict) -> None:
+  print(json.dumps(record), flush=True)
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser.add_argument('--workdir', required=True)
+  parser.add_argument('--num_samples', type=int, default=297)
+  parser.add_argument('--nfes', default='5,10,20,35,50')
+  parser.add_argument('--methods', default=','.join(SAMPLERS))
+  parser.add_argument('--baselines', default='pc,ode')
+  parser.add_argument('--seeds', default='0')
+  args = parser.parse_args()
+  import score_sde
+  from score_sde import data as data_lib
+  from score_sde.evaluation import digits_classifier
+  model = score_sde.load(args.workdir)
+  n = args.num_samples
+  seeds = [int(s) for s in args.seeds.split(',')]
+  base = {'workdir': args.workdir, 'sde': type(model.sde).__name__, 'num_samples': n}
+  real = data_lib.load_split_uint(model.config, 'train')
+  real = real[np.random.default_rng(0).permutation(len(real))[:n]]
+  floor = digits_classifier.digits_metrics(real, model.config)
+  emit({**base, 'method': 'real_train_digits', 'digits_fid': floor['digits_fid'],
+        'digits_kid': floor['digits_kid'],
+        'confident_fraction': floor['confident_fraction']})
+  baselines = [b for b in args.baselines.split(',') if b]
+  for seed in seeds:
+    if 'ode' in baselines:
+      emit(measure(model, n, seed, {**base, 'method': 'ode_adaptive', 'rtol': 1e-3},
+                   method='ode', rtol=1e-3, atol=1e-3))
+    if 'pc' in baselines:
+      emit(measure(model, n, seed, {**base, 'method': 'pc', 'num_steps': model.sde.N},
+                   method='pc'))
+  for label in [m for m in args.methods.split(',') if m]:
+    method, options, per_step = SAMPLERS[label]
+    for nfe in [int(v) for v in args.nfes.split(',')]:
+      num_steps = max(1, (nfe - 1) // per_step)
+      for seed in seeds:
+        emit(measure(model, n, seed, {**base, 'method': label, 'options': options,
+                                      'num_steps': num_steps},
+                     method=method, num_steps=num_steps, **options))
+
+
+if __name__ == '__main__':
+  main()
