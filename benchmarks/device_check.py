@@ -112,7 +112,7 @@ def load_config(path: str, tiny: bool):
   import configs
   config = configs.load(path)
   if tiny:                                      # a few seconds per compile on a CPU
-    config.data.image_size = 16
+    config.data.image_size = min(16, int(config.data.image_size))
     config.model.nf = 8
     config.model.ch_mult = tuple(config.model.ch_mult)[:2]
     config.model.num_res_blocks = 1

@@ -20,7 +20,7 @@ from score_sde import train
 from score_sde.cpu import xla_flags
 from score_sde.models import utils as model_utils
 from tests.test_families import _small
-from tests.test_train import small_toy_config
+from tests.test_train import _assert_trees_equal, small_toy_config
 
 # ----------------------------------------------------------------------------
 # Matmul precision in the compiled programs
@@ -162,15 +162,28 @@ def test_bfloat16_trains_like_float32_into_interchangeable_float32_checkpoints(
     a, b = samples[params_from, 'float32'], samples[params_from, 'bfloat16']
     assert np.linalg.norm(a - b) < 0.1 * np.linalg.norm(a), params_from
 
+  if name == 'ddpmpp_continuous':  # resume: 30 steps, then on to 60, equals 60 in one run
+    config16 = runs['bfloat16'][0]
+    resumed = str(tmp_path / 'resumed')
+    first = config16.copy_and_resolve_references()
+    first.training.n_iters = BF16_STEPS // 2
+    train.train_and_evaluate(first, resumed, final_evaluation=False)
+    state = train.train_and_evaluate(config16, resumed, final_evaluation=False, extend=True)
+    _assert_trees_equal(state, runs['bfloat16'][1], exact=True)
+
 
 # ----------------------------------------------------------------------------
 # The train step's accelerator form, with the backend check forced
 # ----------------------------------------------------------------------------
 
-def test_on_an_accelerator_backend_the_step_is_plain_jit_on_trees_with_donation(monkeypatch):
+@pytest.mark.parametrize('dtype', ['float32', 'bfloat16'])
+def test_on_an_accelerator_backend_the_step_is_plain_jit_on_trees_with_donation(
+    monkeypatch, dtype):
   """With jax.default_backend() reporting 'gpu' (or 'tpu'): parameter trees, plain
-  jax.jit (no XLA:CPU per-program options), NamedSharding in and out, the state donated."""
+  jax.jit (no XLA:CPU per-program options), NamedSharding in and out over the 4
+  devices, the state donated; float32 parameters under either compute dtype."""
   config = small_toy_config(2)
+  config.model.dtype = dtype
   compiled_for_cpu = []
   monkeypatch.setattr(xla_flags, 'compile_step',
                       lambda *a, **k: compiled_for_cpu.append(1) or (_ for _ in ()).throw(
@@ -197,6 +210,8 @@ def test_on_an_accelerator_backend_the_step_is_plain_jit_on_trees_with_donation(
   assert all(isinstance(leaf.sharding, jax.sharding.NamedSharding)
              for leaf in jax.tree.leaves(new_state))
   assert np.isfinite(metrics['loss']).all() and not compiled_for_cpu
+  assert {leaf.dtype for leaf in jax.tree.leaves(new_state.params)} == {np.dtype(np.float32)}
+  assert len(jax.tree.leaves(new_state.params)[0].sharding.device_set) == jax.device_count()
 
 
 # ----------------------------------------------------------------------------
