@@ -40,9 +40,10 @@ def _env(devices: int) -> dict:
   return env
 
 
-def _run_worker(workdir, n_iters, devices=1, extra=()):
+def _run_worker(workdir, n_iters, devices=1, extra=(), dtype='float32'):
+  env = {**_env(devices), 'SCORE_SDE_TEST_MODEL_DTYPE': dtype}   # config.model.dtype
   return subprocess.Popen([sys.executable, WORKER, str(workdir), str(n_iters), *extra],
-                          env=_env(devices), stdout=subprocess.PIPE,
+                          env=env, stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True)
 
 
@@ -393,12 +394,13 @@ def test_unknown_config_key_fails_before_compiling(tmp_path):
 # ----------------------------------------------------------------------------
 
 @pytest.mark.slow
-def test_two_processes_match_one_process(tmp_path):
-  single = _run_worker(tmp_path / 'single', 6, devices=4)
+@pytest.mark.parametrize('dtype', ['float32', pytest.param('bfloat16', marks=pytest.mark.slow)])
+def test_two_processes_match_one_process(tmp_path, dtype):
+  single = _run_worker(tmp_path / 'single', 6, devices=4, dtype=dtype)
   assert single.wait(timeout=300) == 0, single.stdout.read()
   address = f'127.0.0.1:{portpicker.pick_unused_port()}'
-  procs = [_run_worker(tmp_path / 'multi', 6, devices=2, extra=(address, '2', str(i)))
-           for i in range(2)]
+  procs = [_run_worker(tmp_path / 'multi', 6, devices=2, extra=(address, '2', str(i)),
+                       dtype=dtype) for i in range(2)]
   outputs = [p.communicate(timeout=300)[0] for p in procs]
   assert all(p.returncode == 0 for p in procs), outputs
   assert '4 device(s) in 2 process(es)' in outputs[0]

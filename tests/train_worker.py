@@ -32,7 +32,9 @@ def main(argv):
     from score_sde import parallel
     parallel.initialize_distributed(argv[3], int(argv[4]), int(argv[5]), cpu_collectives='gloo')
   from score_sde import train
-  train.train_and_evaluate(small_toy_config(n_iters), workdir)
+  config = small_toy_config(n_iters)
+  config.model.dtype = os.environ.get('SCORE_SDE_TEST_MODEL_DTYPE', 'float32')
+  train.train_and_evaluate(config, workdir)
 
 
 if __name__ == '__main__':
