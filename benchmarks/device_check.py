@@ -8,9 +8,16 @@ another) on synthetic data, in float32 and bfloat16 compute:
   train        compile seconds, step seconds (median), examples/s, the FLOPs XLA
                counts for one step, achieved FLOP/s and its fraction of the peak
   sample       PC (`--pc_steps`) and dpmpp_2m (`--dpm_steps`): samples/s, NFE
-  bpd          exact likelihood at rtol = atol = 1e-5, matmul precision 'highest':
-               examples/s and NFE
-  memory       peak device memory (bytes) after each stage, where the backend tells
+  bpd          the likelihood ODE (Hutchinson divergence, as the bpd job) at
+               rtol = atol = 1e-5, matmul precision 'highest': examples/s and NFE
+  memory       peak device memory (bytes) so far, after each stage, where the
+               backend tells (JAX has no public reset: a stage's figure
+               includes the stages before it)
+
+FLOPs are XLA's cost analysis of the compiled program, which on a sharded
+program counts one device's part: `xla_flops_per_step_per_device`, times the
+device count for the whole step. Batches are per device times the device count;
+each process feeds its own devices (multi-process hosts work too).
 
 It needs jax, flax, optax, orbax-checkpoint, diffrax, numpy and three pure-Python
 wheels (ml_collections, absl-py, tqdm); no tensorflow-datasets, grain or
@@ -43,17 +50,19 @@ DEFAULT_CONFIG = 'configs/ve/cifar10_ncsnpp_continuous.py'
 # Dense peak FLOP/s per chip (vendor data sheets; SXM parts): bfloat16 tensor cores,
 # and the float32 matmul path JAX's default precision takes (TF32 tensor cores on
 # A100 / H100 / H200; bfloat16 passes on TPU). Matched against device_kind.
+# A pattern matches whole words of device_kind (case-insensitive); first match wins.
 PEAK_FLOPS = (
-    ('H200', {'bfloat16': 989e12, 'float32': 494e12}),
-    ('H100', {'bfloat16': 989e12, 'float32': 494e12}),
-    ('A100', {'bfloat16': 312e12, 'float32': 156e12}),
-    ('L40S', {'bfloat16': 362e12, 'float32': 183e12}),
-    ('L4', {'bfloat16': 121e12, 'float32': 60e12}),
-    ('V100', {'bfloat16': 125e12, 'float32': 15.7e12}),    # bfloat16: its float16 peak
-    ('TPU v6', {'bfloat16': 918e12, 'float32': 918e12}),
-    ('TPU v5p', {'bfloat16': 459e12, 'float32': 459e12}),
-    ('TPU v5', {'bfloat16': 197e12, 'float32': 197e12}),    # v5e ("TPU v5 lite")
-    ('TPU v4', {'bfloat16': 275e12, 'float32': 275e12}),
+    (r'H200', {'bfloat16': 989e12, 'float32': 494e12}),
+    (r'H100 PCIe', {'bfloat16': 756e12, 'float32': 378e12}),
+    (r'H100', {'bfloat16': 989e12, 'float32': 494e12}),      # SXM
+    (r'A100', {'bfloat16': 312e12, 'float32': 156e12}),
+    (r'L40S', {'bfloat16': 362e12, 'float32': 183e12}),
+    (r'L4', {'bfloat16': 121e12, 'float32': 60e12}),
+    (r'V100', {'bfloat16': 125e12, 'float32': 15.7e12}),     # bfloat16: its float16 peak
+    (r'TPU v6', {'bfloat16': 918e12, 'float32': 918e12}),
+    (r'TPU v5p', {'bfloat16': 459e12, 'float32': 459e12}),
+    (r'TPU v5( lite|e)', {'bfloat16': 197e12, 'float32': 197e12}),
+    (r'TPU v4', {'bfloat16': 275e12, 'float32': 275e12}),
 )
 
 
@@ -62,8 +71,10 @@ def emit(record: dict) -> None:
 
 
 def table_peak(device_kind: str, dtype: str) -> float | None:
-  for name, peaks in PEAK_FLOPS:
-    if name.lower() in device_kind.lower():
+  """Data-sheet peak FLOP/s of one `device_kind` chip for `dtype` (None: not in the table)."""
+  import re
+  for pattern, peaks in PEAK_FLOPS:
+    if re.search(rf'(^|\W){pattern}(\W|$)', device_kind, flags=re.IGNORECASE):
       return peaks[dtype]
   return None
 
@@ -127,13 +138,17 @@ def with_dtype(config, dtype: str):
   return config
 
 
-def synthetic_batch(config, batch: int, seed: int = 0) -> np.ndarray:
-  """[batch, H, W, C] float32 images uniform in the model's data range."""
+def synthetic_batch(config, per_device: int, mesh, seed: int = 0) -> jax.Array:
+  """The global batch [per_device x devices, H, W, C] of float32 images uniform in
+  the model's data range, sharded on 'data'; this process makes its devices' rows."""
   from score_sde import data as data_lib
+  from score_sde import parallel
   from score_sde.models import utils as model_utils
-  shape = model_utils.input_shape(config, batch)
-  unit = np.random.default_rng(seed).uniform(size=shape).astype(np.float32)
-  return np.asarray(data_lib.get_data_scaler(config)(unit), np.float32)
+  shape = model_utils.input_shape(config, per_device * jax.local_device_count())
+  rng = np.random.default_rng([seed, jax.process_index()])
+  unit = rng.uniform(size=shape).astype(np.float32)
+  return parallel.global_batch(np.asarray(data_lib.get_data_scaler(config)(unit), np.float32),
+                               mesh)
 
 
 # ----------------------------------------------------------------------------
@@ -152,7 +167,8 @@ def measure_peak(tiny: bool) -> dict:
           'table_flops_per_s': {dt: table_peak(kind, dt) for dt in ('bfloat16', 'float32')}}
 
 
-def measure_train(config, dtype: str, batch: int, steps: int, measured_peak: float | None):
+def measure_train(config, dtype: str, per_device: int, steps: int,
+                  measured_peak: float | None) -> dict:
   from score_sde import experiment as experiment_lib
   from score_sde import parallel
   from score_sde import train
@@ -165,7 +181,8 @@ def measure_train(config, dtype: str, batch: int, steps: int, measured_peak: flo
   state = experiment_lib.init_train_state(jax.random.PRNGKey(0), model=experiment.model,
                                           config=config, optimizer=optimizer)
   state = jax.device_put(state, parallel.replicated(mesh))
-  batch_array = parallel.global_batch(synthetic_batch(config, batch), mesh)
+  batch_array = synthetic_batch(config, per_device, mesh)
+  batch = int(batch_array.shape[0])
   p_step = train.jit_train_step(step, mesh, layout='tree')
   start = time.perf_counter()
   compiled = p_step.lower(state, batch_array).compile()
@@ -178,23 +195,22 @@ def measure_train(config, dtype: str, batch: int, steps: int, measured_peak: flo
     jax.block_until_ready(metrics)
     seconds.append(time.perf_counter() - start)
   step_s = statistics.median(seconds)
-  flops = xla_flops(compiled)
-  kind = jax.devices()[0].device_kind
-  peak = table_peak(kind, dtype)
-  achieved = flops / step_s if flops else None
-  return {'measurement': 'train', 'dtype': dtype, 'batch': batch,
-          'devices': jax.device_count(), 'compile_s': round(compile_s, 2),
-          'step_s': step_s, 'examples_per_s': batch / step_s,
-          'examples_per_s_per_device': batch / step_s / jax.device_count(),
-          'xla_flops_per_step': flops,
-          'xla_flops_per_example': flops / batch if flops else None,
-          'achieved_flops_per_s': achieved,
-          'fraction_of_table_peak': (achieved / (peak * jax.device_count())
-                                     if achieved and peak else None),
-          'fraction_of_measured_bf16_matmul': (achieved / (measured_peak * jax.device_count())
+  per_device_flops = xla_flops(compiled)            # one device's part of the step
+  devices = jax.device_count()
+  peak = table_peak(jax.devices()[0].device_kind, dtype)
+  achieved = per_device_flops / step_s if per_device_flops else None     # per device
+  return {'measurement': 'train', 'dtype': dtype, 'batch': batch, 'devices': devices,
+          'compile_s': round(compile_s, 2), 'step_s': step_s,
+          'examples_per_s': batch / step_s, 'examples_per_s_per_device': batch / step_s / devices,
+          'xla_flops_per_step_per_device': per_device_flops,
+          'xla_flops_per_example': (per_device_flops * devices / batch
+                                    if per_device_flops else None),
+          'achieved_flops_per_s_per_device': achieved,
+          'fraction_of_table_peak': achieved / peak if achieved and peak else None,
+          'fraction_of_measured_bf16_matmul': (achieved / measured_peak
                                                if achieved and measured_peak else None),
           'loss_finite': bool(np.isfinite(np.asarray(metrics['loss'])).all()),
-          'peak_memory_bytes': peak_memory()}
+          'peak_memory_bytes_so_far': peak_memory()}
 
 
 def measure_sampling(config, dtype: str, batch: int, method: str, num_steps: int) -> dict:
@@ -222,10 +238,11 @@ def measure_sampling(config, dtype: str, batch: int, method: str, num_steps: int
   return {'measurement': 'sample', 'method': method, 'dtype': dtype, 'num_steps': num_steps,
           'batch': batch, 'nfe': nfe, 'compile_s': round(compile_s, 2), 'seconds': seconds,
           'samples_per_s': batch / seconds, 'score_evals_per_s': batch * nfe / seconds,
-          'finite': bool(np.isfinite(np.asarray(x)).all()), 'peak_memory_bytes': peak_memory()}
+          'finite': bool(np.isfinite(np.asarray(x)).all()),
+          'peak_memory_bytes_so_far': peak_memory()}
 
 
-def measure_bpd(config, batch: int, rtol: float) -> dict:
+def measure_bpd(config, per_device: int, rtol: float) -> dict:
   from score_sde import experiment as experiment_lib
   from score_sde import likelihood
   from score_sde import parallel
@@ -237,7 +254,8 @@ def measure_bpd(config, batch: int, rtol: float) -> dict:
       parallel.replicated(mesh))
   fn = likelihood.get_likelihood_fn(experiment.sde, experiment.score_model_fn, rtol=rtol,
                                     atol=rtol, precision='highest', mesh=mesh)
-  x = parallel.global_batch(synthetic_batch(config, batch, seed=1), mesh)
+  x = synthetic_batch(config, per_device, mesh, seed=1)
+  batch = int(x.shape[0])
   key = jax.random.PRNGKey(2)
   start = time.perf_counter()
   compiled = fn.lower(key, params, x).compile()
@@ -250,7 +268,7 @@ def measure_bpd(config, batch: int, rtol: float) -> dict:
           'examples_per_s': batch / seconds, 'nfe_max': int(np.asarray(info['nfe'])),
           'nfe_mean': float(np.mean(np.asarray(info['nfe_per_example']))),
           'finite': bool(np.isfinite(np.asarray(logp)).all()),
-          'peak_memory_bytes': peak_memory()}
+          'peak_memory_bytes_so_far': peak_memory()}
 
 
 def main(argv=None) -> None:
@@ -287,15 +305,15 @@ def main(argv=None) -> None:
     emit(record)
   if 'train' in stages:
     for dtype in dtypes:
-      emit(measure_train(config, dtype, batch, args.train_steps or (3 if tiny else 20),
+      emit(measure_train(config, dtype, per_device, args.train_steps or (3 if tiny else 20),
                          measured_peak))
   if 'sample' in stages:
     for dtype in dtypes:
       emit(measure_sampling(config, dtype, batch, 'pc', args.pc_steps or (3 if tiny else 100)))
       emit(measure_sampling(config, dtype, batch, 'dpmpp_2m', args.dpm_steps))
   if 'bpd' in stages:
-    bpd_batch = (args.bpd_batch_per_device or (2 if tiny else 32)) * len(devices)
-    emit(measure_bpd(config, bpd_batch, 1e-2 if tiny else 1e-5))
+    emit(measure_bpd(config, args.bpd_batch_per_device or (2 if tiny else 32),
+                     1e-2 if tiny else 1e-5))
 
 
 if __name__ == '__main__':

@@ -50,7 +50,7 @@ def base() -> ml_collections.ConfigDict:
   sampling.num_steps = 0                # (ours) 0: the SDE's N
   sampling.ode_solver = 'tsit5'         # (ours) tsit5 | dopri5 | heun | euler
   sampling.sde_solver = 'euler'         # (ours) euler | shark | sra1 (diffrax)
-  sampling.matmul_precision = 'default' # (ours) sampler dots / convs: default | high | highest
+  sampling.matmul_precision = 'inherit' # (ours) sampler dots / convs: inherit | default | high | highest
   sampling.rtol = 1e-5                  # (ours) adaptive ODE tolerances
   sampling.atol = 1e-5
   sampling.ddim_eta = 0.0               # (ours)

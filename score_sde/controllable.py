@@ -587,7 +587,7 @@ def build_conditional_sampler(sde, score_model_fn, logits_model_fn, shape, num_c
   constrain = _batch_constraint(mesh, shape[0], 'number of samples')
 
   def sampler(key, score_params, classifier_params, labels):
-    with jax.default_matmul_precision(precision):
+    with sampling.matmul_precision(precision):
       return conditional(key, score_params, classifier_params, labels)
 
   def conditional(key, score_params, classifier_params, labels):

@@ -37,6 +37,14 @@ scaler y = scaler(u) with inverse u = inverse_scaler(y):
 an upper bound on the discrete model's -log2 P(k) / D (variational
 dequantisation bound). For L = 256 the offset is 8 for data in [0, 1] and 7
 for data in [-1, 1], the reference's convention.
+
+Matmul precision: TPUs run float32 matmuls and convolutions as bfloat16 passes
+by default and recent GPUs as TF32, which moves the divergence integral by far
+more than the solver tolerance. The likelihood programs are traced under
+`jax.default_matmul_precision(precision)`, 'highest' unless asked otherwise
+(full float32 on every backend; XLA:CPU's float32 dots are full precision
+anyway), so every dot and convolution carries that precision in its HLO;
+`encode` / `decode` always use 'highest'.
 """
 from __future__ import annotations
 

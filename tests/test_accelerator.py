@@ -72,17 +72,36 @@ def test_every_dot_and_convolution_of_the_likelihood_program_gets_its_precision(
 
 @pytest.mark.parametrize('method', ['pc', 'dpmpp_2m'])
 def test_the_sampling_option_reaches_every_dot_and_convolution(ncsnpp_experiment, method):
-  config, experiment, params = ncsnpp_experiment
+  """'highest' / 'default' set every op's precision; 'inherit' (the default) keeps what
+  JAX is set to, here 'highest' by jax.default_matmul_precision around the tracing."""
+  _, experiment, params = ncsnpp_experiment
+  config = ncsnpp_experiment[0].copy_and_resolve_references()
+  config.sampling.method = method
   seen = {}
-  for precision in ('highest', 'default'):
+  for precision in ('highest', 'default', 'inherit'):
+    config.sampling.matmul_precision = precision
+    _, options = sampling.config_options(config)       # the config key reaches the sampler
+    assert options['matmul_precision'] == precision
     sampler = sampling.build_sampler(experiment.sde, experiment.score_model_fn,
-                                     model_utils.input_shape(config, 2), method, num_steps=3,
-                                     matmul_precision=precision)
-    ops = precisions_of(jax.jit(sampler).lower(jax.random.PRNGKey(0), params).as_text())
+                                     model_utils.input_shape(config, 2), method,
+                                     **{**options, 'num_steps': 3})
+    with jax.default_matmul_precision('highest'):
+      ops = precisions_of(jax.jit(sampler).lower(jax.random.PRNGKey(0), params).as_text())
     assert len(ops) > 20
     seen[precision] = {p for _, p in ops}
-  assert seen['highest'] == {('HIGHEST', 'HIGHEST')}
+  assert seen['highest'] == seen['inherit'] == {('HIGHEST', 'HIGHEST')}
   assert ('DEFAULT', 'DEFAULT') in seen['default']
+
+
+def test_the_bpd_job_takes_its_precision_from_the_config(ncsnpp_experiment):
+  from score_sde.jobs import bpd
+  config = ncsnpp_experiment[0].copy_and_resolve_references()
+  assert bpd.settings_from_config(config).precision == 'highest'      # configs/defaults.py
+  config.eval.matmul_precision = 'HIGH'
+  assert bpd.settings_from_config(config).precision == 'high'
+  config.eval.matmul_precision = 'inherit'                            # not for likelihoods
+  with pytest.raises(ValueError, match="unknown matmul precision 'inherit'"):
+    bpd.settings_from_config(config)
 
 
 def test_a_bad_precision_is_refused_with_the_choices(ncsnpp_experiment):
@@ -234,6 +253,36 @@ runpy.run_path(sys.argv[0], run_name='__main__')
 """
 
 
+def device_check_module():
+  import importlib.util
+  path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                      'benchmarks', 'device_check.py')
+  spec = importlib.util.spec_from_file_location('device_check', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def forward_flops_per_example(device_check, batch: int = 8) -> float:
+  """XLA's FLOPs of one unsharded forward pass of the --tiny network, per example."""
+  config = device_check.load_config(device_check.DEFAULT_CONFIG, tiny=True)
+  experiment = experiment_lib.build_experiment(config)
+  params = model_utils.init_params(jax.random.PRNGKey(0), experiment.model, config)
+  x = jnp.zeros(model_utils.input_shape(config, batch))
+  compiled = jax.jit(experiment.score_model_fn).lower(params, x, jnp.ones(batch)).compile()
+  return device_check.xla_flops(compiled) / batch
+
+
+def test_the_peak_table_matches_whole_names():
+  device_check = device_check_module()
+  assert device_check.table_peak('NVIDIA H100 80GB HBM3', 'bfloat16') == 989e12
+  assert device_check.table_peak('NVIDIA H100 PCIe', 'bfloat16') == 756e12
+  assert device_check.table_peak('NVIDIA L4', 'float32') == 60e12
+  assert device_check.table_peak('NVIDIA L40', 'float32') is None     # not the L4's
+  assert device_check.table_peak('TPU v5 lite', 'bfloat16') == 197e12
+  assert device_check.table_peak('cpu', 'bfloat16') is None
+
+
 @pytest.mark.slow
 def test_device_check_runs_tiny_on_the_cpu_without_the_data_packages():
   import subprocess
@@ -254,8 +303,12 @@ def test_device_check_runs_tiny_on_the_cpu_without_the_data_packages():
   assert by_kind['peak'][0]['measured_flops_per_s'] > 0
   (step,) = by_kind['train']
   assert step['dtype'] == 'bfloat16' and step['loss_finite'] and step['step_s'] > 0
+  assert step['batch'] == 2 * jax.device_count() == 8               # 2 per device, 4 devices
   assert step['examples_per_s'] == pytest.approx(step['batch'] / step['step_s'])
-  assert step['xla_flops_per_step'] > 0 and step['achieved_flops_per_s'] > 0
+  # XLA counts one device's share of a sharded step; per example, a train step (forward,
+  # backward, Adam, EMA) costs ~3 forward passes, counted here on one device.
+  ratio = step['xla_flops_per_example'] / forward_flops_per_example(device_check_module())
+  assert 2.0 < ratio < 5.0, ratio
   assert {(r['method'], r['nfe']) for r in by_kind['sample']} == {('pc', 6), ('dpmpp_2m', 11)}
   assert all(r['finite'] for r in by_kind['sample'] + by_kind['bpd'])
   assert by_kind['bpd'][0]['precision'] == 'highest' and by_kind['bpd'][0]['nfe_max'] > 0

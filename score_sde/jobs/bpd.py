@@ -41,6 +41,13 @@ class LikelihoodSettings:
   precision: str = 'highest'     # matmul precision of the likelihood program
 
 
+def settings_from_config(config) -> LikelihoodSettings:
+  """The likelihood settings config.eval names (rtol, atol, matmul_precision)."""
+  return LikelihoodSettings(
+      rtol=config.eval.get('rtol', 1e-5), atol=config.eval.get('atol', 1e-5),
+      precision=likelihood.check_precision(config.eval.get('matmul_precision', 'highest')))
+
+
 def bpd_job(workdir: str, config, *, split: str = 'test', num_repeats: int = 1,
             batch_size: int | None = None, checkpoint: int | None = None,
             settings: LikelihoodSettings | None = None, max_examples: int | None = None,
@@ -57,9 +64,7 @@ def bpd_job(workdir: str, config, *, split: str = 'test', num_repeats: int = 1,
   mesh = mesh or parallel.make_mesh()
   experiment, state, step = common.experiment_and_state(workdir, config, mesh, checkpoint,
                                                         state, step)
-  settings = settings or LikelihoodSettings(
-      rtol=config.eval.get('rtol', 1e-5), atol=config.eval.get('atol', 1e-5),
-      precision=likelihood.check_precision(config.eval.get('matmul_precision', 'highest')))
+  settings = settings or settings_from_config(config)
   levels = experiment.num_levels
   if levels < 2:
     raise ValueError(f'bits/dim need quantised data; {config.data.dataset} is continuous.')

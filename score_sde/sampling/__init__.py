@@ -61,7 +61,7 @@ from score_sde.sampling import pc
 from score_sde.sampling import schedules
 from score_sde.sampling.common import (MATMUL_PRECISIONS, Info, ScoreFn, ScoreModelFn,
                                        batch_times, chain_signal_factor, check_count,
-                                       check_precision, check_score_shape,
+                                       check_precision, check_score_shape, matmul_precision,
                                        check_shape, example_keys, example_normal,
                                        expected_normal_norm, fold_keys, identity, lookup,
                                        per_example_norm, per_example_score, prior_sample,
@@ -89,7 +89,8 @@ __all__ = [
     'ODE_SOLVERS', 'SDE_SOLVERS', 'OdeSolver', 'SdeSolver', 'check_ode_options',
     'probability_flow_solve', 'solve_ode',
     # shared helpers
-    'COMMON_OPTIONS', 'MATMUL_PRECISIONS', 'check_precision', 'Info', 'ScoreFn', 'ScoreModelFn', 'batch_times', 'chain_signal_factor', 'check_count',
+    'COMMON_OPTIONS', 'MATMUL_PRECISIONS', 'check_precision', 'matmul_precision', 'Info',
+    'ScoreFn', 'ScoreModelFn', 'batch_times', 'chain_signal_factor', 'check_count',
     'check_score_shape', 'check_shape', 'example_keys', 'example_normal',
     'expected_normal_norm', 'fold_keys', 'identity', 'lookup', 'per_example_norm',
     'per_example_score', 'prior_sample', 'tweedie_denoise', 'with_num_steps',
@@ -139,9 +140,9 @@ METHODS = {
 
 
 # Options every method takes. matmul_precision: that of every dot and convolution
-# the sampler traces ('default': the backend's fastest; 'highest': full float32 on
-# TPU and GPU too, see MATMUL_PRECISIONS).
-COMMON_OPTIONS = dict(matmul_precision='default')
+# the sampler traces ('inherit': JAX's current setting, by default the backend's
+# fastest; 'default' that explicitly; 'highest': full float32 on TPU and GPU too).
+COMMON_OPTIONS = dict(matmul_precision='inherit')
 
 
 def resolve_options(sde, method: str, options: dict) -> tuple[Method, dict]:
@@ -156,7 +157,7 @@ def resolve_options(sde, method: str, options: dict) -> tuple[Method, dict]:
     raise ValueError(f'unknown option(s) {unknown} for sampling method {method!r}; '
                      f'valid: {sorted(valid)}.')
   opts = {**valid, **options}
-  opts['matmul_precision'] = check_precision(opts['matmul_precision'])
+  opts['matmul_precision'] = check_precision(opts['matmul_precision'], allow_inherit=True)
   if str(opts.get('time_schedule', '')).lower() == 'auto':
     opts['time_schedule'] = spec.defaults['time_schedule']   # the method's own
   eps = float(opts['eps'])
@@ -192,7 +193,7 @@ def build_sampler(sde, score_model_fn: ScoreModelFn, shape, method: str = 'pc',
 
   def sampler(key, params):
     score_fn = lambda x, t: score_model_fn(params, x, t)  # noqa: E731
-    with jax.default_matmul_precision(precision):
+    with matmul_precision(precision):
       return spec.sampler(key, score_fn, sde, shape, constrain=constrain, **opts)
 
   return sampler
@@ -258,8 +259,8 @@ def sample(key, score_fn: ScoreFn, sde, shape, method: str = 'pc', *, mesh=None,
       'edm' (those of heun, s_churn, s_tmin, s_tmax, s_noise), 'dpmpp_2m',
       'dpmpp_3m', 'dpmpp_2m_sde' (num_steps, time_schedule, rho,
       lower_order_final, noise_removal), 'unipc' (those and solver_order).
-      All take eps (default 1e-3) and matmul_precision ('default' |
-      'high' | 'highest', of every dot / convolution). num_steps 0 means sde.N; time_schedule is
+      All take eps (default 1e-3) and matmul_precision ('inherit' |
+      'default' | 'high' | 'highest', of every dot / convolution). num_steps 0 means sde.N; time_schedule is
       'karras' | 'logsnr' | 'time' (default 'logsnr'; 'auto': the default).
     mesh: optional device mesh; samples are sharded over its 'data' axis.
 

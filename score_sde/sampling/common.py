@@ -26,15 +26,27 @@ Info = dict
 # jax.default_matmul_precision values: 'default' is the backend's fastest (bfloat16
 # passes for float32 on TPU, TF32 on recent GPUs), 'highest' full float32 everywhere.
 MATMUL_PRECISIONS = ('default', 'high', 'highest')
+# Samplers also take 'inherit': whatever JAX is set to (jax_default_matmul_precision).
+INHERIT = 'inherit'
 
 
-def check_precision(precision) -> str:
-  """'default' | 'high' | 'highest' (lower-cased), or a ValueError naming the choices."""
+def check_precision(precision, allow_inherit: bool = False) -> str:
+  """'default' | 'high' | 'highest' (lower-cased; 'inherit' where allowed), or a
+  ValueError naming the choices."""
   name = str(precision).lower()
-  if name not in MATMUL_PRECISIONS:
-    raise ValueError(f'unknown matmul precision {precision!r}; valid: {list(MATMUL_PRECISIONS)} '
+  valid = MATMUL_PRECISIONS + ((INHERIT,) if allow_inherit else ())
+  if name not in valid:
+    raise ValueError(f'unknown matmul precision {precision!r}; valid: {list(valid)} '
                      f"('highest': full float32 on every backend).")
   return name
+
+
+def matmul_precision(name: str):
+  """The context that traces dots and convolutions at `name` ('inherit': no change)."""
+  import contextlib
+  if name == INHERIT:
+    return contextlib.nullcontext()
+  return jax.default_matmul_precision(name)
 
 
 def identity(x):
