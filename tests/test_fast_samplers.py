@@ -17,7 +17,8 @@ from score_sde import sampling
 from score_sde import sde as sde_lib
 from score_sde.sampling import multistep
 from score_sde.sampling import schedules
-from tests.test_sampling import MIX, SCORES, SDES, mixture_stat, threshold
+from tests.test_sampling import (MIX, SCORES, SDES, count_score_calls, mixture_stat,
+                                 threshold)
 
 KEY = jax.random.PRNGKey(0)
 FAST = ('heun', 'edm', 'dpmpp_2m', 'dpmpp_3m', 'dpmpp_2m_sde', 'unipc')
@@ -158,20 +159,8 @@ def test_step_orders_warm_up_and_lower_the_final_steps():
 @pytest.mark.parametrize('method', FAST)
 @pytest.mark.parametrize('noise_removal', [True, False])
 def test_reported_nfe_counts_score_calls(method, noise_removal):
-  calls = []
-  sde = SDES['vp']
-
-  def counting_score(x, t):
-    jax.debug.callback(lambda _: calls.append(1), t)
-    return MIX.score(x, t, sde)
-
-  options = dict(num_steps=5, noise_removal=noise_removal)
-  sampling.sample(KEY, counting_score, sde, (1, 2), method, **options)
-  jax.effects_barrier()
-  calls.clear()
-  _, info = sampling.sample(KEY, counting_score, sde, (1, 2), method, **options)
-  jax.effects_barrier()
-  assert len(calls) == int(info['nfe']) == 5 * EVALS_PER_STEP.get(method, 1) + noise_removal
+  calls, info = count_score_calls(method, num_steps=5, noise_removal=noise_removal)
+  assert calls == int(info['nfe']) == 5 * EVALS_PER_STEP.get(method, 1) + noise_removal
 
 
 @pytest.mark.parametrize('method', ['edm', 'dpmpp_2m_sde'])
