@@ -1,11 +1,13 @@
 """score_sde command line: python launch.py <command> --config <file> [--workdir <dir>] ...
 
 Commands
-  train         train a score model; on an existing --workdir it resumes from the
+  train         train a score model or a normalizing flow (config.model.name nice,
+                realnvp or glow); on an existing --workdir it resumes from the
                 newest checkpoint (--config may then be left out)
   sample        draw --num_samples samples from a trained workdir's EMA parameters
                 into resumable npz shards + manifest + PNG grid (<workdir>/samples/)
-  bpd           bits/dim of a split through the probability-flow ODE, resumable
+  bpd           bits/dim of a split through the probability-flow ODE (a flow's:
+                exact, by the change of variables), resumable
                 (<workdir>/eval/bpd_<split>_<step>.json)
   stats         Inception feature statistics of a dataset split (for FID / KID)
   eval          FID / KID / IS of a sampling job against those statistics (digits:

@@ -43,8 +43,12 @@ MODEL_KEYS = frozenset({
     'embedding_size', 'standardize',
     # score_sde_pytorch's RefineNet numerics (models/ncsnv2.py; set by import_checkpoint)
     'refine_mults', 'norm_unbiased_variance', 'resize_align_corners',
+    # normalizing flows (models/nice.py, realnvp.py, glow.py; score_sde/flows.py)
+    'prior', 'num_couplings', 'hidden_layers', 'hidden_features', 'num_levels', 'num_steps',
+    'coupling', 'learn_top',
 })
-OTHER_KEYS = frozenset({'optim.amsgrad', 'data.category', 'data.dim'})
+OTHER_KEYS = frozenset({'optim.amsgrad', 'data.category', 'data.dim',
+                        'sampling.temperature'})   # flows: latent std when sampling
 
 
 def _flat_keys(config, prefix=''):

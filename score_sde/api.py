@@ -5,6 +5,10 @@
     x, info = model.sample(jax.random.PRNGKey(0), 16)                      # config's sampler
     y, _ = model.sample(jax.random.PRNGKey(0), 16, method='ode', rtol=1e-3)
     logp, z, info = model.log_likelihood(jax.random.PRNGKey(1), x)
+
+A normalizing-flow workdir (nice, realnvp, glow) loads as a `TrainedFlow` with the
+same `sample` / `log_likelihood` / `bits_per_dim` (exact; `temperature=` when
+sampling) and `encode` / `decode` through the flow itself.
 """
 from __future__ import annotations
 
@@ -17,10 +21,33 @@ import numpy as np
 
 from score_sde import data as data_lib
 from score_sde import experiment as experiment_lib
+from score_sde import flows
 from score_sde import likelihood
 from score_sde import parallel
 from score_sde import sampling
 from score_sde.models import utils as model_utils
+
+
+def _bits_per_dim(self, key, images_uint, **likelihood_options) -> np.ndarray:
+  """Bits/dim [B] of integer-level images (uniformly dequantised with `key`)."""
+  levels = self.experiment.num_levels
+  k_deq, k_probe = jax.random.split(key)
+  x = np.asarray(images_uint, np.float32) / (levels - 1)
+  x = data_lib.get_data_scaler(self.config)(likelihood.uniform_dequantize(k_deq, x, levels))
+  logp, _, _ = self.log_likelihood(k_probe, x, **likelihood_options)
+  dim = int(np.prod(x.shape[1:]))
+  return np.asarray(likelihood.bits_per_dim(
+      logp, dim, data_lib.get_data_inverse_scaler(self.config), levels))
+
+
+def _to_unit(self, x):
+  """Model space -> [0, 1]."""
+  return data_lib.get_data_inverse_scaler(self.config)(x)
+
+
+def _from_unit(self, x):
+  """[0, 1] -> model space."""
+  return data_lib.get_data_scaler(self.config)(x)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)   # identity hash: methods key jit caches
@@ -90,16 +117,7 @@ class TrainedModel:
           self.sde, self.score_model_fn, **options)
     return self.compiled[cache_key](key, self.ema_params, x)
 
-  def bits_per_dim(self, key, images_uint, **solver_options) -> np.ndarray:
-    """Bits/dim [B] of integer-level images (uniformly dequantised with `key`)."""
-    levels = self.experiment.num_levels
-    k_deq, k_probe = jax.random.split(key)
-    x = np.asarray(images_uint, np.float32) / (levels - 1)
-    x = data_lib.get_data_scaler(self.config)(likelihood.uniform_dequantize(k_deq, x, levels))
-    logp, _, _ = self.log_likelihood(k_probe, x, **solver_options)
-    dim = int(np.prod(x.shape[1:]))
-    return np.asarray(likelihood.bits_per_dim(
-        logp, dim, data_lib.get_data_inverse_scaler(self.config), levels))
+  bits_per_dim = _bits_per_dim
 
   def encode(self, x, **solver_options):
     """Latent z = x(T) of the probability-flow ODE.
@@ -113,13 +131,8 @@ class TrainedModel:
     """x(eps) from the latent z by the probability-flow ODE."""
     return likelihood.decode(self.score_fn, self.sde, z, **solver_options)
 
-  def to_unit(self, x):
-    """Model space -> [0, 1]."""
-    return data_lib.get_data_inverse_scaler(self.config)(x)
-
-  def from_unit(self, x):
-    """[0, 1] -> model space."""
-    return data_lib.get_data_scaler(self.config)(x)
+  to_unit = _to_unit
+  from_unit = _from_unit
 
 
 def _likelihood_options(options: dict) -> dict:
@@ -134,10 +147,71 @@ def _likelihood_options(options: dict) -> dict:
   return {**defaults, **options}
 
 
-def load(workdir: str, checkpoint: int | None = None) -> TrainedModel:
-  """The newest (or the given) checkpoint of a training workdir."""
+@dataclasses.dataclass(frozen=True, eq=False)
+class TrainedFlow:
+  """The config and EMA parameters of one checkpoint of a normalizing flow.
+
+  `sample`, `log_likelihood` and `bits_per_dim` as for a score model (the density
+  is exact: no solver options), `encode` / `decode` through the flow. Programs
+  compile once per options and sample count (`compiled`).
+  """
+  config: Any
+  ema_params: Any
+  step: int
+  experiment: Any
+  mesh: Any
+  compiled: dict = dataclasses.field(default_factory=dict, init=False, repr=False)
+
+  @property
+  def model(self):
+    return self.experiment.model
+
+  def sample(self, key, n: int, temperature: float | None = None):
+    """n samples [n, H, W, C] in model space and info (nfe 1: one inverse pass); the
+    latent std is `temperature` (default config.sampling.temperature, else 1)."""
+    if temperature is None:
+      temperature = self.config.sampling.get('temperature', 1.0)
+    mesh = self.mesh if n % self.mesh.devices.size == 0 else None
+    cache_key = ('sample', n, float(temperature), mesh is not None)
+    if cache_key not in self.compiled:
+      _, inverse_fn, latent_dim = model_utils.flow_functions(self.model)
+      self.compiled[cache_key] = flows.get_sampler(
+          inverse_fn, latent_dim, n, prior=self.config.model.get('prior', 'gaussian'),
+          temperature=temperature, mesh=mesh)
+    return self.compiled[cache_key](key, self.ema_params)
+
+  def log_likelihood(self, key, x, precision: str = 'highest'):
+    """(log p(x) [B] nats, latent z [B, D], info): exact, by the change of variables
+    (`key` is unused; kept for the score models' signature)."""
+    cache_key = ('log_likelihood', str(precision))
+    if cache_key not in self.compiled:
+      self.compiled[cache_key] = flows.get_likelihood_fn(self.experiment.model_fn,
+                                                         precision=precision)
+    return self.compiled[cache_key](key, self.ema_params, x)
+
+  def encode(self, x):
+    """Latent z [B, D] = f(x)."""
+    return self.log_likelihood(jax.random.PRNGKey(0), x)[1]
+
+  def decode(self, z):
+    """x = f^-1(z) [B, H, W, C]."""
+    if 'decode' not in self.compiled:
+      self.compiled['decode'] = jax.jit(model_utils.flow_functions(self.model)[1])
+    return self.compiled['decode'](self.ema_params, z)
+
+  bits_per_dim = _bits_per_dim
+  to_unit = _to_unit
+  from_unit = _from_unit
+
+
+def load(workdir: str, checkpoint: int | None = None) -> TrainedModel | TrainedFlow:
+  """The newest (or the given) checkpoint of a training workdir (a `TrainedFlow` for a
+  normalizing flow)."""
   config = experiment_lib.load_config(workdir)
   mesh = parallel.make_mesh()
   experiment, state, step = experiment_lib.restore_state(workdir, config, mesh, checkpoint)
+  if experiment.is_flow:
+    return TrainedFlow(config=config, ema_params=state.ema_params, step=int(step),
+                       experiment=experiment, mesh=mesh)
   return TrainedModel(config=config, sde=experiment.sde, ema_params=state.ema_params,
                       step=int(step), experiment=experiment, mesh=mesh)

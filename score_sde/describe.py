@@ -21,9 +21,13 @@ def describe(config, batch_size: int = 1) -> dict:
   params = jax.eval_shape(lambda k: model_utils.init_params(k, model, config, batch_size),
                           jax.random.PRNGKey(0))
   x = jax.ShapeDtypeStruct(shape, jnp.float32)
-  labels = jax.ShapeDtypeStruct(shape[:1], jnp.float32)
-  out = jax.eval_shape(lambda p, xx, ll: model.apply({'params': p}, xx, ll, train=False),
-                       params, x, labels)
+  if models.is_flow(config.model.name):     # a flow's output is its latent z [B, D]
+    out, _ = jax.eval_shape(lambda p, xx: model.apply({'params': p}, xx, method='forward'),
+                            params, x)
+  else:
+    labels = jax.ShapeDtypeStruct(shape[:1], jnp.float32)
+    out = jax.eval_shape(lambda p, xx, ll: model.apply({'params': p}, xx, ll, train=False),
+                         params, x, labels)
   return {
       'model': config.model.name,
       'params': model_utils.param_count(params),

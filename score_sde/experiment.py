@@ -18,10 +18,12 @@ from typing import Any, Callable
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from score_sde import checkpoints
 from score_sde import data as data_lib
+from score_sde import flows
 from score_sde import io
 from score_sde import losses
 from score_sde import models
@@ -74,9 +76,11 @@ def get_optimizer(config) -> tuple[optax.GradientTransformation, optax.Schedule]
   return optax.chain(*parts), schedule
 
 
-def init_train_state(key, *, model, config, optimizer) -> TrainState:
+def init_train_state(key, init_batch=None, *, model, config, optimizer) -> TrainState:
+  """The state at step 0; a flow's data-dependent initialisation runs on `init_batch`
+  (`flow_init_batch`)."""
   k_init, k_train = jax.random.split(key)
-  params = model_utils.init_params(k_init, model, config)
+  params = model_utils.init_params(k_init, model, config, batch=init_batch)
   ema_params = jax.tree.map(jnp.copy, params)   # own buffers: the step donates both
   return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                     opt_state=optimizer.init(params), ema_params=ema_params, key=k_train)
@@ -146,7 +150,10 @@ def check_config(config, mesh=None) -> None:
   (the launcher checks the config's keys first, with `configs.validate`)."""
   data_lib.check_config_matches_dataset(config)
   models.get_model(config)        # validates the network's hyper-parameters
-  sde_lib.sde_from_config(config)
+  if is_flow(config):
+    _check_flow_config(config)
+  else:
+    sde_lib.sde_from_config(config)
   losses.loss_name_from_config(config)
   get_optimizer(config)
   if mesh is not None:
@@ -175,6 +182,38 @@ class Experiment:
   def continuous(self) -> bool:
     return bool(self.config.training.continuous)
 
+  @property
+  def is_flow(self) -> bool:
+    """A normalizing flow: no SDE; model_fn(params, x) -> (log p(x) [B], z [B, D])."""
+    return models.is_flow(self.config.model.name)
+
+
+def is_flow(config) -> bool:
+  """Whether the config trains a normalizing flow (nice, realnvp, glow)."""
+  return models.is_flow(config.model.name)
+
+
+def _check_flow_config(config) -> None:
+  if data_lib.num_levels(config) < 2:
+    raise ValueError(f'the flows model quantised images; {config.data.dataset} is continuous '
+                     f'data (use a score model, e.g. configs/toy/).')
+  if not config.data.uniform_dequantization:
+    raise ValueError(f'a flow ({config.model.name}) trains by maximum likelihood on '
+                     f'dequantised data: set config.data.uniform_dequantization=True (on '
+                     f'discrete values its density is unbounded).')
+  flows.check_prior(config.model.get('prior', 'gaussian'))
+
+
+def flow_init_batch(config, max_examples: int = 256) -> np.ndarray:
+  """The batch a flow's data-dependent initialisation sees: the first
+  min(batch size, 256) training examples (Glow's code initialises on 256), uniformly dequantised with a fixed
+  seed, in model space [n, H, W, C]. The same on every process."""
+  n = min(int(config.training.batch_size), max_examples)
+  uint = data_lib.load_split_uint(config, 'train', n)
+  unit = data_lib.to_unit_interval(uint, data_lib.num_levels(config),
+                                   np.random.default_rng(config.seed))
+  return np.asarray(data_lib.get_data_scaler(config)(unit), np.float32)
+
 
 def is_classifier(config) -> bool:
   """Whether the config trains a noise-conditional classifier (`train_classifier`)."""
@@ -183,9 +222,16 @@ def is_classifier(config) -> bool:
 
 def build_experiment(config) -> Experiment:
   """The SDE, network and score function of a config (for a classifier config:
-  model_fn = logits (params, x, t, train, key) -> [B, K] and no score function)."""
-  sde, sampling_eps = sde_lib.sde_from_config(config)
+  model_fn = logits (params, x, t, train, key) -> [B, K] and no score function; for
+  a flow: model_fn = exact log-density (params, x) -> (log p [B], z), no SDE)."""
   model = models.get_model(config)
+  if is_flow(config):
+    forward_fn, _, _ = model_utils.flow_functions(model)
+    log_prob = flows.get_log_prob_fn(forward_fn, config.model.get('prior', 'gaussian'))
+    return Experiment(config=config, sde=None, sampling_eps=None, model=model,
+                      model_fn=log_prob, score_model_fn=None,
+                      num_levels=data_lib.num_levels(config))
+  sde, sampling_eps = sde_lib.sde_from_config(config)
   if is_classifier(config):
     return Experiment(config=config, sde=sde, sampling_eps=sampling_eps, model=model,
                       model_fn=score_fn_lib.get_logits_model_fn(sde, model),

@@ -23,7 +23,8 @@ must return scores (see `score_sde.score_fn.get_score_model_fn`); for the
 discrete losses it returns the network output in that loss's parameterisation
 (a score for SMLD, eps for DDPM, [eps, v] on the last axis for hybrid).
 Noise-conditional classifiers are trained by cross-entropy on perturbed data
-(`get_classifier_loss_fn`).
+(`get_classifier_loss_fn`); normalizing flows by maximum likelihood ('nll',
+`get_flow_nll_loss_fn`: the mean bits/dim of the dequantised batch).
 """
 from __future__ import annotations
 
@@ -34,6 +35,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from score_sde import likelihood
+from score_sde import models
 from score_sde import score_fn as score_fn_lib
 from score_sde import sde as sde_lib
 
@@ -294,18 +297,25 @@ def get_hybrid_loss_fn(sde, model_fn, *, train: bool = True, reduce_mean: bool =
 # Choice by config
 # ----------------------------------------------------------------------------
 
-LOSSES = ('dsm', 'smld', 'ddpm', 'hybrid')
+LOSSES = ('dsm', 'smld', 'ddpm', 'hybrid', 'nll')
 
 
 def loss_name_from_config(config) -> str:
-  """'auto' resolves to dsm (continuous), smld (discrete VE), hybrid (learned
-  variance) or ddpm (discrete VP)."""
+  """'auto' resolves to nll (a normalizing flow), dsm (continuous), smld (discrete
+  VE), hybrid (learned variance) or ddpm (discrete VP)."""
   name = config.training.get('loss', 'auto')
+  flow = models.is_flow(config.model.get('name', ''))
   if name != 'auto':
     if name not in LOSSES:
       raise ValueError(f'unknown loss {name!r} (config.training.loss); valid: '
                        f'{("auto",) + LOSSES}.')
+    if flow != (name == 'nll'):
+      raise ValueError(f'config.training.loss {name!r} does not fit model '
+                       f'{config.model.name!r}: flows ({", ".join(models.FLOW_MODELS)}) train '
+                       f"with 'nll', score networks with a score loss; set it to 'auto'.")
     return name
+  if flow:
+    return 'nll'
   if config.training.continuous:
     return 'dsm'
   sde_name = config.training.sde.lower()
@@ -335,6 +345,32 @@ def get_loss_fn(config, sde, model_fn, *, train: bool = True, eps: float = 1e-5,
   return get_hybrid_loss_fn(sde, model_fn, train=train, reduce_mean=reduce_mean,
                             hybrid_lambda=config.training.get('hybrid_lambda', 1e-3),
                             num_levels=num_levels)
+
+
+# ----------------------------------------------------------------------------
+# Normalizing flows: maximum likelihood
+# ----------------------------------------------------------------------------
+
+def get_flow_nll_loss_fn(log_prob_fn, *, dim: int, inverse_scaler: Callable,
+                         num_levels: int) -> LossFn:
+  """loss(params, key, batch [B, ...]) = mean bits/dim of the batch under the flow.
+
+  log_prob_fn(params, x) -> (log p(x) [B] nats, z) is the flow's exact density
+  (`score_sde.flows.get_log_prob_fn`); the batch is uniformly dequantised data in
+  model space, so the loss is the training split's bits/dim, the number the bpd
+  job reports on the test split. The key is unused (no noise).
+  """
+
+  # bits/dim = -logp / (D ln 2) + offset (the levels and the scaler's slope), fixed here.
+  offset = float(likelihood.bits_per_dim(np.zeros(1, np.float32), dim, inverse_scaler,
+                                         num_levels)[0])
+
+  def loss_fn(params, key, batch):
+    del key
+    logp, _ = log_prob_fn(params, batch)
+    return jnp.mean(-logp) / (dim * math.log(2.0)) + offset
+
+  return loss_fn
 
 
 # ----------------------------------------------------------------------------

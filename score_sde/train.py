@@ -244,6 +244,12 @@ def loss_fns(config, experiment):
     return tuple(losses.get_classifier_loss_fn(experiment.sde, experiment.model_fn,
                                                train=train, eps=LOSS_EPS)
                  for train in (True, False))
+  if experiment.is_flow:
+    dim = int(np.prod(model_utils.input_shape(config)[1:]))
+    loss_fn = losses.get_flow_nll_loss_fn(
+        experiment.model_fn, dim=dim, inverse_scaler=data_lib.get_data_inverse_scaler(config),
+        num_levels=experiment.num_levels)
+    return loss_fn, loss_fn
   loss_kwargs = dict(eps=LOSS_EPS, num_levels=max(experiment.num_levels, 2))
   return tuple(losses.get_loss_fn(config, experiment.sde, experiment.model_fn, train=train,
                                   **loss_kwargs) for train in (True, False))
@@ -323,7 +329,9 @@ def _train_and_evaluate(config, workdir: str, mesh, *, final_evaluation: bool,
       print(f'Resumed from the checkpoint at step {step} in {checkpoints.checkpoint_dir(workdir)}.',
             flush=True)
   else:
-    state = jax.jit(init, out_shardings=replicated)(jax.random.PRNGKey(config.seed))
+    # A flow's ActNorm layers initialise from data (the same batch on every process).
+    init_batch = experiment_lib.flow_init_batch(config) if experiment.is_flow else None
+    state = jax.jit(init, out_shardings=replicated)(jax.random.PRNGKey(config.seed), init_batch)
     step = 0
   if is_main:
     print(f'{config.model.name} on {config.data.dataset}: '

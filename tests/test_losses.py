@@ -241,11 +241,12 @@ def test_hybrid_loss_vlb_trains_only_the_variance():
     losses.get_hybrid_loss_fn(sde, lambda p, x, l, tr, k: x)(params, key, batch)
 
 
-def _config(**training):
+def _config(model_name='ncsnpp', **training):
   base = {'sde': 'vesde', 'continuous': True, 'reduce_mean': False,
           'likelihood_weighting': False, 'loss': 'auto'}
   base.update(training)
-  return ml_collections.ConfigDict({'training': base, 'model': {'learned_variance': False}})
+  return ml_collections.ConfigDict({'training': base, 'model': {'learned_variance': False,
+                                                                'name': model_name}})
 
 
 @pytest.mark.parametrize('training, name', [
@@ -253,6 +254,8 @@ def _config(**training):
     (dict(continuous=False, sde='vesde'), 'smld'),
     (dict(continuous=False, sde='vpsde'), 'ddpm'),
     (dict(continuous=False, sde='vpsde', loss='hybrid'), 'hybrid'),
+    (dict(model_name='glow'), 'nll'),
+    (dict(model_name='nice', loss='nll'), 'nll'),
 ])
 def test_loss_choice_from_config(training, name):
   assert losses.loss_name_from_config(_config(**training)) == name
@@ -263,6 +266,10 @@ def test_loss_choice_errors():
     losses.loss_name_from_config(_config(loss='l1'))
   with pytest.raises(ValueError, match='no discrete loss'):
     losses.loss_name_from_config(_config(continuous=False, sde='subvpsde'))
+  with pytest.raises(ValueError, match="loss 'dsm' does not fit model 'realnvp'.*'nll'"):
+    losses.loss_name_from_config(_config(model_name='realnvp', loss='dsm'))
+  with pytest.raises(ValueError, match="loss 'nll' does not fit model 'ncsnpp'"):
+    losses.loss_name_from_config(_config(loss='nll'))
   with pytest.raises(ValueError, match='needs a VESDE'):
     losses.get_smld_loss_fn(sde_lib.VPSDE(), None)
   with pytest.raises(ValueError, match='needs likelihood_weighting'):

@@ -111,6 +111,10 @@ def test_small_configs_describe(path):
   if config.model.name == 'wideresnet':               # a classifier: logits [B, K]
     assert info['output_shape'] == [1, config.model.num_classes]
     return
+  if config.model.name in ('nice', 'realnvp', 'glow'):  # a flow: latent z [B, D]
+    assert info['output_shape'] == [1, int(np.prod(expected[1:]))]
+    assert 1e4 < info['params'] < 2e6
+    return
   out_channels = expected[-1] * (2 if config.model.get('learned_variance', False) else 1)
   assert info['output_shape'] == expected[:-1] + [out_channels]
   assert 1e4 < info['params'] < 2e6

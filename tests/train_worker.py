@@ -26,14 +26,42 @@ def small_toy_config(n_iters: int):
   return config
 
 
+def small_flow_config(name: str, n_iters: int):
+  """A digits flow ('nice', 'realnvp' or 'glow') small enough to train 200 steps in seconds."""
+  import importlib
+  config = importlib.import_module(f'configs.digits.{name}').get_config()
+  model, training = config.model, config.training
+  if name == 'nice':
+    model.hidden_features, model.hidden_layers = 32, 2
+  elif name == 'realnvp':
+    model.hidden_features, model.num_res_blocks = 8, 1
+  else:
+    model.num_steps, model.hidden_features = 2, 16
+  training.batch_size = 32
+  training.n_iters = n_iters
+  training.log_freq = 10
+  training.eval_freq = 0
+  training.snapshot_freq = 0
+  training.snapshot_freq_for_preemption = 100
+  training.snapshot_sampling = False
+  config.eval.batch_size = 32
+  config.eval.num_samples = 32
+  return config
+
+
 def main(argv):
   workdir, n_iters = argv[1], int(argv[2])
   if len(argv) > 3:
     from score_sde import parallel
     parallel.initialize_distributed(argv[3], int(argv[4]), int(argv[5]), cpu_collectives='gloo')
   from score_sde import train
-  config = small_toy_config(n_iters)
-  config.model.dtype = os.environ.get('SCORE_SDE_TEST_MODEL_DTYPE', 'float32')
+  flow = os.environ.get('SCORE_SDE_TEST_FLOW')        # e.g. 'glow': a digits flow instead
+  if flow:
+    config = small_flow_config(flow, n_iters)
+    config.eval.enable_bpd = False
+  else:
+    config = small_toy_config(n_iters)
+    config.model.dtype = os.environ.get('SCORE_SDE_TEST_MODEL_DTYPE', 'float32')
   train.train_and_evaluate(config, workdir)
 
 

@@ -1,4 +1,5 @@
-"""The bits/dim job: exact likelihood of a split through the probability-flow ODE.
+"""The bits/dim job: exact likelihood of a split through the probability-flow ODE, or a
+normalizing flow's exact change of variables (same files, same JSON; 'solver' says which).
 
   <workdir>/eval/bpd_<split>_<step>_<id>/shard_*.npz   per-shard bits/dim and NFE
   <workdir>/eval/bpd_<split>_<step>_<id>/manifest.json  settings, NFE per shard
@@ -20,6 +21,7 @@ import numpy as np
 
 from score_sde import data as data_lib
 from score_sde import experiment as experiment_lib
+from score_sde import flows
 from score_sde import io
 from score_sde import likelihood
 from score_sde import parallel
@@ -48,6 +50,12 @@ def settings_from_config(config) -> LikelihoodSettings:
       precision=likelihood.check_precision(config.eval.get('matmul_precision', 'highest')))
 
 
+def flow_solver_description(settings: LikelihoodSettings) -> dict:
+  """What determines a flow's bits/dim (recorded as the JSON's 'solver'): the exact
+  change of variables at the settings' matmul precision; no ODE tolerances."""
+  return {'method': 'change_of_variables', 'precision': settings.precision}
+
+
 def bpd_job(workdir: str, config, *, split: str = 'test', num_repeats: int = 1,
             batch_size: int | None = None, checkpoint: int | None = None,
             settings: LikelihoodSettings | None = None, max_examples: int | None = None,
@@ -65,6 +73,8 @@ def bpd_job(workdir: str, config, *, split: str = 'test', num_repeats: int = 1,
   experiment, state, step = common.experiment_and_state(workdir, config, mesh, checkpoint,
                                                         state, step)
   settings = settings or settings_from_config(config)
+  solver = (flow_solver_description(settings) if experiment.is_flow
+            else dataclasses.asdict(settings))
   levels = experiment.num_levels
   if levels < 2:
     raise ValueError(f'bits/dim need quantised data; {config.data.dataset} is continuous.')
@@ -74,14 +84,14 @@ def bpd_job(workdir: str, config, *, split: str = 'test', num_repeats: int = 1,
                                             mesh)
   num_batches = common.count_shards(n, batch_size)
   determining = {'split': split, 'checkpoint_step': int(step), 'num_examples': int(n),
-                 'solver': dataclasses.asdict(settings),
+                 'solver': solver,
                  'config_hash': experiment_lib.config_hash(config), 'shard_size': batch_size}
   out_dir = os.path.join(workdir, 'eval',
                          f'bpd_{split}_{step}_{common.settings_id(determining)}')
   job = common.Job(
       out_dir=out_dir, num_shards=num_repeats * num_batches, shard_size=batch_size,
       settings={'split': split, 'checkpoint_step': int(step), 'num_examples': int(n),
-                'num_repeats': int(num_repeats), 'solver': dataclasses.asdict(settings),
+                'num_repeats': int(num_repeats), 'solver': solver,
                 'config_hash': experiment_lib.config_hash(config)},
       checked=('split', 'checkpoint_step', 'num_examples', 'solver', 'config_hash',
                'shard_size'),
@@ -89,11 +99,15 @@ def bpd_job(workdir: str, config, *, split: str = 'test', num_repeats: int = 1,
              f'into {out_dir}'),
       what=f'bits/dim ({split})', unit='example',
       retry_hint='run with the earlier settings')
-  # The ODE runs eps -> T; diffrax's program is never kept in the compilation cache.
-  progress = common.ShardProgress(settings.eps, experiment.sde.T, kept_in_cache=False)
-  likelihood_fn = likelihood.get_likelihood_fn(
-      experiment.sde, progress.track(experiment.score_model_fn), mesh=mesh,
-      **dataclasses.asdict(settings))
+  if experiment.is_flow:        # exact: one forward pass, no solver
+    progress = None
+    likelihood_fn = flows.get_likelihood_fn(experiment.model_fn, precision=settings.precision,
+                                            mesh=mesh)
+  else:  # The ODE runs eps -> T; diffrax's program is never kept in the compilation cache.
+    progress = common.ShardProgress(settings.eps, experiment.sde.T, kept_in_cache=False)
+    likelihood_fn = likelihood.get_likelihood_fn(
+        experiment.sde, progress.track(experiment.score_model_fn), mesh=mesh,
+        **dataclasses.asdict(settings))
   params = common.ema_params(state, mesh)
   scaler = data_lib.get_data_scaler(config)
   inverse = data_lib.get_data_inverse_scaler(config)
@@ -122,7 +136,7 @@ def bpd_job(workdir: str, config, *, split: str = 'test', num_repeats: int = 1,
       'bpd_stderr': float(per_example.std(ddof=1) / math.sqrt(n)) if n > 1 else float('nan'),
       'num_levels': int(levels), 'dim': dim,
       'nfe_mean': float(nfes.mean()), 'nfe_min': int(nfes.min()), 'nfe_max': int(nfes.max()),
-      'solver': dataclasses.asdict(settings), 'config_hash': experiment_lib.config_hash(config),
+      'solver': solver, 'config_hash': experiment_lib.config_hash(config),
       'shard_size': int(batch_size), 'result_file': out_dir + '.json',
   }
   if jax.process_index() == 0:

@@ -51,6 +51,14 @@ def experiment_and_state(workdir: str, config, mesh, checkpoint: int | None = No
   return experiment_lib.build_experiment(config), state, step
 
 
+def require_score_model(config, what: str) -> None:
+  """A one-line error when `what` (a controllable job) is given a normalizing flow."""
+  if experiment_lib.is_flow(config):
+    raise ValueError(f'{what} needs a score model; {config.model.name!r} is a normalizing '
+                     f'flow: it has no reverse-time process to steer (its jobs are sample '
+                     f'and bpd).')
+
+
 def ema_params(state, mesh):
   """The state's EMA parameters as replicated global arrays on `mesh` (a no-op for a
   restored state; host or single-device parameters handed over are placed)."""

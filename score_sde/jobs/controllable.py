@@ -205,6 +205,7 @@ def inpaint_job(workdir: str, config, images: np.ndarray, mask, *,
   options). Returns the file paths (an empty dict on processes other than 0).
   """
   mesh = mesh or parallel.make_mesh()
+  common.require_score_model(config, 'inpainting')
   experiment, state, step = common.experiment_and_state(workdir, config, mesh, checkpoint,
                                                         state, step)
   images = np.asarray(images, np.float32)
@@ -273,6 +274,7 @@ def colorize_job(workdir: str, config, images: np.ndarray, *, out_dir: str | Non
   grey = np.asarray(controllable.to_grayscale(images))
   controllable.check_grayscale(grey, (size, size, config.data.num_channels))  # before restoring
   mesh = mesh or parallel.make_mesh()
+  common.require_score_model(config, 'colourisation')
   experiment, state, step = common.experiment_and_state(workdir, config, mesh, checkpoint,
                                                         state, step)
   seed = config.seed if seed is None else int(seed)
@@ -325,6 +327,7 @@ def conditional_sample_job(workdir: str, config, classifier_workdir: str, classi
   <out_dir>/conditional.{npz,png,json}.
   """
   mesh = mesh or parallel.make_mesh()
+  common.require_score_model(config, 'class-conditional sampling')
   experiment, state, step = common.experiment_and_state(workdir, config, mesh, checkpoint,
                                                         state, step)
   if classifier_state is None:

@@ -37,10 +37,12 @@ def final_evaluation(experiment, state, workdir: str, mesh) -> dict:
     io.atomic_json(path, result)
     base = result['baselines']
     verdict = ('below' if result['bpd'] < base['pixel_histogram'] else 'not yet below')
+    how, cost = (('exact change of variables', '') if experiment.is_flow else
+                 ('probability-flow ODE', f' (mean NFE {result["nfe_mean"]:.0f})'))
     print(f'\nSamples: {os.path.join(out_dir, "grid.png")}\n'
-          f'Test bits/dim (probability-flow ODE, {result["num_levels"]} levels, '
+          f'Test bits/dim ({how}, {result["num_levels"]} levels, '
           f'{result["num_examples"]} examples): {result["bpd"]:.4f} +- '
-          f'{result["bpd_stderr"]:.4f} (mean NFE {result["nfe_mean"]:.0f})\n'
+          f'{result["bpd_stderr"]:.4f}{cost}\n'
           f'  uniform baseline:             {base["uniform"]:.4f}\n'
           f'  per-pixel histogram baseline: {base["pixel_histogram"]:.4f}\n'
           f'The model is {verdict} the per-pixel baseline.', flush=True)

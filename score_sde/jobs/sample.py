@@ -4,6 +4,8 @@
   <workdir>/samples/<tag>/manifest.json      sampler, steps, NFE per shard, seed, ...
   <workdir>/samples/<tag>/grid.png           the first 64 samples
 
+A normalizing flow samples by one inverse pass at config.sampling.temperature.
+
 Also the training loop's snapshot samples (`snapshot_sampler`).
 """
 from __future__ import annotations
@@ -16,6 +18,7 @@ import numpy as np
 
 from score_sde import data as data_lib
 from score_sde import experiment as experiment_lib
+from score_sde import flows
 from score_sde import io
 from score_sde import parallel
 from score_sde import sampling
@@ -25,6 +28,9 @@ from score_sde.models import utils as model_utils
 
 def sampler_description(config) -> dict:
   """The sampler settings that determine the samples (for the manifest)."""
+  if experiment_lib.is_flow(config):
+    return {'method': 'flow', 'prior': flows.check_prior(config.model.get('prior', 'gaussian')),
+            'temperature': float(config.sampling.get('temperature', 1.0))}
   method, options = sampling.config_options(config)
   return {'method': method, **{k: (list(v) if isinstance(v, tuple) else v)
                                for k, v in sorted(options.items())}}
@@ -63,13 +69,16 @@ def sample_job(workdir: str, config, *, num_samples: int, shard_size: int | None
       title=(f'sampling {num_samples} samples ({description["method"]}) from step {step} '
              f'into {out_dir}'),
       what='samples', unit='sample', retry_hint='pass another --tag')
-  progress = common.ShardProgress(      # T -> eps; diffrax programs are never kept in the cache
-      experiment.sde.T, experiment.sampling_eps,
-      kept_in_cache=description['method'] not in ('ode', 'sde'))
-  sampler = sampling.get_sampling_fn(config, experiment.sde,
-                                     progress.track(experiment.score_model_fn),
-                                     model_utils.input_shape(config, shard_size),
-                                     experiment.sampling_eps, mesh=mesh)
+  if experiment.is_flow:                # one inverse pass: no progress inside a shard
+    progress, sampler = None, flow_sampler(experiment, shard_size, mesh)
+  else:
+    progress = common.ShardProgress(    # T -> eps; diffrax programs are never kept in the cache
+        experiment.sde.T, experiment.sampling_eps,
+        kept_in_cache=description['method'] not in ('ode', 'sde'))
+    sampler = sampling.get_sampling_fn(config, experiment.sde,
+                                       progress.track(experiment.score_model_fn),
+                                       model_utils.input_shape(config, shard_size),
+                                       experiment.sampling_eps, mesh=mesh)
   params = common.ema_params(state, mesh)
   levels = max(experiment.num_levels, 2)
   inverse = data_lib.get_data_inverse_scaler(config)
@@ -116,11 +125,23 @@ def load_samples(out_dir: str, limit: int | None = None, floats: bool = False) -
 # Snapshot samples during training
 # ----------------------------------------------------------------------------
 
+def flow_sampler(experiment, num_samples: int, mesh):
+  """A flow's sampler(key, params) -> (x [num_samples, ...], info) at the config's
+  temperature (config.sampling.temperature) and prior."""
+  config = experiment.config
+  _, inverse_fn, latent_dim = model_utils.flow_functions(experiment.model)
+  return flows.get_sampler(inverse_fn, latent_dim, num_samples,
+                           prior=config.model.get('prior', 'gaussian'),
+                           temperature=config.sampling.get('temperature', 1.0), mesh=mesh)
+
+
 def snapshot_sampler(experiment, mesh):
   """The config's sampler for up to 64 snapshot samples during training (jitted)."""
   config = experiment.config
   n = min(int(config.training.batch_size), 64)
   n = max(n // mesh.devices.size, 1) * mesh.devices.size
+  if experiment.is_flow:
+    return flow_sampler(experiment, n, mesh)
   shape = model_utils.input_shape(config, n)
   return sampling.get_sampling_fn(config, experiment.sde, experiment.score_model_fn, shape,
                                   experiment.sampling_eps, mesh=mesh)
@@ -135,6 +156,7 @@ def write_snapshot_samples(experiment, sampler, state, step: int, workdir: str, 
   if jax.process_index() == 0 and images.ndim == 4:
     path = os.path.join(workdir, 'samples', f'step_{step}.png')
     io.save_image_grid(path, images, scale=max(1, 64 // images.shape[1]))
-    print(f'step {step}: wrote {len(images)} samples ({int(info["nfe"])} score '
-          f'evaluations) to {path}', flush=True)
+    cost = ('one inverse pass' if experiment.is_flow
+            else f'{int(info["nfe"])} score evaluations')
+    print(f'step {step}: wrote {len(images)} samples ({cost}) to {path}', flush=True)
   return images

@@ -5,6 +5,10 @@ scores with the reference parameterisations (see `get_score_fn`).
 Every network is called as `model.apply({'params': p}, x, labels, train=...)`
 with `x: [B, H, W, C]` (or `[B, D]` for the MLP) and one label per example
 (a continuous time / noise level or an integer noise index).
+
+The normalizing flows ('nice', 'realnvp', 'glow'; `is_flow`) are invertible
+networks instead: `model.apply({'params': p}, x, method='forward')` gives
+(z [B, D], log |det dz/dx| [B]) and `method='inverse'` maps z back to x.
 """
 import importlib
 
@@ -19,7 +23,16 @@ MODELS = {
     'ncsnv2_256': ('score_sde.models.ncsnv2', 'NCSNv2_256'),
     'mlp': ('score_sde.models.mlp', 'MLP'),
     'wideresnet': ('score_sde.models.wideresnet', 'WideResNet'),   # classifier p(y | x_t)
+    'nice': ('score_sde.models.nice', 'NICE'),                      # normalizing flows
+    'realnvp': ('score_sde.models.realnvp', 'RealNVP'),
+    'glow': ('score_sde.models.glow', 'Glow'),
 }
+FLOW_MODELS = ('nice', 'realnvp', 'glow')
+
+
+def is_flow(name: str) -> bool:
+  """Whether `name` (config.model.name) is a normalizing flow."""
+  return str(name).lower() in FLOW_MODELS
 
 
 def get_model_class(name: str):

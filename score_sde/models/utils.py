@@ -17,13 +17,36 @@ def input_shape(config, batch_size: int = 1) -> tuple[int, ...]:
   return (batch_size, data.image_size, data.image_size, data.num_channels)
 
 
-def init_params(key, model, config, batch_size: int = 1):
-  """Initial parameters of `model` for the config's input shape."""
+def init_params(key, model, config, batch_size: int = 1, batch=None):
+  """Initial parameters of `model` for the config's input shape.
+
+  A normalizing flow (`is_flow`) is initialised by a forward pass over `batch`
+  [B, H, W, C] (its ActNorm layers take their data-dependent initial values
+  from it); without a batch, over standard normal pseudo-data drawn from `key`.
+  """
   shape = input_shape(config, batch_size)
+  if getattr(model, 'is_flow', False):
+    k_data, k_init = jax.random.split(key)
+    x = (jax.random.normal(k_data, shape, jnp.float32) if batch is None
+         else jnp.asarray(batch, jnp.float32))
+    return model.init({'params': k_init}, x, method='forward')['params']
   x = jnp.zeros(shape, jnp.float32)
   labels = jnp.ones(shape[:1], jnp.float32)
   variables = model.init({'params': key, 'dropout': key}, x, labels, train=False)
   return variables['params']
+
+
+def flow_functions(model):
+  """(forward_fn(params, x) -> (z [B, D], logdet [B]), inverse_fn(params, z) -> x, D) of a
+  normalizing flow: the network as the functions `score_sde.flows` takes."""
+  def forward_fn(params, x):
+    return model.apply({'params': params}, x, method='forward')
+
+  def inverse_fn(params, z):
+    return model.apply({'params': params}, z, method='inverse')
+
+  latent_dim = int(sum(np.prod(s) for s in model.latent_shapes()))
+  return forward_fn, inverse_fn, latent_dim
 
 
 def param_count(params) -> int:

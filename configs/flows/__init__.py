@@ -1,0 +1,1 @@
+"""Normalizing-flow configs (NICE, RealNVP, Glow) on CIFAR-10."""

@@ -1,0 +1,300 @@
+"""Normalizing flows (NICE, RealNVP, Glow): every layer and model inverts to round-off, its
+log-determinant equals the autodiff Jacobian's, ActNorm's data-dependent initialisation, the
+LU 1x1 convolution, an all-affine flow against the closed-form Gaussian, priors, sampling."""
+import functools
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import scipy.stats
+
+from score_sde import flows
+from score_sde import parallel
+from score_sde.models import flow_layers as fl
+from score_sde.models import glow, nice, realnvp
+from score_sde.models import utils as model_utils
+
+IMAGE = (4, 4, 2)         # small enough for dense Jacobians (32 dimensions per example)
+
+
+def _perturb(params, key, scale=0.3):
+  """Every parameter moved by N(0, scale^2): couplings are no longer the identity."""
+  leaves, treedef = jax.tree.flatten(params)
+  keys = jax.random.split(key, len(leaves))
+  return jax.tree.unflatten(treedef, [p + scale * jax.random.normal(k, p.shape)
+                                      for p, k in zip(leaves, keys)])
+
+
+def _jacobian_logdet(fn, x):
+  """log |det d fn(x_i) / d x_i| per example, from the dense autodiff Jacobian (float64 slogdet)."""
+  def flat_fn(xi):
+    return fn(xi[None].reshape((1,) + x.shape[1:])).reshape(-1)
+  out = []
+  for xi in x.reshape(x.shape[0], -1):
+    jac = np.asarray(jax.jacfwd(flat_fn)(xi), np.float64)
+    out.append(np.linalg.slogdet(jac)[1])
+  return np.asarray(out)
+
+
+LAYERS = {
+    'actnorm': lambda: fl.ActNorm(),
+    'invconv_1x1': lambda: fl.InvConv1x1(seed=3),
+    'coupling_checkerboard_affine_resnet': lambda: fl.Coupling(
+        mask='checkerboard', parity=1, network='resnet', features=8, depth=1),
+    'coupling_channel_affine_glow': lambda: fl.Coupling(
+        mask='channel', parity=0, network='glow', features=8, log_scale='sigmoid'),
+    'coupling_channel_additive_glow': lambda: fl.Coupling(
+        mask='channel', parity=1, network='glow', features=8, transform='additive'),
+    'diagonal_scaling': lambda: fl.DiagonalScaling(),
+    'top_prior': lambda: fl.TopPrior(),
+}
+
+
+def _layer_and_params(name, x, key):
+  layer = LAYERS[name]()
+  params = layer.init(key, x)['params']
+  return layer, _perturb(params, jax.random.fold_in(key, 1))
+
+
+@pytest.mark.parametrize('name', sorted(LAYERS))
+def test_each_layer_inverts_and_its_logdet_is_the_jacobians(name):
+  x = jax.random.normal(jax.random.PRNGKey(0), (3,) + IMAGE)
+  layer, params = _layer_and_params(name, x, jax.random.PRNGKey(1))
+  y, logdet = layer.apply({'params': params}, x)
+  x_back, logdet_back = layer.apply({'params': params}, y, reverse=True)
+  np.testing.assert_allclose(x_back, x, atol=2e-5)
+  np.testing.assert_allclose(logdet_back, -logdet, rtol=1e-6, atol=1e-6)
+  expected = _jacobian_logdet(lambda v: layer.apply({'params': params}, v)[0], x)
+  np.testing.assert_allclose(logdet, expected, rtol=1e-4, atol=1e-4)
+  if 'additive' in name:                  # volume preserving, but not the identity
+    assert np.abs(expected).max() < 1e-5 and np.abs(np.asarray(y - x)).max() > 0.1
+  else:
+    assert np.abs(expected).max() > 0.1
+
+
+def test_alternating_additive_coupling_on_vectors_is_volume_preserving_and_inverts():
+  x = jax.random.normal(jax.random.PRNGKey(0), (3, 10))
+  layer = fl.Coupling(mask='alternate', parity=0, network='mlp', features=16, depth=2,
+                      transform='additive')
+  params = _perturb(layer.init(jax.random.PRNGKey(1), x)['params'], jax.random.PRNGKey(2))
+  y, logdet = layer.apply({'params': params}, x)
+  assert np.abs(np.asarray(y - x)).max() > 0.1 and np.all(np.asarray(logdet) == 0.0)
+  np.testing.assert_allclose(layer.apply({'params': params}, y, reverse=True)[0], x, atol=1e-5)
+  expected = _jacobian_logdet(lambda v: layer.apply({'params': params}, v)[0], x)
+  np.testing.assert_allclose(expected, 0.0, atol=1e-5)
+  # the kept half (even dimensions) passes unchanged
+  np.testing.assert_array_equal(np.asarray(y)[:, ::2], np.asarray(x)[:, ::2])
+
+
+def test_split_prior_inverts_and_its_logdet_is_the_jacobians():
+  x = jax.random.normal(jax.random.PRNGKey(0), (3,) + IMAGE)
+  layer = fl.SplitPrior()
+  params = _perturb(layer.init(jax.random.PRNGKey(1), x)['params'], jax.random.PRNGKey(2))
+
+  def forward(v):
+    (h, eps), _ = layer.apply({'params': params}, v)
+    return jnp.concatenate([h, eps], axis=-1)
+
+  (h, eps), logdet = layer.apply({'params': params}, x)
+  back, logdet_back = layer.apply({'params': params}, (h, eps), reverse=True)
+  np.testing.assert_allclose(back, x, atol=1e-5)
+  np.testing.assert_allclose(logdet_back, -logdet, rtol=1e-6)
+  np.testing.assert_allclose(logdet, _jacobian_logdet(forward, x), rtol=1e-4, atol=1e-4)
+
+
+def test_squeeze_is_a_permutation_and_unsqueeze_its_inverse():
+  x = jnp.arange(2 * 4 * 6 * 3, dtype=jnp.float32).reshape(2, 4, 6, 3)
+  y = fl.squeeze(x)
+  assert y.shape == (2, 2, 3, 12)
+  np.testing.assert_array_equal(np.sort(np.asarray(y).ravel()), np.asarray(x).ravel())
+  np.testing.assert_array_equal(fl.unsqueeze(y), x)
+  # channel block k of output pixel (i, j) is input pixel (2i + k // 2, 2j + k % 2)
+  np.testing.assert_array_equal(y[:, 1, 2, 3:6], x[:, 2, 5, :])
+  with pytest.raises(ValueError, match='even height and width'):
+    fl.squeeze(jnp.zeros((1, 3, 4, 1)))
+
+
+def test_actnorm_data_dependent_init_gives_zero_mean_unit_variance_per_channel():
+  x = 3.0 + 5.0 * jax.random.normal(jax.random.PRNGKey(0), (64, 4, 4, 3)) * jnp.arange(1, 4)
+  layer = fl.ActNorm()
+  params = layer.init(jax.random.PRNGKey(1), x)['params']
+  y, logdet = layer.apply({'params': params}, x)
+  y = np.asarray(y).reshape(-1, 3)
+  np.testing.assert_allclose(y.mean(axis=0), 0.0, atol=1e-5)
+  np.testing.assert_allclose(y.std(axis=0), 1.0, atol=1e-4)
+  stds = np.asarray(x).reshape(-1, 3).std(axis=0)
+  np.testing.assert_allclose(logdet, -16 * np.log(stds).sum(), rtol=1e-5)
+
+
+def test_invconv_lu_form_is_its_dense_matrix_with_the_dense_determinant():
+  layer = fl.InvConv1x1(seed=7)
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 3, 3, 6))
+  params = _perturb(layer.init(jax.random.PRNGKey(1), x)['params'], jax.random.PRNGKey(2), 0.1)
+  w, log_s, p, l_mat, u_mat = fl.invconv_weights(params, seed=7)
+  w = np.asarray(w, np.float64)
+  np.testing.assert_allclose(w, np.asarray(p) @ np.asarray(l_mat) @ np.asarray(u_mat),
+                             rtol=1e-5, atol=1e-6)
+  assert np.allclose(np.tril(np.asarray(l_mat)), np.asarray(l_mat))       # lower, unit diagonal
+  np.testing.assert_array_equal(np.diag(np.asarray(l_mat)), 1.0)
+  assert np.allclose(np.triu(np.asarray(u_mat)), np.asarray(u_mat))
+  np.testing.assert_allclose(float(jnp.sum(log_s)), np.linalg.slogdet(w)[1], rtol=1e-5)
+  y, logdet = layer.apply({'params': params}, x)
+  np.testing.assert_allclose(y, np.einsum('bhwc,dc->bhwd', np.asarray(x), w), atol=1e-5)
+  np.testing.assert_allclose(logdet, 9 * np.linalg.slogdet(w)[1], rtol=1e-5)
+  # the initial W is a rotation: |det| = 1
+  w0 = fl.invconv_weights(layer.init(jax.random.PRNGKey(1), x)['params'], seed=7)[0]
+  np.testing.assert_allclose(np.asarray(w0) @ np.asarray(w0).T, np.eye(6), atol=1e-5)
+
+
+# ----------------------------------------------------------------------------
+# Whole models
+# ----------------------------------------------------------------------------
+
+MODELS = {
+    'nice': lambda: nice.NICE(IMAGE, num_couplings=4, hidden_layers=2, hidden_features=16),
+    'realnvp': lambda: realnvp.RealNVP(IMAGE, num_levels=2, num_res_blocks=1,
+                                       hidden_features=8),
+    'glow_affine': lambda: glow.Glow(IMAGE, num_levels=2, num_steps=2, hidden_features=8),
+    'glow_additive': lambda: glow.Glow(IMAGE, num_levels=2, num_steps=2, hidden_features=8,
+                                       coupling='additive', learn_top=False),
+}
+
+
+@pytest.mark.parametrize('name', sorted(MODELS))
+def test_each_model_inverts_and_its_logdet_is_the_jacobians(name):
+  model = MODELS[name]()
+  x = jax.random.normal(jax.random.PRNGKey(0), (3,) + IMAGE)
+  params = model.init(jax.random.PRNGKey(1), x, method='forward')['params']
+  params = _perturb(params, jax.random.PRNGKey(2), 0.1)
+  z, logdet = model.apply({'params': params}, x, method='forward')
+  assert z.shape == (3, int(np.prod(IMAGE))) == (3, model_utils.flow_functions(model)[2])
+  np.testing.assert_allclose(model.apply({'params': params}, z, method='inverse'), x,
+                             atol=5e-5)
+  expected = _jacobian_logdet(
+      lambda v: model.apply({'params': params}, v, method='forward')[0], x)
+  np.testing.assert_allclose(logdet, expected, rtol=1e-4, atol=2e-3)
+  assert np.abs(expected).max() > 0.1
+
+
+def test_an_all_affine_flow_has_the_closed_form_gaussian_density():
+  """Glow with additive couplings whose networks stay zero, and split priors whose
+  convolutions have only a bias, is an affine map x = M z + c of a standard normal z:
+  its density is N(c, M M^T), computed here by dense linear algebra in float64."""
+  model = glow.Glow(IMAGE, num_levels=2, num_steps=2, hidden_features=8,
+                    coupling='additive', learn_top=True)
+  x0 = jax.random.normal(jax.random.PRNGKey(0), (16,) + IMAGE)
+  params = flax.core.unfreeze(model.init(jax.random.PRNGKey(1), x0, method='forward')['params'])
+  perturbed = _perturb(params, jax.random.PRNGKey(2), 0.2)
+
+  def keep_affine(path, original, moved):
+    names = [getattr(k, 'key', str(k)) for k in path]
+    if any(n.startswith('couplings') for n in names):
+      return original                           # zero networks: identity couplings
+    if any(n.startswith('splits') for n in names) and names[-1] == 'kernel':
+      return original                           # mean / log-std constant in h
+    return moved
+
+  params = jax.tree_util.tree_map_with_path(keep_affine, params, perturbed)
+  dim = int(np.prod(IMAGE))
+  inverse = jax.jit(lambda z: model.apply({'params': params}, z, method='inverse'))
+  c = np.asarray(inverse(jnp.zeros((1, dim))), np.float64).reshape(-1)
+  m = np.asarray(inverse(jnp.eye(dim)), np.float64).reshape(dim, dim).T - c[:, None]
+  x = jax.random.normal(jax.random.PRNGKey(3), (8,) + IMAGE) * 1.5
+  expected = scipy.stats.multivariate_normal(c, m @ m.T).logpdf(
+      np.asarray(x, np.float64).reshape(8, dim))
+  logp, _ = flows.get_log_prob_fn(model_utils.flow_functions(model)[0])(params, x)
+  np.testing.assert_allclose(logp, expected, rtol=1e-5, atol=1e-3)
+  assert abs(np.linalg.slogdet(m)[1]) > 1.0     # not a near-identity map
+
+
+def test_priors_are_the_standard_densities_and_reject_unknown_names():
+  z = jnp.linspace(-6.0, 6.0, 24).reshape(2, 12)
+  np.testing.assert_allclose(flows.prior_log_prob(z, 'gaussian'),
+                             scipy.stats.norm.logpdf(np.asarray(z)).sum(-1), rtol=1e-6)
+  np.testing.assert_allclose(flows.prior_log_prob(z, 'logistic'),
+                             scipy.stats.logistic.logpdf(np.asarray(z)).sum(-1), rtol=1e-6)
+  with pytest.raises(ValueError, match="unknown flow prior 'laplace'.*gaussian"):
+    flows.prior_log_prob(z, 'laplace')
+
+
+def _sampler(model, n, **options):
+  _, inverse_fn, dim = model_utils.flow_functions(model)
+  return flows.get_sampler(inverse_fn, dim, n, **options)
+
+
+def test_sampler_temperature_scales_the_latent_and_sharding_does_not_change_samples():
+  model = MODELS['glow_affine']()
+  x0 = jax.random.normal(jax.random.PRNGKey(0), (4,) + IMAGE)
+  params = _perturb(model.init(jax.random.PRNGKey(1), x0, method='forward')['params'],
+                    jax.random.PRNGKey(2), 0.1)
+  key = jax.random.PRNGKey(5)
+  one, info = _sampler(model, 8)(key, params)
+  assert one.shape == (8,) + IMAGE and int(info['nfe']) == 1
+  mesh = parallel.make_mesh(jax.devices()[:4])
+  four, _ = _sampler(model, 8, mesh=mesh)(key, params)
+  np.testing.assert_allclose(np.asarray(four), np.asarray(one), rtol=1e-6, atol=1e-6)
+  # temperature T: the latents of the samples are T times those at temperature 1
+  log_prob = flows.get_log_prob_fn(model_utils.flow_functions(model)[0])
+  cold, _ = _sampler(model, 8, temperature=0.5)(key, params)
+  np.testing.assert_allclose(log_prob(params, cold)[1], 0.5 * log_prob(params, one)[1],
+                             rtol=1e-4, atol=1e-4)
+  with pytest.raises(ValueError, match='temperature must be > 0'):
+    _sampler(model, 8, temperature=0.0)
+
+
+def test_flow_likelihood_fn_is_exact_and_sharded_alike():
+  model = MODELS['realnvp']()
+  x = jax.random.normal(jax.random.PRNGKey(0), (8,) + IMAGE)
+  params = _perturb(model.init(jax.random.PRNGKey(1), x, method='forward')['params'],
+                    jax.random.PRNGKey(2), 0.1)
+  log_prob = flows.get_log_prob_fn(model_utils.flow_functions(model)[0])
+  logp, z, info = flows.get_likelihood_fn(log_prob)(jax.random.PRNGKey(3), params, x)
+  direct_z, logdet = model.apply({'params': params}, x, method='forward')
+  np.testing.assert_allclose(logp, scipy.stats.norm.logpdf(np.asarray(direct_z)).sum(-1)
+                             + np.asarray(logdet), rtol=1e-5)
+  assert int(info['nfe']) == 1 and np.all(np.asarray(info['nfe_per_example']) == 1)
+  mesh = parallel.make_mesh(jax.devices()[:4])
+  sharded = flows.get_likelihood_fn(log_prob, mesh=mesh)(
+      jax.random.PRNGKey(3), params, parallel.host_to_global(np.asarray(x), mesh))[0]
+  np.testing.assert_allclose(parallel.gather(sharded), logp, rtol=1e-6)
+
+
+def test_flow_likelihood_program_runs_every_dot_and_convolution_at_highest_precision():
+  model = MODELS['glow_affine']()
+  x = jnp.zeros((2,) + IMAGE)
+  params = model.init(jax.random.PRNGKey(1), x + 1.0, method='forward')['params']
+  log_prob = flows.get_log_prob_fn(model_utils.flow_functions(model)[0])
+  fn = flows.get_likelihood_fn(log_prob, precision='highest')
+  hlo = fn.lower(jax.random.PRNGKey(0), params, x).as_text()
+  ops = [line for line in hlo.splitlines()
+         if 'stablehlo.dot_general' in line or 'stablehlo.convolution' in line]
+  assert ops and all('HIGHEST' in line for line in ops), [o for o in ops if 'HIGHEST' not in o]
+
+
+@pytest.mark.parametrize('kind, match', [
+    ('bad_mask', 'unknown coupling mask'), ('odd_channels', 'even channel count'),
+    ('bad_network', 'unknown coupling network'), ('bad_log_scale', 'unknown log_scale'),
+    ('bad_glow_coupling', "unknown glow coupling 'affin'"),
+    ('bad_latent', r'latent z must be \[B, 32\]')])
+def test_bad_flow_options_are_clear_errors(kind, match):
+  x = jnp.ones((1,) + IMAGE)
+  with pytest.raises(ValueError, match=match):
+    if kind == 'bad_mask':
+      fl.coupling_mask('stripes', 0, IMAGE)
+    elif kind == 'odd_channels':
+      fl.coupling_mask('channel', 0, (4, 4, 3))
+    elif kind == 'bad_network':
+      fl.Coupling(mask='channel', parity=0, network='unet', features=4).init(
+          jax.random.PRNGKey(0), x)
+    elif kind == 'bad_log_scale':
+      fl.Coupling(mask='channel', parity=0, network='glow', features=4,
+                  log_scale='exp').init(jax.random.PRNGKey(0), x)
+    elif kind == 'bad_glow_coupling':
+      glow.Glow(IMAGE, 1, 1, 4, coupling='affin').init(jax.random.PRNGKey(0), x,
+                                                       method='forward')
+    else:
+      model = MODELS['nice']()
+      params = model.init(jax.random.PRNGKey(0), x, method='forward')['params']
+      model.apply({'params': params}, jnp.zeros((1, 31)), method='inverse')
