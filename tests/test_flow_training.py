@@ -135,8 +135,8 @@ def test_sample_job_of_a_flow_writes_images_at_the_config_temperature(trained):
   out_dir = jobs.sample_job(workdir, config, num_samples=8, shard_size=8)
   with open(os.path.join(out_dir, 'manifest.json')) as f:
     manifest = json.load(f)
-  assert manifest['settings']['sampler'] == {'method': 'flow', 'prior': 'gaussian',
-                                             'temperature': 0.7}
+  assert manifest['sampler'] == {'method': 'flow', 'prior': 'gaussian',
+                                 'temperature': 0.7}
   images = jobs.load_samples(out_dir)
   assert images.shape == (8, 8, 8, 1) and images.dtype == np.uint8 and images.max() <= 16
   assert os.path.exists(os.path.join(out_dir, 'grid.png'))
