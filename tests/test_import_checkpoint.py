@@ -272,3 +272,11 @@ def test_pytorch_refinenet_imports_with_the_ports_numerics(name, tmp_path):
   expected = np.load(os.path.join(directory, 'expected.npz'))
   score = score_sde.load(workdir).score_fn(expected['x'], expected['t'])
   assert _relative(score, expected['score']) < 1e-5
+
+
+def test_a_flow_config_is_refused_before_the_file_is_read(tmp_path):
+  from configs.digits import glow
+  with pytest.raises(ValueError, match=r"is a normalizing flow \(glow\); the original "
+                                       r"checkpoints hold score models"):
+    import_lib.import_checkpoint(str(tmp_path / 'missing'), glow.get_config(),
+                                 str(tmp_path / 'workdir'))

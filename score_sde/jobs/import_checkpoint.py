@@ -183,6 +183,9 @@ def import_checkpoint(path: str, config, workdir: str, *,
   if jax.process_count() > 1:
     raise ValueError('import_checkpoint runs in one process; start it without '
                      'jax.distributed (it only converts a file).')
+  if experiment_lib.is_flow(config):
+    raise ValueError(f'{config_name} is a normalizing flow ({config.model.name}); the original '
+                     f'checkpoints hold score models: pass the config they were trained with.')
   _check_new_workdir(workdir)
   original = read_original(path)
   config, numerics = with_original_numerics(original, config)

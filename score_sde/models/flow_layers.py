@@ -167,16 +167,31 @@ class ResNet(nn.Module):
     return nn.Conv(self.out_features, (3, 3), kernel_init=nn.initializers.zeros)(nn.relu(h))
 
 
+class ZeroConv(nn.Module):
+  """Glow's output convolution: a 3x3 convolution initialised to zero whose outputs are
+  scaled by exp(3 log_scale), with a learned log_scale per output channel (zero at first)."""
+  features: int
+
+  @nn.compact
+  def __call__(self, x):
+    y = nn.Conv(self.features, (3, 3), kernel_init=nn.initializers.zeros)(x)
+    log_scale = self.param('log_scale', nn.initializers.zeros, (self.features,))
+    return y * jnp.exp(3.0 * log_scale)
+
+
 class GlowNet(nn.Module):
-  """Glow's coupling network: 3x3 conv, ReLU, 1x1 conv, ReLU, zero-initialised 3x3 conv."""
+  """Glow's coupling network: 3x3 conv, ActNorm, ReLU, 1x1 conv, ActNorm, ReLU, `ZeroConv`
+  (the convolutions before an ActNorm have no bias, as in Glow's code)."""
   features: int
   out_features: int
 
   @nn.compact
   def __call__(self, x):
-    h = nn.relu(nn.Conv(self.features, (3, 3))(x))
-    h = nn.relu(nn.Conv(self.features, (1, 1))(h))
-    return nn.Conv(self.out_features, (3, 3), kernel_init=nn.initializers.zeros)(h)
+    h = nn.Conv(self.features, (3, 3), use_bias=False)(x)
+    h = nn.relu(ActNorm()(h)[0])
+    h = nn.Conv(self.features, (1, 1), use_bias=False)(h)
+    h = nn.relu(ActNorm()(h)[0])
+    return ZeroConv(self.out_features)(h)
 
 
 NETWORKS = ('mlp', 'resnet', 'glow')
@@ -309,7 +324,7 @@ class SplitPrior(nn.Module):
 
   Forward: x [B, H, W, C] -> (h, eps) with h = x[..., :C/2] kept and
   eps = (z - mu(h)) exp(-log_std(h)) for z = x[..., C/2:], where (mu, log_std)
-  come from a zero-initialised 3x3 convolution of h; logdet = -sum log_std.
+  come from a `ZeroConv` of h (Glow's split2d prior); logdet = -sum log_std.
   eps is standard normal under the model, so the factored-out part's learned
   conditional Gaussian is exactly a flow layer. Reverse: (h, eps) -> x.
   """
@@ -321,7 +336,7 @@ class SplitPrior(nn.Module):
     else:
       c = x.shape[-1]
       h, z = x[..., :c // 2], x[..., c // 2:]
-    stats = nn.Conv(2 * h.shape[-1], (3, 3), kernel_init=nn.initializers.zeros)(h)
+    stats = ZeroConv(2 * h.shape[-1])(h)
     mu, log_std = stats[..., :h.shape[-1]], stats[..., h.shape[-1]:]
     logdet = -sum_except_batch(log_std)
     if reverse:
