@@ -21,6 +21,8 @@ import os
 import sys
 import time
 
+import numpy as np
+
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from score_sde.cpu import process  # noqa: E402
@@ -51,6 +53,14 @@ def final_quality(workdir: str) -> dict | None:
   return None if model is None else {k: model[k] for k in ('digits_fid', 'confident_fraction')}
 
 
+def per_example_bpd(result: dict) -> np.ndarray:
+  """[n] bits/dim per test example (repeats averaged) from a bpd job's shard files."""
+  shards = sorted(glob.glob(os.path.join(result['result_file'][:-len('.json')],
+                                         'shard_*.npz')))
+  bpd = np.concatenate([np.load(path)['bpd'] for path in shards])
+  return bpd.reshape(result['num_repeats'], result['num_examples']).mean(axis=0)
+
+
 def measure(workdir: str, num_repeats: int) -> dict:
   import jax
   from score_sde import experiment as experiment_lib
@@ -72,6 +82,7 @@ def measure(workdir: str, num_repeats: int) -> dict:
       'num_examples': result['num_examples'], 'num_repeats': result['num_repeats'],
       'nfe_mean': result['nfe_mean'], 'bpd_job_seconds': round(bpd_seconds, 1),
       'solver': result['solver'], 'sample_quality': final_quality(workdir),
+      'per_example_bpd': per_example_bpd(result),
   }
 
 
@@ -96,24 +107,37 @@ def main():
     configs.validate(config)
     train.train_and_evaluate(config, workdir)
     rows.append(measure(workdir, args.num_repeats))
-    print(json.dumps(rows[-1]), flush=True)
+    _print_row(rows[-1])
   for workdir in [w for w in args.score_workdirs.split(',') if w]:
     rows.append(measure(workdir, args.num_repeats))
-    print(json.dumps(rows[-1]), flush=True)
+    _print_row(rows[-1])
   config = experiment_lib.load_config(rows[0]['workdir'])
   baselines = jobs.baselines(config, 'test')
   print(json.dumps({'baselines': baselines}), flush=True)
 
-  print('\n| model | kind | parameters | training (2 CPU cores) | test bits/dim | digits-FID |')
-  print('|---|---|---|---|---|---|')
+  # Paired differences from the best flow: every model saw the same dequantisation noise
+  # (the same seed) on the same test examples, so the per-example differences are paired.
+  flows = [r for r in rows if r['kind'] == 'flow']
+  best = min(flows or rows, key=lambda r: r['test_bpd'])
+  print(f'\n| model | kind | parameters | training (2 CPU cores) | test bits/dim | '
+        f'vs {best["model"]} (paired) | digits-FID |')
+  print('|---|---|---|---|---|---|---|')
   for row in sorted(rows, key=lambda r: r['test_bpd']):
     quality = row['sample_quality'] or {}
     fid = f'{quality["digits_fid"]:.1f}' if 'digits_fid' in quality else '-'
+    diff = row['per_example_bpd'] - best['per_example_bpd']
+    paired = (f'{diff.mean():+.3f} ± {diff.std(ddof=1) / np.sqrt(len(diff)):.3f}'
+              if row is not best else '0')
     print(f'| {row["model"]} | {row["kind"]} | {row["params"]:,} | '
           f'{row["train_seconds"] / 60:.1f} min | {row["test_bpd"]:.3f} ± '
-          f'{row["test_bpd_stderr"]:.3f} | {fid} |')
-  print(f'| per-pixel histogram | baseline | - | - | {baselines["pixel_histogram"]:.3f} | - |')
-  print(f'| uniform | baseline | - | - | {baselines["uniform"]:.3f} | - |')
+          f'{row["test_bpd_stderr"]:.3f} | {paired} | {fid} |')
+  for name in ('pixel_histogram', 'uniform'):
+    print(f'| {name.replace("_", " ")} | baseline | - | - | {baselines[name]:.3f} | '
+          f'{baselines[name] - best["test_bpd"]:+.3f} | - |')
+
+
+def _print_row(row: dict) -> None:
+  print(json.dumps({k: v for k, v in row.items() if k != 'per_example_bpd'}), flush=True)
 
 
 if __name__ == '__main__':
