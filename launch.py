@@ -186,8 +186,12 @@ def cmd_import_checkpoint(argv):
 def cmd_noise_scales(argv):
   del argv
   from score_sde import data
+  from score_sde import experiment
   from score_sde import noise_scales
   config = _require_config()
+  if experiment.is_flow(config):
+    raise ValueError(f'noise_scales picks the noise levels of a score model (NCSNv2); '
+                     f'{config.model.name!r} is a normalizing flow, which has none.')
   examples = data.load_split(config, 'train', FLAGS.max_examples or None)
   scales = noise_scales.select_noise_scales(
       examples, sigma_min=config.model.sigma_min, n_steps_each=FLAGS.n_steps_each,
@@ -388,7 +392,8 @@ COMMANDS = {
 }
 
 
-# Commands that read a trained score-model workdir (its stored config without --config).
+# Commands that read a trained workdir (its stored config without --config); a flow's
+# workdir serves sample, bpd and eval, and the controllable jobs refuse it in one line.
 WORKDIR_COMMANDS = ('sample', 'bpd', 'eval', 'inpaint', 'colorize', 'cond_sample')
 # errno values of a file system that cannot take what a command writes.
 STORAGE_ERRORS = {errno.ENOSPC: 'no space left on device', errno.EDQUOT: 'disk quota exceeded',

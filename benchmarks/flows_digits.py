@@ -83,6 +83,7 @@ def measure(workdir: str, num_repeats: int) -> dict:
       'nfe_mean': result['nfe_mean'], 'bpd_job_seconds': round(bpd_seconds, 1),
       'solver': result['solver'], 'sample_quality': final_quality(workdir),
       'per_example_bpd': per_example_bpd(result),
+      'seed': int(config.seed), 'shard_size': int(result['shard_size']),
   }
 
 
@@ -113,6 +114,11 @@ def main():
     _print_row(rows[-1])
   config = experiment_lib.load_config(rows[0]['workdir'])
   baselines = jobs.baselines(config, 'test')
+  # Paired only if every job drew the same dequantisation noise: the same seed and shards.
+  layouts = {(r['seed'], r['shard_size']) for r in rows}
+  if len(layouts) > 1:
+    raise ValueError(f'the workdirs differ in seed or bpd shard size {sorted(layouts)}: their '
+                     f'dequantisation noise differs and differences would not be paired.')
   print(json.dumps({'baselines': baselines}), flush=True)
 
   # Paired differences from the best flow: every model saw the same dequantisation noise

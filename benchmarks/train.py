@@ -89,7 +89,7 @@ def build_train_step(config_path: str, batch: int, overrides, jitted_steps: int 
   sys.path.insert(0, ROOT)
   import configs
   from score_sde import experiment as experiment_lib
-  from score_sde import losses, parallel, train
+  from score_sde import parallel, train
   from score_sde.cpu import flat_state
   from score_sde.cpu import xla_flags as xla_cpu
   from score_sde.models import utils as model_utils
@@ -103,8 +103,7 @@ def build_train_step(config_path: str, batch: int, overrides, jitted_steps: int 
   mesh = parallel.make_mesh()
   experiment = experiment_lib.build_experiment(config)
   optimizer, schedule = experiment_lib.get_optimizer(config)
-  loss_fn = losses.get_loss_fn(config, experiment.sde, experiment.model_fn,
-                               num_levels=max(experiment.num_levels, 2))
+  loss_fn, _ = train.loss_fns(config, experiment)      # the loop's loss (a flow's too)
   step_fn = train.make_train_step(loss_fn, optimizer, schedule,
                                   ema_rate=float(config.model.ema_rate))
   replicated = parallel.replicated(mesh)

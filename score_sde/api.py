@@ -28,30 +28,33 @@ from score_sde import sampling
 from score_sde.models import utils as model_utils
 
 
-def _bits_per_dim(self, key, images_uint, **likelihood_options) -> np.ndarray:
-  """Bits/dim [B] of integer-level images (uniformly dequantised with `key`)."""
-  levels = self.experiment.num_levels
-  k_deq, k_probe = jax.random.split(key)
-  x = np.asarray(images_uint, np.float32) / (levels - 1)
-  x = data_lib.get_data_scaler(self.config)(likelihood.uniform_dequantize(k_deq, x, levels))
-  logp, _, _ = self.log_likelihood(k_probe, x, **likelihood_options)
-  dim = int(np.prod(x.shape[1:]))
-  return np.asarray(likelihood.bits_per_dim(
-      logp, dim, data_lib.get_data_inverse_scaler(self.config), levels))
+class _ImageModelMethods:
+  """What a trained score model and a trained flow share: bits/dim from `log_likelihood`,
+  and the map between model space and [0, 1]."""
 
+  def bits_per_dim(self, key, images_uint, **likelihood_options) -> np.ndarray:
+    """Bits/dim [B] of integer-level images (uniformly dequantised with `key`);
+    options as for `log_likelihood`."""
+    levels = self.experiment.num_levels
+    k_deq, k_probe = jax.random.split(key)
+    x = np.asarray(images_uint, np.float32) / (levels - 1)
+    x = data_lib.get_data_scaler(self.config)(likelihood.uniform_dequantize(k_deq, x, levels))
+    logp, _, _ = self.log_likelihood(k_probe, x, **likelihood_options)
+    dim = int(np.prod(x.shape[1:]))
+    return np.asarray(likelihood.bits_per_dim(
+        logp, dim, data_lib.get_data_inverse_scaler(self.config), levels))
 
-def _to_unit(self, x):
-  """Model space -> [0, 1]."""
-  return data_lib.get_data_inverse_scaler(self.config)(x)
+  def to_unit(self, x):
+    """Model space -> [0, 1]."""
+    return data_lib.get_data_inverse_scaler(self.config)(x)
 
-
-def _from_unit(self, x):
-  """[0, 1] -> model space."""
-  return data_lib.get_data_scaler(self.config)(x)
+  def from_unit(self, x):
+    """[0, 1] -> model space."""
+    return data_lib.get_data_scaler(self.config)(x)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)   # identity hash: methods key jit caches
-class TrainedModel:
+class TrainedModel(_ImageModelMethods):
   """The config, SDE and EMA parameters of one checkpoint, with its score function.
 
   Samples and likelihood inputs are in model space (see `to_unit` / `from_unit`).
@@ -117,8 +120,6 @@ class TrainedModel:
           self.sde, self.score_model_fn, **options)
     return self.compiled[cache_key](key, self.ema_params, x)
 
-  bits_per_dim = _bits_per_dim
-
   def encode(self, x, **solver_options):
     """Latent z = x(T) of the probability-flow ODE.
 
@@ -130,9 +131,6 @@ class TrainedModel:
   def decode(self, z, **solver_options):
     """x(eps) from the latent z by the probability-flow ODE."""
     return likelihood.decode(self.score_fn, self.sde, z, **solver_options)
-
-  to_unit = _to_unit
-  from_unit = _from_unit
 
 
 def _likelihood_options(options: dict) -> dict:
@@ -148,7 +146,7 @@ def _likelihood_options(options: dict) -> dict:
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
-class TrainedFlow:
+class TrainedFlow(_ImageModelMethods):
   """The config and EMA parameters of one checkpoint of a normalizing flow.
 
   `sample`, `log_likelihood` and `bits_per_dim` as for a score model (the density
@@ -174,15 +172,21 @@ class TrainedFlow:
     mesh = self.mesh if n % self.mesh.devices.size == 0 else None
     cache_key = ('sample', n, float(temperature), mesh is not None)
     if cache_key not in self.compiled:
-      _, inverse_fn, latent_dim = model_utils.flow_functions(self.model)
+      flow = model_utils.flow_functions(self.model)
       self.compiled[cache_key] = flows.get_sampler(
-          inverse_fn, latent_dim, n, prior=self.config.model.get('prior', 'gaussian'),
+          flow.inverse, flow.latent_dim, n, prior=self.config.model.get('prior', 'gaussian'),
           temperature=temperature, mesh=mesh)
     return self.compiled[cache_key](key, self.ema_params)
 
-  def log_likelihood(self, key, x, precision: str = 'highest'):
+  def log_likelihood(self, key, x, **options):
     """(log p(x) [B] nats, latent z [B, D], info): exact, by the change of variables
-    (`key` is unused; kept for the score models' signature)."""
+    (`key` is unused; kept for the score models' signature). The one option is
+    precision ('highest' by default): a flow has no solver options."""
+    unknown = sorted(set(options) - {'precision'})
+    if unknown:
+      raise ValueError(f'unknown option(s) {unknown} for a flow\'s log_likelihood: its density '
+                       f"is exact (no solver); valid: ['precision'].")
+    precision = options.get('precision', 'highest')
     cache_key = ('log_likelihood', str(precision))
     if cache_key not in self.compiled:
       self.compiled[cache_key] = flows.get_likelihood_fn(self.experiment.model_fn,
@@ -196,12 +200,10 @@ class TrainedFlow:
   def decode(self, z):
     """x = f^-1(z) [B, H, W, C]."""
     if 'decode' not in self.compiled:
-      self.compiled['decode'] = jax.jit(model_utils.flow_functions(self.model)[1])
+      self.compiled['decode'] = flows.get_inverse_fn(
+          model_utils.flow_functions(self.model).inverse)
     return self.compiled['decode'](self.ema_params, z)
 
-  bits_per_dim = _bits_per_dim
-  to_unit = _to_unit
-  from_unit = _from_unit
 
 
 def load(workdir: str, checkpoint: int | None = None) -> TrainedModel | TrainedFlow:

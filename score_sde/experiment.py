@@ -154,7 +154,7 @@ def check_config(config, mesh=None) -> None:
     _check_flow_config(config)
   else:
     sde_lib.sde_from_config(config)
-  losses.loss_name_from_config(config)
+  losses.loss_name_from_config(config, flow=is_flow(config))
   get_optimizer(config)
   if mesh is not None:
     parallel.check_batch_divisible(config.training.batch_size, mesh, 'batch size')
@@ -172,10 +172,10 @@ class Experiment:
   """The pieces a config defines, shared by training and the evaluation jobs."""
   config: Any
   sde: Any
-  sampling_eps: float
+  sampling_eps: float | None    # None for a flow (no SDE)
   model: Any
   model_fn: Callable
-  score_model_fn: Callable      # (params, x, t) -> score, eval mode
+  score_model_fn: Callable | None   # (params, x, t) -> score, eval mode; None: classifier, flow
   num_levels: int
 
   @property
@@ -194,9 +194,6 @@ def is_flow(config) -> bool:
 
 
 def _check_flow_config(config) -> None:
-  if data_lib.num_levels(config) < 2:
-    raise ValueError(f'the flows model quantised images; {config.data.dataset} is continuous '
-                     f'data (use a score model, e.g. configs/toy/).')
   if not config.data.uniform_dequantization:
     raise ValueError(f'a flow ({config.model.name}) trains by maximum likelihood on '
                      f'dequantised data: set config.data.uniform_dequantization=True (on '
@@ -226,8 +223,8 @@ def build_experiment(config) -> Experiment:
   a flow: model_fn = exact log-density (params, x) -> (log p [B], z), no SDE)."""
   model = models.get_model(config)
   if is_flow(config):
-    forward_fn, _, _ = model_utils.flow_functions(model)
-    log_prob = flows.get_log_prob_fn(forward_fn, config.model.get('prior', 'gaussian'))
+    log_prob = flows.get_log_prob_fn(model_utils.flow_functions(model).forward,
+                                     config.model.get('prior', 'gaussian'))
     return Experiment(config=config, sde=None, sampling_eps=None, model=model,
                       model_fn=log_prob, score_model_fn=None,
                       num_levels=data_lib.num_levels(config))

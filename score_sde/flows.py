@@ -68,15 +68,19 @@ def get_log_prob_fn(forward_fn: Callable, prior: str = 'gaussian') -> Callable:
 
 
 def get_sampler(inverse_fn: Callable, latent_dim: int, num_samples: int, *,
-                prior: str = 'gaussian', temperature: float = 1.0, mesh=None) -> Callable:
+                prior: str = 'gaussian', temperature: float = 1.0, precision: str = 'highest',
+                mesh=None) -> Callable:
   """Jitted sampler(key, params) -> (x [n, ...] in model space, info {'nfe': 1}).
 
   inverse_fn(params, z [n, latent_dim]) -> x maps latents to data. Example i's
   latent comes from fold_in(key, i), so a sample does not depend on
   the batch size or the device count; with a mesh the batch is sharded over its
-  'data' axis. info['nfe'] counts network passes (one inverse).
+  'data' axis. info['nfe'] counts network passes (one inverse). The inverse is traced
+  at matmul `precision` ('highest' by default, as the likelihood: the samples come
+  from the same map whose bits/dim are reported, on every backend).
   """
   prior = check_prior(prior)
+  precision = sampling_common.check_precision(precision)
   temperature = float(temperature)
   if not (math.isfinite(temperature) and temperature > 0):
     raise ValueError(f'temperature must be > 0 (config.sampling.temperature); got '
@@ -90,7 +94,9 @@ def get_sampler(inverse_fn: Callable, latent_dim: int, num_samples: int, *,
     z = temperature * jax.vmap(lambda k: prior_sample(k, (dim,), prior))(keys)
     if mesh is not None:
       z = jax.lax.with_sharding_constraint(z, parallel.batch_sharding(mesh))
-    return inverse_fn(params, z), {'nfe': jnp.asarray(1, jnp.int32)}
+    with sampling_common.matmul_precision(precision):
+      x = inverse_fn(params, z)
+    return x, {'nfe': jnp.asarray(1, jnp.int32)}
 
   if mesh is None:
     return jax.jit(sampler)
@@ -121,3 +127,14 @@ def get_likelihood_fn(log_prob_fn: Callable, *, precision: str = 'highest',
   rep, batch = parallel.replicated(mesh), parallel.batch_sharding(mesh)
   return jax.jit(likelihood_fn, in_shardings=(rep, rep, batch),
                  out_shardings=(batch, batch, rep))
+
+
+def get_inverse_fn(inverse_fn: Callable, *, precision: str = 'highest') -> Callable:
+  """Jitted decode(params, z [B, D]) -> x, traced at matmul `precision`."""
+  precision = sampling_common.check_precision(precision)
+
+  def decode(params, z):
+    with sampling_common.matmul_precision(precision):
+      return inverse_fn(params, z)
+
+  return jax.jit(decode)

@@ -36,7 +36,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from score_sde import likelihood
-from score_sde import models
 from score_sde import score_fn as score_fn_lib
 from score_sde import sde as sde_lib
 
@@ -300,19 +299,18 @@ def get_hybrid_loss_fn(sde, model_fn, *, train: bool = True, reduce_mean: bool =
 LOSSES = ('dsm', 'smld', 'ddpm', 'hybrid', 'nll')
 
 
-def loss_name_from_config(config) -> str:
-  """'auto' resolves to nll (a normalizing flow), dsm (continuous), smld (discrete
-  VE), hybrid (learned variance) or ddpm (discrete VP)."""
+def loss_name_from_config(config, *, flow: bool = False) -> str:
+  """'auto' resolves to nll (a normalizing flow: `flow`, see experiment.is_flow), dsm
+  (continuous), smld (discrete VE), hybrid (learned variance) or ddpm (discrete VP)."""
   name = config.training.get('loss', 'auto')
-  flow = models.is_flow(config.model.get('name', ''))
   if name != 'auto':
     if name not in LOSSES:
       raise ValueError(f'unknown loss {name!r} (config.training.loss); valid: '
                        f'{("auto",) + LOSSES}.')
     if flow != (name == 'nll'):
       raise ValueError(f'config.training.loss {name!r} does not fit model '
-                       f'{config.model.name!r}: flows ({", ".join(models.FLOW_MODELS)}) train '
-                       f"with 'nll', score networks with a score loss; set it to 'auto'.")
+                       f"{config.model.name!r}: flows train with 'nll', score networks with a "
+                       f"score loss; set it to 'auto'.")
     return name
   if flow:
     return 'nll'
@@ -329,8 +327,9 @@ def loss_name_from_config(config) -> str:
 
 def get_loss_fn(config, sde, model_fn, *, train: bool = True, eps: float = 1e-5,
                 num_levels: int = 256) -> LossFn:
-  """The loss a config asks for; `model_fn` is the raw network (see module doc)."""
-  name = loss_name_from_config(config)
+  """The loss a config asks for; `model_fn` is the raw network (see module doc). A
+  flow's loss is `get_flow_nll_loss_fn` (score_sde.train.loss_fns builds either)."""
+  name = loss_name_from_config(config)     # a score network's: never 'nll' here
   reduce_mean = config.training.reduce_mean
   if name == 'dsm':
     score_model_fn = score_fn_lib.get_score_model_fn(sde, model_fn, continuous=True)
@@ -342,6 +341,7 @@ def get_loss_fn(config, sde, model_fn, *, train: bool = True, eps: float = 1e-5,
     return get_smld_loss_fn(sde, model_fn, train=train, reduce_mean=reduce_mean)
   if name == 'ddpm':
     return get_ddpm_loss_fn(sde, model_fn, train=train, reduce_mean=reduce_mean)
+  assert name == 'hybrid', name
   return get_hybrid_loss_fn(sde, model_fn, train=train, reduce_mean=reduce_mean,
                             hybrid_lambda=config.training.get('hybrid_lambda', 1e-3),
                             num_levels=num_levels)

@@ -126,6 +126,9 @@ def test_bpd_job_of_a_flow_is_exact_and_matches_the_python_api(trained):
   expected = model.bits_per_dim(key, data_lib.load_split_uint(config, 'test', 32))
   assert result['bpd'] == pytest.approx(float(np.mean(expected)), rel=1e-6)
   assert result['bpd'] < np.log2(17.0)
+  with pytest.raises(ValueError, match=r"unknown option\(s\) \['rtol'\] for a flow's "
+                                       r'log_likelihood: its density is exact'):
+    model.bits_per_dim(key, data_lib.load_split_uint(config, 'test', 2), rtol=1e-3)
 
 
 def test_sample_job_of_a_flow_writes_images_at_the_config_temperature(trained):
@@ -136,7 +139,7 @@ def test_sample_job_of_a_flow_writes_images_at_the_config_temperature(trained):
   with open(os.path.join(out_dir, 'manifest.json')) as f:
     manifest = json.load(f)
   assert manifest['sampler'] == {'method': 'flow', 'prior': 'gaussian',
-                                 'temperature': 0.7}
+                                 'temperature': 0.7, 'precision': 'highest'}
   images = jobs.load_samples(out_dir)
   assert images.shape == (8, 8, 8, 1) and images.dtype == np.uint8 and images.max() <= 16
   assert os.path.exists(os.path.join(out_dir, 'grid.png'))
@@ -162,6 +165,10 @@ def test_controllable_jobs_refuse_a_flow_in_one_line(trained):
     (('model', 'dtype', 'bfloat16'), 'glow runs in float32 only'),
     (('model', 'prior', 'laplace'), "unknown flow prior 'laplace'"),
     (('training', 'loss', 'dsm'), "loss 'dsm' does not fit model 'glow'"),
+    (('model', 'num_levels', 4), r'glow: 4 squeeze\(s\) need an image size divisible by 16; '
+                                 r'got 8'),
+    (('model', 'num_steps', 0), r'glow needs config.model.num_steps >= 1; got 0'),
+    (('model', 'coupling', 'affin'), "unknown glow coupling 'affin'"),
 ])
 def test_bad_flow_configs_are_clear_errors_before_compiling(change, match):
   config = tiny_config('glow')
@@ -183,7 +190,9 @@ def test_flow_configs_validate_and_cifar10_configs_build():
           lambda k, c=config: model_utils.init_params(k, models.get_model(c), c),
           jax.random.PRNGKey(0))
       assert model_utils.param_count(shapes) > 1e4
-  assert losses.loss_name_from_config(defaults.digits_flow(defaults.digits(), 'glow')) == 'nll'
+  flow_config = defaults.digits_flow(defaults.digits(), 'glow')
+  assert experiment_lib.is_flow(flow_config)
+  assert losses.loss_name_from_config(flow_config, flow=True) == 'nll'
 
 
 @pytest.mark.slow

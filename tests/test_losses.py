@@ -254,11 +254,12 @@ def _config(model_name='ncsnpp', **training):
     (dict(continuous=False, sde='vesde'), 'smld'),
     (dict(continuous=False, sde='vpsde'), 'ddpm'),
     (dict(continuous=False, sde='vpsde', loss='hybrid'), 'hybrid'),
-    (dict(model_name='glow'), 'nll'),
-    (dict(model_name='nice', loss='nll'), 'nll'),
+    (dict(model_name='glow', flow=True), 'nll'),
+    (dict(model_name='nice', loss='nll', flow=True), 'nll'),
 ])
 def test_loss_choice_from_config(training, name):
-  assert losses.loss_name_from_config(_config(**training)) == name
+  flow = training.pop('flow', False)
+  assert losses.loss_name_from_config(_config(**training), flow=flow) == name
 
 
 def test_loss_choice_errors():
@@ -267,9 +268,11 @@ def test_loss_choice_errors():
   with pytest.raises(ValueError, match='no discrete loss'):
     losses.loss_name_from_config(_config(continuous=False, sde='subvpsde'))
   with pytest.raises(ValueError, match="loss 'dsm' does not fit model 'realnvp'.*'nll'"):
-    losses.loss_name_from_config(_config(model_name='realnvp', loss='dsm'))
+    losses.loss_name_from_config(_config(model_name='realnvp', loss='dsm'), flow=True)
   with pytest.raises(ValueError, match="loss 'nll' does not fit model 'ncsnpp'"):
     losses.loss_name_from_config(_config(loss='nll'))
+  with pytest.raises(ValueError, match="loss 'nll' does not fit model 'glow'"):
+    losses.get_loss_fn(_config(model_name='glow', loss='nll'), sde_lib.VPSDE(), None)
   with pytest.raises(ValueError, match='needs a VESDE'):
     losses.get_smld_loss_fn(sde_lib.VPSDE(), None)
   with pytest.raises(ValueError, match='needs likelihood_weighting'):

@@ -60,12 +60,13 @@ def bpd_job(workdir: str, config, *, split: str = 'test', num_repeats: int = 1,
             batch_size: int | None = None, checkpoint: int | None = None,
             settings: LikelihoodSettings | None = None, max_examples: int | None = None,
             mesh=None, state=None, step: int | None = None) -> dict:
-  """Bits/dim of a split through the probability-flow ODE, resumable and sharded.
+  """Bits/dim of a split through the probability-flow ODE (a flow's: exactly, by the
+  change of variables), resumable and sharded.
 
   Shard s = r * num_batches + b is batch b of repeat r (the last batch zero-padded
   to the batch size B, a device multiple), with key fold_in(PRNGKey(seed + 7), s)
-  split into dequantisation noise and Hutchinson probes: each repeat draws fresh
-  ones. More repeats extend a finished job. Writes
+  split into dequantisation noise and Hutchinson probes (unused by a flow): each
+  repeat draws fresh ones. More repeats extend a finished job. Writes
   <workdir>/eval/bpd_<split>_<step>_<id>.json (see the module doc) and returns
   its contents (with 'result_file': that path).
   """

@@ -237,6 +237,8 @@ def import_checkpoint(path: str, config, workdir: str, *,
 
 def _family_matches(original: original_lib.OriginalCheckpoint, config) -> bool:
   """A cheap pre-check (no tracing): could the config's network be this file's?"""
+  if experiment_lib.is_flow(config):         # the original checkpoints hold score models
+    return False
   name = str(config.model.name).lower()
   refinenet = name in torch_state.REFINENET_MODELS
   names = ' '.join(original.params)

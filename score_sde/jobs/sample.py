@@ -30,7 +30,8 @@ def sampler_description(config) -> dict:
   """The sampler settings that determine the samples (for the manifest)."""
   if experiment_lib.is_flow(config):
     return {'method': 'flow', 'prior': flows.check_prior(config.model.get('prior', 'gaussian')),
-            'temperature': float(config.sampling.get('temperature', 1.0))}
+            'temperature': float(config.sampling.get('temperature', 1.0)),
+            'precision': 'highest'}
   method, options = sampling.config_options(config)
   return {'method': method, **{k: (list(v) if isinstance(v, tuple) else v)
                                for k, v in sorted(options.items())}}
@@ -129,8 +130,8 @@ def flow_sampler(experiment, num_samples: int, mesh):
   """A flow's sampler(key, params) -> (x [num_samples, ...], info) at the config's
   temperature (config.sampling.temperature) and prior."""
   config = experiment.config
-  _, inverse_fn, latent_dim = model_utils.flow_functions(experiment.model)
-  return flows.get_sampler(inverse_fn, latent_dim, num_samples,
+  flow = model_utils.flow_functions(experiment.model)
+  return flows.get_sampler(flow.inverse, flow.latent_dim, num_samples,
                            prior=config.model.get('prior', 'gaussian'),
                            temperature=config.sampling.get('temperature', 1.0), mesh=mesh)
 
@@ -151,8 +152,8 @@ def write_snapshot_samples(experiment, sampler, state, step: int, workdir: str, 
   """Samples of the EMA parameters at `step` as <workdir>/samples/step_<step>.png."""
   key = jax.random.fold_in(jax.random.PRNGKey(experiment.config.seed + 2), step)
   samples, info = sampler(key, state.ema_params)
-  images = np.asarray(jax.device_get(
-      data_lib.get_data_inverse_scaler(experiment.config)(samples)))
+  # every process takes part in the gather of the sharded samples (multi-host)
+  images = data_lib.get_data_inverse_scaler(experiment.config)(parallel.gather(samples))
   if jax.process_index() == 0 and images.ndim == 4:
     path = os.path.join(workdir, 'samples', f'step_{step}.png')
     io.save_image_grid(path, images, scale=max(1, 64 // images.shape[1]))

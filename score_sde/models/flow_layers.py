@@ -21,6 +21,7 @@ layer, so every coupling starts as the identity.
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import flax.linen as nn
@@ -82,6 +83,7 @@ class ActNorm(nn.Module):
     return (x + bias) * jnp.exp(logscale), logdet
 
 
+@functools.lru_cache(maxsize=None)
 def _random_lu(seed: int, channels: int):
   """P, L, U of a random rotation (numpy, fixed by `seed`): W = P L U."""
   w = np.linalg.qr(np.random.default_rng(seed).standard_normal((channels, channels)))[0]
@@ -125,12 +127,12 @@ class InvConv1x1(nn.Module):
     logdet = jnp.full(x.shape[:1], _positions(x) * jnp.sum(log_s))
     if not reverse:
       return jnp.einsum('...c,dc->...d', x, w, precision=HIGHEST), logdet
-    # x = U^-1 L^-1 P^T y, by two triangular solves.
-    y = x.reshape(-1, channels).T                                  # [C, N]
-    a = jnp.matmul(jnp.asarray(p.T), y, precision=HIGHEST)
-    b = jax.scipy.linalg.solve_triangular(l_mat, a, lower=True, unit_diagonal=True)
-    out = jax.scipy.linalg.solve_triangular(u_mat, b, lower=False)
-    return out.T.reshape(x.shape), -logdet
+    # W^-1 = U^-1 L^-1 P^T by two triangular solves on the [C, C] matrix, then applied
+    # at every position like W (the batch stays sharded: no solve over the batch).
+    lower_inv_pt = jax.scipy.linalg.solve_triangular(l_mat, jnp.asarray(p.T), lower=True,
+                                                     unit_diagonal=True)
+    w_inv = jax.scipy.linalg.solve_triangular(u_mat, lower_inv_pt, lower=False)
+    return jnp.einsum('...c,dc->...d', x, w_inv, precision=HIGHEST), -logdet
 
 
 # ----------------------------------------------------------------------------
@@ -200,6 +202,12 @@ TRANSFORMS = ('affine', 'additive')
 LOG_SCALES = ('tanh', 'sigmoid')
 
 
+def _check_even_channels(channels: int) -> int:
+  if channels % 2:
+    raise ValueError(f'a channel-wise coupling needs an even channel count; got {channels}.')
+  return channels
+
+
 def coupling_mask(kind: str, parity: int, shape: tuple[int, ...]) -> np.ndarray:
   """1 where x is kept (conditioning part x_a), 0 where it is transformed; shape = x.shape[1:].
 
@@ -214,9 +222,7 @@ def coupling_mask(kind: str, parity: int, shape: tuple[int, ...]) -> np.ndarray:
     board = ((h + w) % 2 == parity).astype(np.float32)
     return np.broadcast_to(board[..., None], shape).copy()
   if kind == 'channel':
-    c = shape[-1]
-    if c % 2:
-      raise ValueError(f'a channel-wise coupling needs an even channel count; got {c}.')
+    c = _check_even_channels(shape[-1])
     first = (np.arange(c) < c // 2).astype(np.float32)
     return np.broadcast_to(first if parity == 0 else 1.0 - first, shape).copy()
   raise ValueError(f'unknown coupling mask {kind!r}; valid: {list(MASKS)}.')
@@ -270,7 +276,7 @@ class Coupling(nn.Module):
   @nn.compact
   def __call__(self, x, reverse: bool = False):
     if self.mask == 'channel':
-      coupling_mask('channel', self.parity, x.shape[1:])       # checks the channel count
+      _check_even_channels(x.shape[-1])
       half = x.shape[-1] // 2
       first, second = x[..., :half], x[..., half:]
       kept, changed = (first, second) if self.parity == 0 else (second, first)
@@ -325,8 +331,9 @@ class SplitPrior(nn.Module):
   Forward: x [B, H, W, C] -> (h, eps) with h = x[..., :C/2] kept and
   eps = (z - mu(h)) exp(-log_std(h)) for z = x[..., C/2:], where (mu, log_std)
   come from a `ZeroConv` of h (Glow's split2d prior); logdet = -sum log_std.
-  eps is standard normal under the model, so the factored-out part's learned
-  conditional Gaussian is exactly a flow layer. Reverse: (h, eps) -> x.
+  eps follows the flow's prior (standard normal, or logistic) under the model, so
+  the factored-out part's learned conditional distribution is exactly a flow
+  layer. Reverse: (h, eps) -> x.
   """
 
   @nn.compact
@@ -384,6 +391,20 @@ def image_shape_from_config(config) -> tuple[int, int, int]:
     raise ValueError('the flows (nice, realnvp, glow) model images: config.data.image_size '
                      'and num_channels must be set (vector data is not supported).')
   return (int(data.image_size), int(data.image_size), int(data.num_channels))
+
+
+def check_squeezes(image_shape, squeezes: int, name: str) -> None:
+  """A one-line error unless `squeezes` 2x2 squeezes fit the image (sizes stay even)."""
+  size = image_shape[0]
+  if squeezes and size % (2 ** squeezes):
+    raise ValueError(f'{name}: {squeezes} squeeze(s) need an image size divisible by '
+                     f'{2 ** squeezes}; got {size} (lower config.model.num_levels).')
+
+
+def check_positive(name: str, **values) -> None:
+  for key, value in values.items():
+    if int(value) < 1:
+      raise ValueError(f'{name} needs config.model.{key} >= 1; got {value}.')
 
 
 def check_float32(config, name: str) -> None:

@@ -7,11 +7,14 @@ log-scale log sigmoid(raw + 2), or an additive one), then, except at the last
 level, a split: half the channels are factored out and standardised by a
 Gaussian conditioned on the other half (`flow_layers.SplitPrior`). With
 `learn_top` the last level's output is standardised by a learned Gaussian.
-z [B, D] holds the standardised factored-out parts and the top, in order: it is
-standard normal under the model, so the learned priors are part of logdet.
+z [B, D] holds the standardised factored-out parts and the top, in order: it
+follows the flow's prior (standard normal, or logistic) under the model, so the
+learned priors are part of logdet.
 
-Not included: class conditioning and the 'reverse' / 'shuffle' permutations
-(the 1x1 convolution is Glow's best variant).
+Not included: class conditioning, the 'reverse' / 'shuffle' permutations (the 1x1
+convolution is Glow's best variant), and the extra edge-padding input channel of
+Glow's convolutions (its learned top is a mean and log-std per position and
+channel here, where Glow's is a zero-initialised convolution of zeros).
 """
 from __future__ import annotations
 
@@ -22,6 +25,12 @@ from score_sde.models import flow_layers as fl
 COUPLINGS = ('affine', 'additive')
 
 
+def check_coupling(coupling: str) -> None:
+  if coupling not in COUPLINGS:
+    raise ValueError(f'unknown glow coupling {coupling!r} (config.model.coupling); '
+                     f'valid: {list(COUPLINGS)}.')
+
+
 class Glow(nn.Module):
   image_shape: tuple[int, int, int]
   num_levels: int = 3
@@ -29,12 +38,9 @@ class Glow(nn.Module):
   hidden_features: int = 512
   coupling: str = 'affine'
   learn_top: bool = True
-  is_flow = True
 
   def setup(self):
-    if self.coupling not in COUPLINGS:
-      raise ValueError(f'unknown glow coupling {self.coupling!r} (config.model.coupling); '
-                       f'valid: {list(COUPLINGS)}.')
+    check_coupling(self.coupling)
     n = self.num_levels * self.num_steps
     self.actnorms = [fl.ActNorm() for _ in range(n)]
     self.convs = [fl.InvConv1x1(seed=i) for i in range(n)]
@@ -100,9 +106,14 @@ class Glow(nn.Module):
   def from_config(cls, config):
     fl.check_float32(config, 'glow')
     model = config.model
-    return cls(image_shape=fl.image_shape_from_config(config),
+    flow = cls(image_shape=fl.image_shape_from_config(config),
                num_levels=int(model.get('num_levels', 3)),
                num_steps=int(model.get('num_steps', 32)),
                hidden_features=int(model.get('hidden_features', 512)),
                coupling=str(model.get('coupling', 'affine')).lower(),
                learn_top=bool(model.get('learn_top', True)))
+    fl.check_positive('glow', num_levels=flow.num_levels, num_steps=flow.num_steps,
+                      hidden_features=flow.hidden_features)
+    fl.check_squeezes(flow.image_shape, flow.num_levels, 'glow')
+    check_coupling(flow.coupling)
+    return flow

@@ -20,7 +20,6 @@ class NICE(nn.Module):
   num_couplings: int = 4
   hidden_layers: int = 5
   hidden_features: int = 1000
-  is_flow = True
 
   def setup(self):
     self.couplings = [fl.Coupling(mask='alternate', parity=i % 2, network='mlp',
@@ -58,7 +57,10 @@ class NICE(nn.Module):
   def from_config(cls, config):
     fl.check_float32(config, 'nice')
     model = config.model
-    return cls(image_shape=fl.image_shape_from_config(config),
+    flow = cls(image_shape=fl.image_shape_from_config(config),
                num_couplings=int(model.get('num_couplings', 4)),
                hidden_layers=int(model.get('hidden_layers', 5)),
                hidden_features=int(model.get('hidden_features', 1000)))
+    fl.check_positive('nice', num_couplings=flow.num_couplings,
+                      hidden_features=flow.hidden_features)
+    return flow

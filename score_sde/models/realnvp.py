@@ -7,7 +7,8 @@ with alternating channel-wise masks, then half the channels are factored out
 checkerboard couplings. Coupling networks are ResNets (`num_res_blocks` blocks
 of `hidden_features` maps at the first scale, doubled at each further scale, as
 the authors' code does); log-scales are tanh-bounded with a learned scale per
-channel. z [B, D] is the factored-out parts and the last scale's output, in order.
+channel. z [B, D] is the factored-out parts and the last scale's output, in order;
+it follows the flow's prior (standard normal, or logistic) under the model.
 
 Not included (say so when comparing with the paper): batch normalisation in the
 coupling networks and as a flow layer (its density would depend on the batch
@@ -30,7 +31,6 @@ class RealNVP(nn.Module):
   num_levels: int = 2
   num_res_blocks: int = 8
   hidden_features: int = 64
-  is_flow = True
 
   def _coupling(self, mask, parity, level):
     return fl.Coupling(mask=mask, parity=parity, network='resnet',
@@ -97,7 +97,11 @@ class RealNVP(nn.Module):
   def from_config(cls, config):
     fl.check_float32(config, 'realnvp')
     model = config.model
-    return cls(image_shape=fl.image_shape_from_config(config),
+    flow = cls(image_shape=fl.image_shape_from_config(config),
                num_levels=int(model.get('num_levels', 2)),
                num_res_blocks=int(model.get('num_res_blocks', 8)),
                hidden_features=int(model.get('hidden_features', 64)))
+    fl.check_positive('realnvp', num_levels=flow.num_levels, num_res_blocks=flow.num_res_blocks,
+                      hidden_features=flow.hidden_features)
+    fl.check_squeezes(flow.image_shape, flow.num_levels - 1, 'realnvp')
+    return flow

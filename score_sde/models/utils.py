@@ -4,9 +4,13 @@ Turning a network's output into a score is `score_sde/score_fn.py`.
 """
 from __future__ import annotations
 
+from typing import Callable, NamedTuple
+
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from score_sde import models
 
 
 def input_shape(config, batch_size: int = 1) -> tuple[int, ...]:
@@ -20,12 +24,14 @@ def input_shape(config, batch_size: int = 1) -> tuple[int, ...]:
 def init_params(key, model, config, batch_size: int = 1, batch=None):
   """Initial parameters of `model` for the config's input shape.
 
-  A normalizing flow (`is_flow`) is initialised by a forward pass over `batch`
-  [B, H, W, C] (its ActNorm layers take their data-dependent initial values
-  from it); without a batch, over standard normal pseudo-data drawn from `key`.
+  A normalizing flow (`models.is_flow`) is initialised by a forward pass over
+  `batch` [B, H, W, C]: its ActNorm layers take their data-dependent initial values
+  from it. Without a batch it runs over standard normal pseudo-data drawn from
+  `key`: right shapes (what `jax.eval_shape` and a restore need), values that are
+  no training start (train.py passes `experiment.flow_init_batch`).
   """
   shape = input_shape(config, batch_size)
-  if getattr(model, 'is_flow', False):
+  if models.is_flow(config.model.name):
     k_data, k_init = jax.random.split(key)
     x = (jax.random.normal(k_data, shape, jnp.float32) if batch is None
          else jnp.asarray(batch, jnp.float32))
@@ -36,9 +42,15 @@ def init_params(key, model, config, batch_size: int = 1, batch=None):
   return variables['params']
 
 
-def flow_functions(model):
-  """(forward_fn(params, x) -> (z [B, D], logdet [B]), inverse_fn(params, z) -> x, D) of a
-  normalizing flow: the network as the functions `score_sde.flows` takes."""
+class FlowFunctions(NamedTuple):
+  """A normalizing flow as the functions `score_sde.flows` takes."""
+  forward: Callable      # (params, x [B, H, W, C]) -> (z [B, D], log |det dz/dx| [B])
+  inverse: Callable      # (params, z [B, D]) -> x [B, H, W, C]
+  latent_dim: int        # D
+
+
+def flow_functions(model) -> FlowFunctions:
+  """The forward and inverse maps and latent size of a flow network (models.FLOW_MODELS)."""
   def forward_fn(params, x):
     return model.apply({'params': params}, x, method='forward')
 
@@ -46,7 +58,7 @@ def flow_functions(model):
     return model.apply({'params': params}, z, method='inverse')
 
   latent_dim = int(sum(np.prod(s) for s in model.latent_shapes()))
-  return forward_fn, inverse_fn, latent_dim
+  return FlowFunctions(forward_fn, inverse_fn, latent_dim)
 
 
 def param_count(params) -> int:
