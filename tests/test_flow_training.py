@@ -3,8 +3,6 @@ bitwise exact, 1 and 4 devices agree, the model still inverts after training, th
 sample jobs and `score_sde.load` work on a flow workdir, and misuse is a one-line error."""
 import json
 import os
-import subprocess
-import sys
 
 import jax
 import numpy as np
@@ -22,14 +20,9 @@ from score_sde import parallel
 from score_sde import train
 from score_sde.jobs import common
 from score_sde.models import utils as model_utils
-from tests.train_worker import small_flow_config
+from tests.train_worker import small_flow_config, start_worker
 
 N_ITERS = 200
-
-
-def tiny_config(name: str, n_iters: int = N_ITERS):
-  """A digits flow small enough to train 200 steps in seconds."""
-  return small_flow_config(name, n_iters)
 
 
 def _logged_losses(workdir) -> dict:
@@ -44,7 +37,7 @@ def trained(tmp_path_factory):
   runs = {}
   for name in ('nice', 'realnvp', 'glow'):
     workdir = str(tmp_path_factory.mktemp(name))
-    config = tiny_config(name)
+    config = small_flow_config(name, N_ITERS)
     state = train.train_and_evaluate(config, workdir, final_evaluation=False)
     runs[name] = (workdir, config, state)
   return runs
@@ -69,7 +62,7 @@ def test_flows_train_through_the_loop_and_the_loss_falls(trained, name):
 
 def test_resume_of_a_flow_is_bitwise_exact(trained, tmp_path):
   reference_dir, config, reference = trained['glow']
-  half = tiny_config('glow', N_ITERS // 2)
+  half = small_flow_config('glow', N_ITERS // 2)
   train.train_and_evaluate(half, str(tmp_path), final_evaluation=False)
   resumed = train.train_and_evaluate(config, str(tmp_path), final_evaluation=False,
                                      extend=True)
@@ -171,7 +164,7 @@ def test_controllable_jobs_refuse_a_flow_in_one_line(trained):
     (('model', 'coupling', 'affin'), "unknown glow coupling 'affin'"),
 ])
 def test_bad_flow_configs_are_clear_errors_before_compiling(change, match):
-  config = tiny_config('glow')
+  config = small_flow_config('glow', N_ITERS)
   section, key, value = change
   config[section][key] = value
   with pytest.raises(ValueError, match=match):
@@ -198,14 +191,8 @@ def test_flow_configs_validate_and_cifar10_configs_build():
 @pytest.mark.slow
 def test_two_processes_train_a_flow_as_one_process(tmp_path):
   """2 processes x 2 devices (gloo collectives) == 1 process x 4 devices, for Glow."""
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
   def worker(workdir, devices, extra=()):
-    env = {**os.environ, 'XLA_FLAGS': f'--xla_force_host_platform_device_count={devices}',
-           'JAX_PLATFORMS': 'cpu', 'PYTHONPATH': root, 'SCORE_SDE_TEST_FLOW': 'glow'}
-    return subprocess.Popen([sys.executable, os.path.join(root, 'tests', 'train_worker.py'),
-                             str(workdir), '6', *extra], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    return start_worker(workdir, 6, devices, extra, env={'SCORE_SDE_TEST_FLOW': 'glow'})
 
   single = worker(tmp_path / 'single', 4)
   assert single.wait(timeout=300) == 0, single.stdout.read()

@@ -26,25 +26,14 @@ from score_sde.cpu import xla_flags
 from score_sde.models import utils as model_utils
 from score_sde import experiment as experiment_lib
 from score_sde.jobs import sample as sample_job_lib
-from tests.train_worker import small_toy_config
+from tests.train_worker import small_toy_config, start_worker
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-WORKER = os.path.join(ROOT, 'tests', 'train_worker.py')
-
-
-def _env(devices: int) -> dict:
-  env = dict(os.environ)
-  env['XLA_FLAGS'] = f'--xla_force_host_platform_device_count={devices}'
-  env['JAX_PLATFORMS'] = 'cpu'
-  env['PYTHONPATH'] = ROOT
-  return env
 
 
 def _run_worker(workdir, n_iters, devices=1, extra=(), dtype='float32'):
-  env = {**_env(devices), 'SCORE_SDE_TEST_MODEL_DTYPE': dtype}   # config.model.dtype
-  return subprocess.Popen([sys.executable, WORKER, str(workdir), str(n_iters), *extra],
-                          env=env, stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, text=True)
+  return start_worker(workdir, n_iters, devices, extra,
+                      env={'SCORE_SDE_TEST_MODEL_DTYPE': dtype})   # config.model.dtype
 
 
 def _load(workdir, config, step=None, with_data=False):

@@ -11,6 +11,20 @@ import sys
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'))
 
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def start_worker(workdir, n_iters: int, devices: int = 1, extra=(), env=None):
+  """This script in a subprocess on `devices` CPU devices (stdout and stderr piped
+  together); `env` adds variables (SCORE_SDE_TEST_MODEL_DTYPE, SCORE_SDE_TEST_FLOW)."""
+  import subprocess
+  full_env = {**os.environ, 'XLA_FLAGS': f'--xla_force_host_platform_device_count={devices}',
+              'JAX_PLATFORMS': 'cpu', 'PYTHONPATH': ROOT, **(env or {})}
+  return subprocess.Popen([sys.executable, os.path.abspath(__file__), str(workdir),
+                           str(n_iters), *extra], env=full_env, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True)
+
+
 def small_toy_config(n_iters: int):
   from configs.toy import vp_mlp_continuous
   config = vp_mlp_continuous.get_config()
@@ -26,7 +40,7 @@ def small_toy_config(n_iters: int):
   return config
 
 
-def small_flow_config(name: str, n_iters: int):
+def small_flow_config(name: str, n_iters: int = 200):
   """A digits flow ('nice', 'realnvp' or 'glow') small enough to train 200 steps in seconds."""
   import importlib
   config = importlib.import_module(f'configs.digits.{name}').get_config()
