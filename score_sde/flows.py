@@ -80,7 +80,7 @@ def get_sampler(inverse_fn: Callable, latent_dim: int, num_samples: int, *,
   from the same map whose bits/dim are reported, on every backend).
   """
   prior = check_prior(prior)
-  precision = sampling_common.check_precision(precision)
+  inverse_at_precision = _at_precision(inverse_fn, precision)
   temperature = float(temperature)
   if not (math.isfinite(temperature) and temperature > 0):
     raise ValueError(f'temperature must be > 0 (config.sampling.temperature); got '
@@ -94,9 +94,7 @@ def get_sampler(inverse_fn: Callable, latent_dim: int, num_samples: int, *,
     z = temperature * jax.vmap(lambda k: prior_sample(k, (dim,), prior))(keys)
     if mesh is not None:
       z = jax.lax.with_sharding_constraint(z, parallel.batch_sharding(mesh))
-    with sampling_common.matmul_precision(precision):
-      x = inverse_fn(params, z)
-    return x, {'nfe': jnp.asarray(1, jnp.int32)}
+    return inverse_at_precision(params, z), {'nfe': jnp.asarray(1, jnp.int32)}
 
   if mesh is None:
     return jax.jit(sampler)
@@ -111,14 +109,13 @@ def get_likelihood_fn(log_prob_fn: Callable, *, precision: str = 'highest',
   density is exact). info: nfe 1 (one forward pass) and nfe_per_example [B].
   Traced at matmul `precision` ('highest': full float32 on every backend).
   """
-  precision = sampling_common.check_precision(precision)
+  log_prob_at_precision = _at_precision(log_prob_fn, precision)
 
   def likelihood_fn(key, params, x):
     del key
     if mesh is not None:
       parallel.check_batch_divisible(x.shape[0], mesh)
-    with sampling_common.matmul_precision(precision):
-      logp, z = log_prob_fn(params, x)
+    logp, z = log_prob_at_precision(params, x)
     ones = jnp.ones(x.shape[:1], jnp.int32)
     return logp, z, {'nfe': jnp.asarray(1, jnp.int32), 'nfe_per_example': ones}
 
@@ -129,12 +126,17 @@ def get_likelihood_fn(log_prob_fn: Callable, *, precision: str = 'highest',
                  out_shardings=(batch, batch, rep))
 
 
-def get_inverse_fn(inverse_fn: Callable, *, precision: str = 'highest') -> Callable:
-  """Jitted decode(params, z [B, D]) -> x, traced at matmul `precision`."""
+def _at_precision(fn: Callable, precision: str) -> Callable:
+  """fn traced at matmul `precision`."""
   precision = sampling_common.check_precision(precision)
 
-  def decode(params, z):
+  def traced(*args):
     with sampling_common.matmul_precision(precision):
-      return inverse_fn(params, z)
+      return fn(*args)
 
-  return jax.jit(decode)
+  return traced
+
+
+def get_inverse_fn(inverse_fn: Callable, *, precision: str = 'highest') -> Callable:
+  """Jitted decode(params, z [B, D]) -> x, traced at matmul `precision`."""
+  return jax.jit(_at_precision(inverse_fn, precision))
