@@ -57,6 +57,8 @@ def base() -> ml_collections.ConfigDict:
   # (ours) few-step samplers (score_sde/sampling/edm.py, multistep.py)
   sampling.time_schedule = 'auto'       # karras | logsnr | time | auto: the method's own
   sampling.rho = 7.0                    # Karras schedule exponent
+  sampling.grid_sigma_min = 0.002       # the grid's interior noise levels s/m stay in
+  sampling.grid_sigma_max = 80.0        #   [min, max] (EDM's range; ends at eps and T)
   sampling.s_churn = 40.0               # edm: stochastic churn (EDM's S_churn, S_tmin, ...)
   sampling.s_tmin = 0.05
   sampling.s_tmax = 50.0

@@ -11,7 +11,7 @@ with the data prediction D = E[x_0 | x_t] = (x + s(t)^2 score(x, t)) / m(t)
 so VE (m = 1), VP, sub-VP and the cosine VP all run the same code; the network
 is evaluated at the time t(sigma) (bisection of the log-SNR).
 
-A step sigma_i -> sigma_{i+1} (grid of `time_schedule`, default Karras rho = 7):
+A step sigma_i -> sigma_{i+1} (the grid of `schedules.time_grid`, default uniform log-SNR):
   churn (edm only): gamma = min(S_churn / K, sqrt(2) - 1) if S_tmin <= sigma_i <= S_tmax,
                     sigma_hat = min(sigma_i (1 + gamma), sigma(T)),
                     y_hat = y + sqrt(sigma_hat^2 - sigma_i^2) S_noise z
@@ -48,7 +48,7 @@ def churn_times(sde, times, s_churn: float, s_tmin: float, s_tmax: float) -> jax
 
 
 def _heun_sampler(key, score_fn: ScoreFn, sde, shape, *, churn: bool, num_steps: int,
-                  time_schedule: str, rho: float, s_churn: float, s_tmin: float,
+                  grid: schedules.Grid, s_churn: float, s_tmin: float,
                   s_tmax: float, s_noise: float, noise_removal: bool, eps: float,
                   constrain) -> tuple[jax.Array, Info]:
   num_steps = num_steps or sde.N
@@ -56,7 +56,7 @@ def _heun_sampler(key, score_fn: ScoreFn, sde, shape, *, churn: bool, num_steps:
   keys = common.example_keys(key, batch)
   x = constrain(common.prior_sample(sde, common.fold_keys(keys, 0), shape))
   common.check_score_shape(score_fn, x)
-  times = schedules.time_grid(sde, num_steps, eps, time_schedule, rho)
+  times = schedules.time_grid(sde, num_steps, eps, grid)
   raised = (churn_times(sde, times, s_churn, s_tmin, s_tmax) if churn else times[:-1])
 
   def slope(y, t):
@@ -87,32 +87,33 @@ def _heun_sampler(key, score_fn: ScoreFn, sde, shape, *, churn: bool, num_steps:
 
 
 def heun_sampler(key, score_fn: ScoreFn, sde, shape, *, num_steps=0, time_schedule='logsnr',
-                 rho=7.0, noise_removal=True, eps=1e-3,
+                 rho=7.0, grid_sigma_min=schedules.GRID_SIGMA_MIN,
+                 grid_sigma_max=schedules.GRID_SIGMA_MAX, noise_removal=True, eps=1e-3,
                  constrain=common.identity) -> tuple[jax.Array, Info]:
   """EDM's deterministic Heun sampler: K = num_steps steps, 2 K (+1) evaluations."""
   return _heun_sampler(key, score_fn, sde, shape, churn=False, num_steps=num_steps,
-                       time_schedule=time_schedule, rho=rho, s_churn=0.0, s_tmin=0.0,
+                       grid=schedules.Grid(time_schedule, rho, grid_sigma_min,
+                                           grid_sigma_max), s_churn=0.0, s_tmin=0.0,
                        s_tmax=0.0, s_noise=1.0, noise_removal=noise_removal, eps=eps,
                        constrain=constrain)
 
 
 def edm_sampler(key, score_fn: ScoreFn, sde, shape, *, num_steps=0, time_schedule='logsnr',
-                rho=7.0, s_churn=40.0, s_tmin=0.05, s_tmax=50.0, s_noise=1.003,
+                rho=7.0, grid_sigma_min=schedules.GRID_SIGMA_MIN,
+                grid_sigma_max=schedules.GRID_SIGMA_MAX, s_churn=40.0, s_tmin=0.05, s_tmax=50.0, s_noise=1.003,
                 noise_removal=True, eps=1e-3,
                 constrain=common.identity) -> tuple[jax.Array, Info]:
   """EDM's stochastic sampler (churn, then a Heun step): 2 K (+1) evaluations."""
   return _heun_sampler(key, score_fn, sde, shape, churn=True, num_steps=num_steps,
-                       time_schedule=time_schedule, rho=rho, s_churn=s_churn, s_tmin=s_tmin,
+                       grid=schedules.Grid(time_schedule, rho, grid_sigma_min,
+                                           grid_sigma_max), s_churn=s_churn, s_tmin=s_tmin,
                        s_tmax=s_tmax, s_noise=s_noise, noise_removal=noise_removal, eps=eps,
                        constrain=constrain)
 
 
 def check_heun_options(sde, opts: dict) -> dict:
   """Options of 'heun', validated."""
-  del sde
-  opts['time_schedule'], opts['rho'] = schedules.check_schedule(opts['time_schedule'],
-                                                                 opts['rho'])
-  return opts
+  return schedules.check_grid(sde, opts)
 
 
 def check_edm_options(sde, opts: dict) -> dict:

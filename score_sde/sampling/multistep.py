@@ -143,11 +143,11 @@ def unipc_weights(order, h, lam_history, corrector: bool) -> jax.Array:
 # The samplers
 # ----------------------------------------------------------------------------
 
-def _setup(key, score_fn, sde, shape, num_steps, eps, time_schedule, rho, constrain):
+def _setup(key, score_fn, sde, shape, num_steps, eps, grid, constrain):
   keys = common.example_keys(key, shape[0])
   x = constrain(common.prior_sample(sde, common.fold_keys(keys, 0), shape))
   common.check_score_shape(score_fn, x)
-  times = schedules.time_grid(sde, num_steps, eps, time_schedule, rho)
+  times = schedules.time_grid(sde, num_steps, eps, grid)
   return keys, x, times
 
 
@@ -170,11 +170,10 @@ def _finish(score_fn, sde, x, eps, num_steps, noise_removal):
 
 
 def _dpmpp_sampler(key, score_fn, sde, shape, *, order, stochastic, num_steps,
-                   time_schedule, rho, lower_order_final, noise_removal, eps, constrain):
+                   grid, lower_order_final, noise_removal, eps, constrain):
   num_steps = num_steps or sde.N
   example_shape = tuple(shape[1:])
-  keys, x, times = _setup(key, score_fn, sde, shape, num_steps, eps, time_schedule, rho,
-                          constrain)
+  keys, x, times = _setup(key, score_fn, sde, shape, num_steps, eps, grid, constrain)
   orders = step_orders(num_steps, order, lower_order_final)
   history = jnp.zeros((HISTORY,) + x.shape, x.dtype)
   lam_history = jnp.zeros((HISTORY,), jnp.float32)
@@ -205,44 +204,54 @@ def _dpmpp_sampler(key, score_fn, sde, shape, *, order, stochastic, num_steps,
 
 
 def dpmpp_2m_sampler(key, score_fn: ScoreFn, sde, shape, *, num_steps=0, time_schedule='logsnr',
-                     rho=7.0, lower_order_final=True, noise_removal=True, eps=1e-3,
+                     rho=7.0, grid_sigma_min=schedules.GRID_SIGMA_MIN,
+                     grid_sigma_max=schedules.GRID_SIGMA_MAX, lower_order_final=True,
+                     noise_removal=True, eps=1e-3,
                      constrain=common.identity) -> tuple[jax.Array, Info]:
   """DPM-Solver++(2M): K = num_steps steps, K (+1) score evaluations."""
   return _dpmpp_sampler(key, score_fn, sde, shape, order=2, stochastic=False,
-                        num_steps=num_steps, time_schedule=time_schedule, rho=rho,
+                        num_steps=num_steps,
+                        grid=schedules.Grid(time_schedule, rho, grid_sigma_min, grid_sigma_max),
                         lower_order_final=lower_order_final, noise_removal=noise_removal,
                         eps=eps, constrain=constrain)
 
 
 def dpmpp_3m_sampler(key, score_fn: ScoreFn, sde, shape, *, num_steps=0, time_schedule='logsnr',
-                     rho=7.0, lower_order_final=True, noise_removal=True, eps=1e-3,
+                     rho=7.0, grid_sigma_min=schedules.GRID_SIGMA_MIN,
+                     grid_sigma_max=schedules.GRID_SIGMA_MAX, lower_order_final=True,
+                     noise_removal=True, eps=1e-3,
                      constrain=common.identity) -> tuple[jax.Array, Info]:
   """DPM-Solver++(3M): K = num_steps steps, K (+1) score evaluations."""
   return _dpmpp_sampler(key, score_fn, sde, shape, order=3, stochastic=False,
-                        num_steps=num_steps, time_schedule=time_schedule, rho=rho,
+                        num_steps=num_steps,
+                        grid=schedules.Grid(time_schedule, rho, grid_sigma_min, grid_sigma_max),
                         lower_order_final=lower_order_final, noise_removal=noise_removal,
                         eps=eps, constrain=constrain)
 
 
 def dpmpp_2m_sde_sampler(key, score_fn: ScoreFn, sde, shape, *, num_steps=0,
-                         time_schedule='logsnr', rho=7.0, lower_order_final=True,
+                         time_schedule='logsnr', rho=7.0,
+                         grid_sigma_min=schedules.GRID_SIGMA_MIN,
+                         grid_sigma_max=schedules.GRID_SIGMA_MAX, lower_order_final=True,
                          noise_removal=True, eps=1e-3,
                          constrain=common.identity) -> tuple[jax.Array, Info]:
   """SDE-DPM-Solver++(2M): K = num_steps steps, K (+1) score evaluations."""
   return _dpmpp_sampler(key, score_fn, sde, shape, order=2, stochastic=True,
-                        num_steps=num_steps, time_schedule=time_schedule, rho=rho,
+                        num_steps=num_steps,
+                        grid=schedules.Grid(time_schedule, rho, grid_sigma_min, grid_sigma_max),
                         lower_order_final=lower_order_final, noise_removal=noise_removal,
                         eps=eps, constrain=constrain)
 
 
 def unipc_sampler(key, score_fn: ScoreFn, sde, shape, *, num_steps=0, solver_order=3,
-                  time_schedule='logsnr', rho=7.0, lower_order_final=True,
+                  time_schedule='logsnr', rho=7.0, grid_sigma_min=schedules.GRID_SIGMA_MIN,
+                  grid_sigma_max=schedules.GRID_SIGMA_MAX, lower_order_final=True,
                   noise_removal=True, eps=1e-3,
                   constrain=common.identity) -> tuple[jax.Array, Info]:
   """UniPC (B(h) = h), order `solver_order` (2 or 3): K steps, K (+1) evaluations."""
   num_steps = num_steps or sde.N
-  keys, x, times = _setup(key, score_fn, sde, shape, num_steps, eps, time_schedule, rho,
-                          constrain)
+  grid = schedules.Grid(time_schedule, rho, grid_sigma_min, grid_sigma_max)
+  keys, x, times = _setup(key, score_fn, sde, shape, num_steps, eps, grid, constrain)
   del keys
   orders = step_orders(num_steps, solver_order, lower_order_final)
   history = jnp.zeros((HISTORY,) + x.shape, x.dtype)
@@ -279,9 +288,7 @@ def unipc_sampler(key, score_fn: ScoreFn, sde, shape, *, num_steps=0, solver_ord
 
 def check_options(sde, opts: dict) -> dict:
   """Options shared by the multistep methods (and UniPC's order), validated."""
-  del sde
-  opts['time_schedule'], opts['rho'] = schedules.check_schedule(opts['time_schedule'],
-                                                                 opts['rho'])
+  opts = schedules.check_grid(sde, opts)
   opts['lower_order_final'] = bool(opts['lower_order_final'])
   if 'solver_order' in opts:
     order = opts['solver_order']

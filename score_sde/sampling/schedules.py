@@ -12,12 +12,23 @@ closed-form inverse.
 
 Schedules (`time_schedule`), K = num_steps intervals, grid t_0 = T > ... > t_K = eps:
 
-  'karras'  sigma_i = (sigma_max^(1/rho) + i / K (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho
-            with sigma_max = sigma(T), sigma_min = sigma(eps) (Karras et al. 2022, eq. 5)
-  'logsnr'  lambda uniform from lambda(T) to lambda(eps) (Lu et al. 2022)
-  'time'    t uniform from T to eps (the grid of DDIM and the Euler ODE here)
+  'karras'  sigma_i = (sigma_hi^(1/rho) + i / K (sigma_lo^(1/rho) - sigma_hi^(1/rho)))^rho
+            (Karras et al. 2022, eq. 5)
+  'logsnr'  lambda uniform from -log sigma_hi to -log sigma_lo (Lu et al. 2022)
+  'time'    t uniform from t(sigma_hi) to t(sigma_lo)
+
+with sigma_hi = min(sigma(T), grid_sigma_max) and sigma_lo = max(sigma(eps),
+grid_sigma_min); then the first point is moved to T and the last to eps. So the
+grid always spans [eps, T], and its interior noise levels stay within EDM's range
+[0.002, 80] by default: the cosine VP (sigma(T) = 6024) and sub-VP (sigma(eps) =
+1e-4) would otherwise spend steps where the data prediction does not change.
+Where the SDE's own range lies inside [grid_sigma_min, grid_sigma_max] (VE, and
+VP at its bottom end) the grid is the plain one.
 """
 from __future__ import annotations
+
+import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -26,6 +37,16 @@ from score_sde import sde as sde_lib
 
 SCHEDULES = ('karras', 'logsnr', 'time')
 BISECTION_STEPS = 40      # halves [eps, T] below float32 resolution
+GRID_SIGMA_MIN = 0.002    # EDM's noise-level range (Karras et al. 2022, Table 1)
+GRID_SIGMA_MAX = 80.0
+
+
+class Grid(NamedTuple):
+  """How the few-step samplers place their time steps (options of the same names)."""
+  time_schedule: str = 'logsnr'
+  rho: float = 7.0
+  grid_sigma_min: float = GRID_SIGMA_MIN
+  grid_sigma_max: float = GRID_SIGMA_MAX
 
 
 def log_snr(sde, t) -> jax.Array:
@@ -56,31 +77,50 @@ def time_of_log_snr(sde, lam, t_min: float, t_max: float) -> jax.Array:
   return 0.5 * (low + high)
 
 
-def time_grid(sde, num_steps: int, eps: float, schedule: str = 'karras',
-              rho: float = 7.0) -> jax.Array:
+def time_grid(sde, num_steps: int, eps: float, grid: Grid = Grid()) -> jax.Array:
   """[num_steps + 1] times from T down to eps (float32; the ends exact)."""
   fractions = jnp.linspace(0.0, 1.0, num_steps + 1)
-  if schedule == 'time':
-    times = sde.T + fractions * (eps - sde.T)
+  lam_top, lam_bottom = log_snr(sde, sde.T), log_snr(sde, eps)
+  lam_start = jnp.clip(-math.log(grid.grid_sigma_max), lam_top, lam_bottom)
+  lam_end = jnp.clip(-math.log(grid.grid_sigma_min) if grid.grid_sigma_min > 0 else math.inf,
+                     lam_top, lam_bottom)
+  if grid.time_schedule == 'time':
+    start = jnp.where(lam_start > lam_top, time_of_log_snr(sde, lam_start, eps, sde.T), sde.T)
+    end = jnp.where(lam_end < lam_bottom, time_of_log_snr(sde, lam_end, eps, sde.T), eps)
+    times = start + fractions * (end - start)
   else:
-    lam_start, lam_end = log_snr(sde, sde.T), log_snr(sde, eps)
-    if schedule == 'logsnr':
+    if grid.time_schedule == 'logsnr':
       lam = lam_start + fractions * (lam_end - lam_start)
-    elif schedule == 'karras':
+    elif grid.time_schedule == 'karras':
+      rho = grid.rho
       start, end = jnp.exp(-lam_start / rho), jnp.exp(-lam_end / rho)
       lam = -rho * jnp.log(start + fractions * (end - start))
     else:
-      raise ValueError(f'unknown time_schedule {schedule!r}; valid: {list(SCHEDULES)}.')
+      raise ValueError(f'unknown time_schedule {grid.time_schedule!r}; '
+                       f'valid: {list(SCHEDULES)}.')
     times = time_of_log_snr(sde, lam, eps, sde.T)
   return times.at[0].set(sde.T).at[-1].set(eps)
 
 
-def check_schedule(schedule: str, rho) -> tuple[str, float]:
-  """(schedule, rho) validated."""
-  schedule = str(schedule).lower()
+def check_grid(sde, opts: dict) -> dict:
+  """opts with time_schedule, rho, grid_sigma_min / max validated (eps already checked)."""
+  schedule = str(opts['time_schedule']).lower()
   if schedule not in SCHEDULES:
     raise ValueError(f'unknown time_schedule {schedule!r}; valid: {list(SCHEDULES)}.')
-  rho = float(rho)
+  rho = float(opts['rho'])
   if not rho > 0:
     raise ValueError(f'rho (the Karras schedule exponent) must be > 0; got {rho}.')
-  return schedule, rho
+  low, high = float(opts['grid_sigma_min']), float(opts['grid_sigma_max'])
+  if not 0 <= low < high:
+    raise ValueError(f'grid_sigma_min / grid_sigma_max must satisfy 0 <= min < max; got '
+                     f'{opts["grid_sigma_min"]!r} / {opts["grid_sigma_max"]!r}.')
+  sigma_top = float(edm_sigma(sde, sde.T))
+  sigma_bottom = float(edm_sigma(sde, opts['eps']))
+  if low >= sigma_top or high <= sigma_bottom:
+    raise ValueError(f'the grid noise levels [grid_sigma_min, grid_sigma_max] = [{low:g}, '
+                     f'{high:g}] miss this SDE\'s range [sigma(eps), sigma(T)] = '
+                     f'[{sigma_bottom:.3g}, {sigma_top:.3g}]; choose an overlapping range '
+                     f'(defaults {GRID_SIGMA_MIN:g}, {GRID_SIGMA_MAX:g}).')
+  return {**opts, 'time_schedule': schedule, 'rho': rho, 'grid_sigma_min': low,
+          'grid_sigma_max': high}
+
