@@ -265,6 +265,7 @@ def digits_flow(config, name: str) -> ml_collections.ConfigDict:
   config.model.name = name
   config.model.prior = 'gaussian'
   config.model.ema_rate = 0.999
+  config.model.dropout = 0.0            # of the coupling networks' hidden units (training)
   config.sampling.temperature = 1.0     # latent std when sampling (Glow: 0.7 looks cleaner)
   config.optim.lr = 1e-3
   return config

@@ -56,12 +56,14 @@ def prior_sample(key, shape: tuple[int, ...], prior: str = 'gaussian') -> jax.Ar
 
 
 def get_log_prob_fn(forward_fn: Callable, prior: str = 'gaussian') -> Callable:
-  """log_prob(params, x [B, ...]) -> (log p(x) [B] nats, z [B, D]) of a flow whose
-  forward_fn(params, x) gives (z [B, D], log |det dz/dx| [B])."""
+  """log_prob(params, x [B, ...], dropout_key=None) -> (log p(x) [B] nats, z [B, D]) of
+  a flow whose forward_fn(params, x, dropout_key) gives (z [B, D], log |det dz/dx| [B]).
+  With a dropout key (training) the density is that of the flow with its coupling
+  networks' dropout masks drawn from the key."""
   prior = check_prior(prior)
 
-  def log_prob(params, x):
-    z, logdet = forward_fn(params, x)
+  def log_prob(params, x, dropout_key=None):
+    z, logdet = forward_fn(params, x, dropout_key)
     return prior_log_prob(z, prior) + logdet, z
 
   return log_prob

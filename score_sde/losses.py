@@ -352,13 +352,15 @@ def get_loss_fn(config, sde, model_fn, *, train: bool = True, eps: float = 1e-5,
 # ----------------------------------------------------------------------------
 
 def get_flow_nll_loss_fn(log_prob_fn, *, dim: int, inverse_scaler: Callable,
-                         num_levels: int) -> LossFn:
+                         num_levels: int, train: bool = True) -> LossFn:
   """loss(params, key, batch [B, ...]) = mean bits/dim of the batch under the flow.
 
   log_prob_fn(params, x) -> (log p(x) [B] nats, z) is the flow's exact density
   (`score_sde.flows.get_log_prob_fn`); the batch is uniformly dequantised data in
   model space, so the loss is the training split's bits/dim, the number the bpd
-  job reports on the test split. The key is unused (no noise).
+  job reports on the test split. With `train` the key draws the coupling networks'
+  dropout masks (config.model.dropout); without (the eval loss) it is unused and the
+  loss is the exact bits/dim of the batch.
   """
 
   # bits/dim = -logp / (D ln 2) + offset (the levels and the scaler's slope), fixed here.
@@ -366,8 +368,7 @@ def get_flow_nll_loss_fn(log_prob_fn, *, dim: int, inverse_scaler: Callable,
                                          num_levels)[0])
 
   def loss_fn(params, key, batch):
-    del key
-    logp, _ = log_prob_fn(params, batch)
+    logp, _ = log_prob_fn(params, batch, key if train else None)
     return jnp.mean(-logp) / (dim * math.log(2.0)) + offset
 
   return loss_fn

@@ -246,10 +246,9 @@ def loss_fns(config, experiment):
                  for train in (True, False))
   if experiment.is_flow:
     dim = int(np.prod(model_utils.input_shape(config)[1:]))
-    loss_fn = losses.get_flow_nll_loss_fn(
+    return tuple(losses.get_flow_nll_loss_fn(
         experiment.model_fn, dim=dim, inverse_scaler=data_lib.get_data_inverse_scaler(config),
-        num_levels=experiment.num_levels)
-    return loss_fn, loss_fn
+        num_levels=experiment.num_levels, train=train) for train in (True, False))
   loss_kwargs = dict(eps=LOSS_EPS, num_levels=max(experiment.num_levels, 2))
   return tuple(losses.get_loss_fn(config, experiment.sde, experiment.model_fn, train=train,
                                   **loss_kwargs) for train in (True, False))

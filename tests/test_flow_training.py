@@ -162,6 +162,7 @@ def test_controllable_jobs_refuse_a_flow_in_one_line(trained):
                                  r'got 8'),
     (('model', 'num_steps', 0), r'glow needs config.model.num_steps >= 1; got 0'),
     (('model', 'coupling', 'affin'), "unknown glow coupling 'affin'"),
+    (('model', 'dropout', 1.0), r'glow needs 0 <= config.model.dropout < 1; got 1.0'),
 ])
 def test_bad_flow_configs_are_clear_errors_before_compiling(change, match):
   config = small_flow_config('glow', N_ITERS)

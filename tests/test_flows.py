@@ -180,6 +180,69 @@ def test_each_model_inverts_and_its_logdet_is_the_jacobians(name):
   assert np.abs(expected).max() > 0.1
 
 
+DROPOUT_MODELS = {
+    'nice': lambda rate: nice.NICE(IMAGE, num_couplings=4, hidden_layers=2, hidden_features=16,
+                                   dropout=rate),
+    'realnvp': lambda rate: realnvp.RealNVP(IMAGE, num_levels=2, num_res_blocks=1,
+                                            hidden_features=8, dropout=rate),
+    'glow': lambda rate: glow.Glow(IMAGE, num_levels=2, num_steps=2, hidden_features=8,
+                                   dropout=rate),
+}
+
+
+@pytest.mark.parametrize('name', sorted(DROPOUT_MODELS))
+def test_coupling_dropout_acts_only_with_a_key_and_keeps_the_flow_exact(name):
+  """Without a dropout key (likelihood, sampling) a model with dropout is the same map
+  as without; with one, its masks change the map, which stays a bijection: the inverse
+  under the same key gives x back and logdet is the masked map's Jacobian."""
+  x = jax.random.normal(jax.random.PRNGKey(0), (3,) + IMAGE)
+  plain, dropped = DROPOUT_MODELS[name](0.0), DROPOUT_MODELS[name](0.5)
+  params = plain.init(jax.random.PRNGKey(1), x, method='forward')['params']
+  # (a smaller perturbation than the model test's: dropout at 0.5 doubles the kept
+  # hidden units, and Glow's perturbed split priors amplify the round-off of its inverse)
+  params = _perturb(params, jax.random.PRNGKey(2), 0.05)
+  forward = model_utils.flow_functions(dropped).forward
+  z_plain, logdet_plain = model_utils.flow_functions(plain).forward(params, x)
+  z_eval, logdet_eval = forward(params, x)
+  np.testing.assert_array_equal(z_eval, z_plain)
+  np.testing.assert_array_equal(logdet_eval, logdet_plain)
+  key = jax.random.PRNGKey(5)
+  z_train, logdet_train = forward(params, x, key)
+  assert np.abs(np.asarray(z_train - z_plain)).max() > 1e-3
+  np.testing.assert_array_equal(forward(params, x, key)[0], z_train)     # one mask per key
+  assert np.abs(np.asarray(forward(params, x, jax.random.PRNGKey(6))[0] - z_train)).max() > 1e-3
+  x_back = dropped.apply({'params': params}, z_train, method='inverse', rngs={'dropout': key})
+  np.testing.assert_allclose(x_back, x, atol=1e-4)
+  # The masks depend on the batch shape: differentiate the whole batch's map and take
+  # each example's diagonal block (examples do not mix).
+  dim = int(np.prod(IMAGE))
+  jac = np.asarray(jax.jacfwd(lambda v: forward(params, v.reshape(x.shape), key)[0].reshape(-1))(
+      x.reshape(-1)), np.float64).reshape(3, dim, 3, dim)
+  expected = [np.linalg.slogdet(jac[i, :, i, :])[1] for i in range(3)]
+  np.testing.assert_allclose(logdet_train, expected, rtol=1e-4, atol=2e-3)
+
+
+def test_flow_train_loss_draws_dropout_masks_from_its_key_and_the_eval_loss_is_exact():
+  from score_sde import losses
+  x = jax.random.normal(jax.random.PRNGKey(0), (4,) + IMAGE)
+  losses_by_rate = {}
+  for rate in (0.0, 0.5):
+    model = DROPOUT_MODELS['glow'](rate)
+    params = _perturb(model.init(jax.random.PRNGKey(1), x, method='forward')['params'],
+                      jax.random.PRNGKey(2), 0.1)
+    loss_fn = losses.get_flow_nll_loss_fn(
+        flows.get_log_prob_fn(model_utils.flow_functions(model).forward),
+        dim=int(np.prod(IMAGE)), inverse_scaler=lambda v: v, num_levels=256)
+    eval_loss_fn = losses.get_flow_nll_loss_fn(
+        flows.get_log_prob_fn(model_utils.flow_functions(model).forward),
+        dim=int(np.prod(IMAGE)), inverse_scaler=lambda v: v, num_levels=256, train=False)
+    losses_by_rate[rate] = [float(fn(params, jax.random.PRNGKey(k), x))
+                            for fn in (loss_fn, eval_loss_fn) for k in (0, 1)]
+  assert len(set(losses_by_rate[0.0])) == 1            # no dropout: one value
+  train_0, train_1, eval_0, eval_1 = losses_by_rate[0.5]
+  assert train_0 != train_1 and eval_0 == eval_1 == losses_by_rate[0.0][0]
+
+
 def test_an_all_affine_flow_has_the_closed_form_gaussian_density():
   """Glow with additive couplings whose networks stay zero, and split priors whose
   convolutions have only a bias, is an affine map x = M z + c of a standard normal z:

@@ -101,7 +101,7 @@ def get_config():
   # published bits/dim are of the raw parameters. Ours evaluates the EMA; with a
   # horizon of one epoch it stays close to the raw parameters.
   model.ema_rate = 1. - 1. / 98
-  model.dropout = 0.                          # not read by flows; no dropout in Glow
+  model.dropout = 0.                          # coupling networks: no dropout in Glow
 
   # optimisation
   optim = config.optim

@@ -88,7 +88,7 @@ def get_config():
   # there are batch-norm statistics). 0.999, as the CIFAR-10 score models: a
   # horizon of ~1,000 steps, 1.3 epochs at batch 64.
   model.ema_rate = 0.999
-  model.dropout = 0.                          # not read by flows; no dropout in [paper] / [code]
+  model.dropout = 0.                          # coupling networks: no dropout in [paper] / [code]
 
   # optimisation
   optim = config.optim

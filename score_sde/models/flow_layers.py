@@ -139,33 +139,46 @@ class InvConv1x1(nn.Module):
 # Coupling networks: [B, ..., C_in] -> [B, ..., out_features], last layer zero
 # ----------------------------------------------------------------------------
 
+def hidden_dropout(module: nn.Module, rate: float, h):
+  """Dropout of hidden units, on only while a 'dropout' rng is given (the training
+  loss passes one; likelihood, sampling and initialisation do not). One mask per
+  forward pass: the flow stays a bijection with the same exact logdet, so the loss
+  is the likelihood under a randomly thinned coupling network (Flow++'s regulariser)."""
+  if not rate:
+    return h
+  return nn.Dropout(rate, deterministic=not module.has_rng('dropout'))(h)
+
+
 class MLPNet(nn.Module):
   """NICE's coupling function: `depth` ReLU layers of `features` units, linear output."""
   features: int
   depth: int
   out_features: int
+  dropout: float = 0.0
 
   @nn.compact
   def __call__(self, x):
     for _ in range(self.depth):
-      x = nn.relu(nn.Dense(self.features)(x))
+      x = hidden_dropout(self, self.dropout, nn.relu(nn.Dense(self.features)(x)))
     return nn.Dense(self.out_features, kernel_init=nn.initializers.zeros)(x)
 
 
 class ResNet(nn.Module):
   """RealNVP's coupling network: a 3x3 convolution to `features` maps, `num_blocks`
   pre-activation residual blocks (ReLU, 3x3, ReLU, 3x3; the second convolution
-  zero-initialised, so each block starts as the identity), ReLU, a 3x3 output."""
+  zero-initialised, so each block starts as the identity), ReLU, a 3x3 output.
+  Dropout (if any) acts between a block's two convolutions."""
   features: int
   num_blocks: int
   out_features: int
+  dropout: float = 0.0
 
   @nn.compact
   def __call__(self, x):
     h = nn.Conv(self.features, (3, 3))(x)
     for _ in range(self.num_blocks):
-      r = nn.Conv(self.features, (3, 3))(nn.relu(h))
-      h = h + nn.Conv(self.features, (3, 3), kernel_init=nn.initializers.zeros)(nn.relu(r))
+      r = hidden_dropout(self, self.dropout, nn.relu(nn.Conv(self.features, (3, 3))(nn.relu(h))))
+      h = h + nn.Conv(self.features, (3, 3), kernel_init=nn.initializers.zeros)(r)
     return nn.Conv(self.out_features, (3, 3), kernel_init=nn.initializers.zeros)(nn.relu(h))
 
 
@@ -183,16 +196,18 @@ class ZeroConv(nn.Module):
 
 class GlowNet(nn.Module):
   """Glow's coupling network: 3x3 conv, ActNorm, ReLU, 1x1 conv, ActNorm, ReLU, `ZeroConv`
-  (the convolutions before an ActNorm have no bias, as in Glow's code)."""
+  (the convolutions before an ActNorm have no bias, as in Glow's code); dropout (if
+  any) before the output convolution."""
   features: int
   out_features: int
+  dropout: float = 0.0
 
   @nn.compact
   def __call__(self, x):
     h = nn.Conv(self.features, (3, 3), use_bias=False)(x)
     h = nn.relu(ActNorm()(h)[0])
     h = nn.Conv(self.features, (1, 1), use_bias=False)(h)
-    h = nn.relu(ActNorm()(h)[0])
+    h = hidden_dropout(self, self.dropout, nn.relu(ActNorm()(h)[0]))
     return ZeroConv(self.out_features)(h)
 
 
@@ -246,14 +261,15 @@ class Coupling(nn.Module):
   depth: int = 1
   transform: str = 'affine'
   log_scale: str = 'tanh'
+  dropout: float = 0.0      # of the network's hidden units, in training only
 
   def _network(self, out_features: int) -> nn.Module:
     if self.network == 'mlp':
-      return MLPNet(self.features, self.depth, out_features)
+      return MLPNet(self.features, self.depth, out_features, self.dropout)
     if self.network == 'resnet':
-      return ResNet(self.features, self.depth, out_features)
+      return ResNet(self.features, self.depth, out_features, self.dropout)
     if self.network == 'glow':
-      return GlowNet(self.features, out_features)
+      return GlowNet(self.features, out_features, self.dropout)
     raise ValueError(f'unknown coupling network {self.network!r}; valid: {list(NETWORKS)}.')
 
   def _log_scale_and_shift(self, inputs, channels: int):
@@ -405,6 +421,14 @@ def check_positive(name: str, **values) -> None:
   for key, value in values.items():
     if int(value) < 1:
       raise ValueError(f'{name} needs config.model.{key} >= 1; got {value}.')
+
+
+def dropout_from_config(config, name: str) -> float:
+  """config.model.dropout (0 if absent) as a rate in [0, 1)."""
+  rate = float(config.model.get('dropout', 0.0))
+  if not 0.0 <= rate < 1.0:
+    raise ValueError(f'{name} needs 0 <= config.model.dropout < 1; got {rate}.')
+  return rate
 
 
 def check_float32(config, name: str) -> None:

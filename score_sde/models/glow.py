@@ -38,6 +38,7 @@ class Glow(nn.Module):
   hidden_features: int = 512
   coupling: str = 'affine'
   learn_top: bool = True
+  dropout: float = 0.0          # coupling networks' hidden units, training only
 
   def setup(self):
     check_coupling(self.coupling)
@@ -46,7 +47,8 @@ class Glow(nn.Module):
     self.convs = [fl.InvConv1x1(seed=i) for i in range(n)]
     self.couplings = [fl.Coupling(mask='channel', parity=0, network='glow',
                                   features=self.hidden_features, transform=self.coupling,
-                                  log_scale='sigmoid') for _ in range(n)]
+                                  log_scale='sigmoid', dropout=self.dropout)
+                      for _ in range(n)]
     self.splits = [fl.SplitPrior() for _ in range(self.num_levels - 1)]
     if self.learn_top:
       self.top = fl.TopPrior()
@@ -111,7 +113,8 @@ class Glow(nn.Module):
                num_steps=int(model.get('num_steps', 32)),
                hidden_features=int(model.get('hidden_features', 512)),
                coupling=str(model.get('coupling', 'affine')).lower(),
-               learn_top=bool(model.get('learn_top', True)))
+               learn_top=bool(model.get('learn_top', True)),
+               dropout=fl.dropout_from_config(config, 'glow'))
     fl.check_positive('glow', num_levels=flow.num_levels, num_steps=flow.num_steps,
                       hidden_features=flow.hidden_features)
     fl.check_squeezes(flow.image_shape, flow.num_levels, 'glow')

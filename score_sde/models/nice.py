@@ -20,11 +20,12 @@ class NICE(nn.Module):
   num_couplings: int = 4
   hidden_layers: int = 5
   hidden_features: int = 1000
+  dropout: float = 0.0          # coupling networks' hidden units, training only
 
   def setup(self):
     self.couplings = [fl.Coupling(mask='alternate', parity=i % 2, network='mlp',
                                   features=self.hidden_features, depth=self.hidden_layers,
-                                  transform='additive')
+                                  transform='additive', dropout=self.dropout)
                       for i in range(self.num_couplings)]
     self.scaling = fl.DiagonalScaling(data_init=True)
 
@@ -60,7 +61,8 @@ class NICE(nn.Module):
     flow = cls(image_shape=fl.image_shape_from_config(config),
                num_couplings=int(model.get('num_couplings', 4)),
                hidden_layers=int(model.get('hidden_layers', 5)),
-               hidden_features=int(model.get('hidden_features', 1000)))
+               hidden_features=int(model.get('hidden_features', 1000)),
+               dropout=fl.dropout_from_config(config, 'nice'))
     fl.check_positive('nice', num_couplings=flow.num_couplings,
                       hidden_features=flow.hidden_features)
     return flow

@@ -31,11 +31,12 @@ class RealNVP(nn.Module):
   num_levels: int = 2
   num_res_blocks: int = 8
   hidden_features: int = 64
+  dropout: float = 0.0          # coupling networks' hidden units, training only
 
   def _coupling(self, mask, parity, level):
     return fl.Coupling(mask=mask, parity=parity, network='resnet',
                        features=self.hidden_features * 2 ** level, depth=self.num_res_blocks,
-                       transform='affine', log_scale='tanh')
+                       transform='affine', log_scale='tanh', dropout=self.dropout)
 
   def setup(self):
     if self.num_levels < 1:
@@ -100,7 +101,8 @@ class RealNVP(nn.Module):
     flow = cls(image_shape=fl.image_shape_from_config(config),
                num_levels=int(model.get('num_levels', 2)),
                num_res_blocks=int(model.get('num_res_blocks', 8)),
-               hidden_features=int(model.get('hidden_features', 64)))
+               hidden_features=int(model.get('hidden_features', 64)),
+               dropout=fl.dropout_from_config(config, 'realnvp'))
     fl.check_positive('realnvp', num_levels=flow.num_levels, num_res_blocks=flow.num_res_blocks,
                       hidden_features=flow.hidden_features)
     fl.check_squeezes(flow.image_shape, flow.num_levels - 1, 'realnvp')

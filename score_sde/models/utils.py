@@ -44,15 +44,17 @@ def init_params(key, model, config, batch_size: int = 1, batch=None):
 
 class FlowFunctions(NamedTuple):
   """A normalizing flow as the functions `score_sde.flows` takes."""
-  forward: Callable      # (params, x [B, H, W, C]) -> (z [B, D], log |det dz/dx| [B])
+  forward: Callable      # (params, x [B, H, W, C], dropout_key=None) -> (z [B, D],
+                         #   log |det dz/dx| [B]); dropout only with a key (training)
   inverse: Callable      # (params, z [B, D]) -> x [B, H, W, C]
   latent_dim: int        # D
 
 
 def flow_functions(model) -> FlowFunctions:
   """The forward and inverse maps and latent size of a flow network (models.FLOW_MODELS)."""
-  def forward_fn(params, x):
-    return model.apply({'params': params}, x, method='forward')
+  def forward_fn(params, x, dropout_key=None):
+    rngs = {} if dropout_key is None else {'dropout': dropout_key}
+    return model.apply({'params': params}, x, method='forward', rngs=rngs)
 
   def inverse_fn(params, z):
     return model.apply({'params': params}, z, method='inverse')
