@@ -28,3 +28,12 @@ import pytest  # noqa: E402
 @pytest.fixture
 def key():
   return jax.random.PRNGKey(0)
+
+
+@pytest.fixture
+def four_devices():
+  """The first 4 devices; skips (saying why) where fewer exist."""
+  if len(jax.devices()) < 4:
+    pytest.skip('needs 4 devices; tests/conftest.py simulates 4 CPU devices unless XLA_FLAGS '
+                'already sets --xla_force_host_platform_device_count')
+  return jax.devices()[:4]

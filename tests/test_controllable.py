@@ -252,9 +252,9 @@ def test_image_inpainting_keeps_known_pixels_and_is_reproducible_per_example():
   np.testing.assert_allclose(np.asarray(half), out[:4], rtol=1e-5, atol=1e-5)
 
 
-def test_inpainting_on_a_mesh_equals_one_device():
+def test_inpainting_on_a_mesh_equals_one_device(four_devices):
   sde = SDES['vp']
-  mesh = parallel.make_mesh(jax.devices()[:4])
+  mesh = parallel.make_mesh(four_devices)
   observed = jnp.tile(jnp.asarray(OBSERVED, jnp.float32), (8, 1))
   one, _ = controllable.inpaint(KEY, SCORES['vp'], sde, observed, KNOWN, corrector='none')
   sharded, _ = controllable.inpaint(KEY, SCORES['vp'], sde, observed, KNOWN,

@@ -215,17 +215,14 @@ def test_stochastic_samplers_draw_per_example_noise(method):
 
 
 @pytest.mark.parametrize('method', ['edm', 'dpmpp_2m_sde', 'unipc'])
-def test_samples_do_not_depend_on_device_count(method):
-  if len(jax.devices()) < 4:
-    pytest.skip('needs 4 devices; tests/conftest.py simulates 4 CPU devices unless XLA_FLAGS '
-                'already sets --xla_force_host_platform_device_count')
+def test_samples_do_not_depend_on_device_count(method, four_devices):
   sde = SDES['vp']
   config = ml_collections.ConfigDict()
   config.sampling = ml_collections.ConfigDict(dict(method=method, num_steps=8,
                                                    time_schedule='auto'))
   outputs = []
   for num_devices in (1, 4):
-    mesh = parallel.make_mesh(jax.devices()[:num_devices])
+    mesh = parallel.make_mesh(four_devices[:num_devices])
     fn = sampling.get_sampling_fn(config, sde, lambda mix, x, t: mix.score(x, t, sde), (8, 2),
                                   1e-3, mesh)
     x, info = fn(KEY, MIX)

@@ -70,7 +70,7 @@ def test_resume_of_a_flow_is_bitwise_exact(trained, tmp_path):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
-def test_flow_train_step_on_one_and_four_devices_agrees(trained):
+def test_flow_train_step_on_one_and_four_devices_agrees(trained, four_devices):
   _, config, _ = trained['realnvp']
   experiment = experiment_lib.build_experiment(config)
   optimizer, schedule = experiment_lib.get_optimizer(config)
@@ -80,7 +80,7 @@ def test_flow_train_step_on_one_and_four_devices_agrees(trained):
   init_batch = experiment_lib.flow_init_batch(config)
   results = []
   for devices in (1, 4):
-    mesh = parallel.make_mesh(jax.devices()[:devices])
+    mesh = parallel.make_mesh(four_devices[:devices])
     _, init = experiment_lib.abstract_train_state(experiment, optimizer, mesh)
     state = jax.jit(init, out_shardings=parallel.replicated(mesh))(
         jax.random.PRNGKey(0), init_batch)

@@ -289,7 +289,8 @@ def _sampler(model, n, **options):
   return flows.get_sampler(flow.inverse, flow.latent_dim, n, **options)
 
 
-def test_sampler_temperature_scales_the_latent_and_sharding_does_not_change_samples():
+def test_sampler_temperature_scales_the_latent_and_sharding_does_not_change_samples(
+    four_devices):
   model = MODELS['glow_affine']()
   x0 = jax.random.normal(jax.random.PRNGKey(0), (4,) + IMAGE)
   params = _perturb(model.init(jax.random.PRNGKey(1), x0, method='forward')['params'],
@@ -298,7 +299,7 @@ def test_sampler_temperature_scales_the_latent_and_sharding_does_not_change_samp
   one, info = _sampler(model, 8)(key, params)
   assert np.all(np.isfinite(np.asarray(one)))
   assert one.shape == (8,) + IMAGE and int(info['nfe']) == 1
-  mesh = parallel.make_mesh(jax.devices()[:4])
+  mesh = parallel.make_mesh(four_devices)
   four, _ = _sampler(model, 8, mesh=mesh)(key, params)
   np.testing.assert_allclose(np.asarray(four), np.asarray(one), rtol=1e-6, atol=1e-6)
   # the inverse keeps the batch sharded: no device gathers the whole batch
@@ -313,7 +314,7 @@ def test_sampler_temperature_scales_the_latent_and_sharding_does_not_change_samp
     _sampler(model, 8, temperature=0.0)
 
 
-def test_flow_likelihood_fn_is_exact_and_sharded_alike():
+def test_flow_likelihood_fn_is_exact_and_sharded_alike(four_devices):
   model = MODELS['realnvp']()
   x = jax.random.normal(jax.random.PRNGKey(0), (8,) + IMAGE)
   params = _perturb(model.init(jax.random.PRNGKey(1), x, method='forward')['params'],
@@ -324,7 +325,7 @@ def test_flow_likelihood_fn_is_exact_and_sharded_alike():
   np.testing.assert_allclose(logp, scipy.stats.norm.logpdf(np.asarray(direct_z)).sum(-1)
                              + np.asarray(logdet), rtol=1e-5)
   assert int(info['nfe']) == 1 and np.all(np.asarray(info['nfe_per_example']) == 1)
-  mesh = parallel.make_mesh(jax.devices()[:4])
+  mesh = parallel.make_mesh(four_devices)
   sharded = flows.get_likelihood_fn(log_prob, mesh=mesh)(
       jax.random.PRNGKey(3), params, parallel.host_to_global(np.asarray(x), mesh))[0]
   np.testing.assert_allclose(parallel.gather(sharded), logp, rtol=1e-6)

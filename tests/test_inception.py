@@ -61,8 +61,8 @@ def test_grey_images_are_repeated_to_three_channels(params, images):
   np.testing.assert_array_equal(logits_grey, logits_rgb)
 
 
-def test_sharded_features_equal_single_device(params, images):
-  mesh = parallel.make_mesh(jax.devices()[:4])
+def test_sharded_features_equal_single_device(params, images, four_devices):
+  mesh = parallel.make_mesh(four_devices)
   placed = inception.replicate_params(params, mesh)
   pool_mesh, logits_mesh = inception.features(placed, images, mesh=mesh, image_size=SMALL)
   pool, logits = inception.features(params, images, image_size=SMALL)

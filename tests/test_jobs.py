@@ -83,12 +83,12 @@ def test_sample_job_shards_manifest_and_resume(workdir):
     jobs.sample_job(workdir, config, num_samples=20, shard_size=8, tag='a')
 
 
-def test_one_and_four_devices_give_the_same_samples(workdir):
+def test_one_and_four_devices_give_the_same_samples(workdir, four_devices):
   config = experiment_lib.load_config(workdir)
   one = jobs.sample_job(workdir, config, num_samples=8, shard_size=8, tag='one',
                         save_floats=True, mesh=parallel.make_mesh(jax.devices()[:1]))
   four = jobs.sample_job(workdir, config, num_samples=8, shard_size=8, tag='four',
-                         save_floats=True, mesh=parallel.make_mesh(jax.devices()[:4]))
+                         save_floats=True, mesh=parallel.make_mesh(four_devices))
   a, b = io.load_npz(one + '/shard_00000.npz'), io.load_npz(four + '/shard_00000.npz')
   np.testing.assert_allclose(a['samples'], b['samples'], rtol=1e-4, atol=1e-5)
 

@@ -215,16 +215,13 @@ def test_bits_per_dim_of_exact_model_on_discretised_gaussian():
 # Launcher variant: parameters as arguments, mesh-aware
 # ----------------------------------------------------------------------------
 
-def test_likelihood_fn_does_not_depend_on_device_count(mixtures):
-  if len(jax.devices()) < 4:
-    pytest.skip('needs 4 devices; tests/conftest.py simulates 4 CPU devices unless XLA_FLAGS '
-                'already sets --xla_force_host_platform_device_count')
+def test_likelihood_fn_does_not_depend_on_device_count(mixtures, four_devices):
   mix, sde = mixtures[2], SDES['vp']
   score_model_fn = lambda m, x, t: m.score(x, t, sde)   # noqa: E731
   x = mix.sample(jax.random.PRNGKey(7), 8)
   results = []
   for num_devices in (1, 4):
-    mesh = parallel.make_mesh(jax.devices()[:num_devices])
+    mesh = parallel.make_mesh(four_devices[:num_devices])
     fn = likelihood.get_likelihood_fn(sde, score_model_fn, rtol=1e-4, atol=1e-4, mesh=mesh)
     logp, z, _ = fn(KEY, mix, x)
     assert len(logp.sharding.device_set) == num_devices

@@ -375,17 +375,14 @@ def _mixture_score_model(sde):
 @pytest.mark.parametrize('method,options', [
     ('pc', {}), ('ode', {}), pytest.param('sde', {}, marks=pytest.mark.slow),
     pytest.param('pc', dict(snr_norm='batch'), marks=pytest.mark.slow)])
-def test_samples_do_not_depend_on_device_count(method, options):
+def test_samples_do_not_depend_on_device_count(method, options, four_devices):
   """Batch means ('batch' snr norms) are global means: only rounding may differ."""
-  if len(jax.devices()) < 4:
-    pytest.skip('needs 4 devices; tests/conftest.py simulates 4 CPU devices unless XLA_FLAGS '
-                'already sets --xla_force_host_platform_device_count')
   sde = SDES['vp']
   config = _config(method, **options)
   shape = (8, 2)
   outputs = []
   for num_devices in (1, 4):
-    mesh = parallel.make_mesh(jax.devices()[:num_devices])
+    mesh = parallel.make_mesh(four_devices[:num_devices])
     fn = sampling.get_sampling_fn(config, sde, _mixture_score_model(sde), shape, 1e-3, mesh)
     x, _ = fn(KEY, MIX)
     assert len(x.sharding.device_set) == num_devices
@@ -451,11 +448,8 @@ def test_shape_mismatch_raises():
     sampling.sample(KEY, SCORES['vp'], SDES['vp'], (0, 2), 'pc')
 
 
-def test_batch_not_divisible_by_devices_raises():
-  mesh = parallel.make_mesh(jax.devices()[:4]) if len(jax.devices()) >= 4 else None
-  if mesh is None:
-    pytest.skip('needs 4 devices; tests/conftest.py simulates 4 CPU devices unless XLA_FLAGS '
-                'already sets --xla_force_host_platform_device_count')
+def test_batch_not_divisible_by_devices_raises(four_devices):
+  mesh = parallel.make_mesh(four_devices)
   with pytest.raises(ValueError,
                      match=r'number of samples 6 does not divide by the number of devices 4'):
     sampling.get_sampling_fn(_config('pc'), SDES['vp'], _mixture_score_model(SDES['vp']),

@@ -66,7 +66,7 @@ def _assert_trees_equal(a, b, exact=True):
 # ----------------------------------------------------------------------------
 
 def _steps_on(devices, config, batches):
-  mesh = parallel.make_mesh(jax.devices()[:devices])
+  mesh = parallel.make_mesh(devices)
   experiment = experiment_lib.build_experiment(config)
   optimizer, schedule = experiment_lib.get_optimizer(config)
   loss_fn = losses.get_loss_fn(config, experiment.sde, experiment.model_fn)
@@ -84,12 +84,12 @@ def _steps_on(devices, config, batches):
   return state, losses_seen
 
 
-def test_train_step_on_one_and_four_devices_agree():
+def test_train_step_on_one_and_four_devices_agree(four_devices):
   config = small_toy_config(2)
   it = data_lib.train_iterator(config, global_batch_size=16, seed=0)
   batches = [next(it) for _ in range(3)]
-  state1, losses1 = _steps_on(1, config, batches)
-  state4, losses4 = _steps_on(4, config, batches)
+  state1, losses1 = _steps_on(four_devices[:1], config, batches)
+  state4, losses4 = _steps_on(four_devices, config, batches)
   np.testing.assert_allclose(losses1, losses4, rtol=1e-5)
   _assert_trees_equal(state1.params, state4.params, exact=False)
   _assert_trees_equal(state1.ema_params, state4.ema_params, exact=False)
