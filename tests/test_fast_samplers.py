@@ -140,7 +140,7 @@ def test_karras_grid_on_ve_equals_the_closed_form():
 
 
 def test_karras_grid_keeps_edms_sigma_range_inside_a_wider_sde():
-  """VE with sigma in [1e-3, 378] (the CIFAR-10 config): the interior points are EDM's
+  """VE with sigma in [1e-3, 378] (the LSUN configs): the interior points are EDM's
   sigma_i between 80 and 0.002; the ends stay at T and eps."""
   sde = sde_lib.VESDE(sigma_min=0.001, sigma_max=378.0)
   eps, k, rho = 1e-5, 10, 7.0
@@ -184,6 +184,21 @@ def test_default_logsnr_grid_is_uniform_inside_edms_sigma_range(sde_name):
   assert np.all((sigma > 0.002) & (sigma < 80.0))
 
 
+def test_time_grid_is_uniform_in_t_inside_edms_sigma_range():
+  """Cosine VP (sigma(T) = 6024): the interior times are equally spaced, and continuing
+  that spacing one step past each end lands on sigma = 80 and sigma = max(sigma(eps), 0.002)."""
+  sde, eps, k = ALL_SDES['cosine'], 1e-3, 8
+  times = np.asarray(schedules.time_grid(sde, k, eps, schedules.Grid('time')), np.float64)
+  interior = times[1:-1]
+  spacing = np.diff(interior)
+  np.testing.assert_allclose(spacing, spacing.mean(), rtol=1e-4)
+  top, bottom = interior[0] - spacing.mean(), interior[-1] + spacing.mean()
+  sigma_bottom = max(float(schedules.edm_sigma(sde, eps)), 0.002)
+  np.testing.assert_allclose(float(schedules.edm_sigma(sde, top)), 80.0, rtol=1e-3)
+  np.testing.assert_allclose(float(schedules.edm_sigma(sde, bottom)), sigma_bottom, rtol=1e-3)
+  np.testing.assert_array_equal(times[[0, -1]], np.float32([sde.T, eps]))
+
+
 def test_step_orders_warm_up_and_lower_the_final_steps():
   np.testing.assert_array_equal(multistep.step_orders(6, 3, True), [1, 2, 3, 3, 2, 1])
   np.testing.assert_array_equal(multistep.step_orders(6, 3, False), [1, 2, 3, 3, 3, 3])
@@ -198,7 +213,15 @@ def test_step_orders_warm_up_and_lower_the_final_steps():
 @pytest.mark.parametrize('noise_removal', [True, False])
 def test_reported_nfe_counts_score_calls(method, noise_removal):
   calls, info = count_score_calls(method, num_steps=5, noise_removal=noise_removal)
-  assert calls == int(info['nfe']) == 5 * EVALS_PER_STEP.get(method, 1) + noise_removal
+  # heun / edm: the VP's sigma(T) = 152 lies above grid_sigma_max = 80, so their first
+  # step is an Euler step (one evaluation); without the clip all five are Heun steps.
+  euler_first = int(method in EVALS_PER_STEP)
+  assert calls == int(info['nfe']) == (5 * EVALS_PER_STEP.get(method, 1) - euler_first
+                                        + noise_removal)
+  if euler_first:
+    calls, info = count_score_calls(method, num_steps=5, noise_removal=noise_removal,
+                                    grid_sigma_max=1e9)
+    assert calls == int(info['nfe']) == 10 + noise_removal
 
 
 @pytest.mark.parametrize('method', ['edm', 'dpmpp_2m_sde'])
@@ -228,7 +251,7 @@ def test_samples_do_not_depend_on_device_count(method, four_devices):
     x, info = fn(KEY, MIX)
     assert len(x.sharding.device_set) == num_devices
     outputs.append(np.asarray(x))
-  assert int(info['nfe']) == 8 * EVALS_PER_STEP.get(method, 1) + 1
+  assert int(info['nfe']) == 8 * EVALS_PER_STEP.get(method, 1) + 1 - (method == 'edm')
   # Only rounding may differ (XLA fuses per device count; EDM's y = x / m(t) at
   # sigma(T) = 152 amplifies it: 4e-5 measured).
   np.testing.assert_allclose(outputs[0], outputs[1], rtol=1e-4, atol=1e-4)
@@ -238,9 +261,9 @@ def test_config_auto_schedule_is_the_methods_own():
   sde = SDES['vp']
   for method in FAST:
     _, opts = sampling.resolve_options(sde, method, dict(time_schedule='auto'))
-    assert opts['time_schedule'] == sampling.METHODS[method].defaults['time_schedule']
+    assert opts['grid'].time_schedule == sampling.METHODS[method].defaults['time_schedule']
   _, opts = sampling.resolve_options(sde, 'heun', dict(time_schedule='Karras'))
-  assert opts['time_schedule'] == 'karras'
+  assert opts['grid'] == schedules.Grid('karras', 7.0, 0.002, 80.0)
 
 
 

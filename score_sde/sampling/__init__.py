@@ -105,8 +105,9 @@ class Method(NamedTuple):
   check: Callable            # check(sde, opts) -> opts: validates the method's own options
 
 
-# The few-step samplers' grid keeps its interior noise levels in EDM's range.
-GRID_RANGE = dict(grid_sigma_min=schedules.GRID_SIGMA_MIN, grid_sigma_max=schedules.GRID_SIGMA_MAX)
+# The few-step samplers' time-grid options (time_schedule, rho, grid_sigma_min /
+# grid_sigma_max) with their defaults; validated into one `schedules.Grid`.
+GRID_OPTIONS = schedules.Grid()._asdict()
 
 METHODS = {
     'pc': Method(pc.pc_sampler, dict(
@@ -122,22 +123,22 @@ METHODS = {
     'ddim': Method(ddim.ddim_sampler, dict(
         ddim_eta=0.0, num_steps=0, noise_removal=True, eps=1e-3), ddim.check_options),
     'heun': Method(edm.heun_sampler, dict(
-        num_steps=0, time_schedule='logsnr', rho=7.0, **GRID_RANGE, noise_removal=True, eps=1e-3),
+        num_steps=0, **GRID_OPTIONS, noise_removal=True, eps=1e-3),
         edm.check_heun_options),
     'edm': Method(edm.edm_sampler, dict(
-        num_steps=0, time_schedule='logsnr', rho=7.0, **GRID_RANGE, s_churn=40.0, s_tmin=0.05,
+        num_steps=0, **GRID_OPTIONS, s_churn=40.0, s_tmin=0.05,
         s_tmax=50.0, s_noise=1.003, noise_removal=True, eps=1e-3), edm.check_edm_options),
     'dpmpp_2m': Method(multistep.dpmpp_2m_sampler, dict(
-        num_steps=0, time_schedule='logsnr', rho=7.0, **GRID_RANGE, lower_order_final=True,
+        num_steps=0, **GRID_OPTIONS, lower_order_final=True,
         noise_removal=True, eps=1e-3), multistep.check_options),
     'dpmpp_3m': Method(multistep.dpmpp_3m_sampler, dict(
-        num_steps=0, time_schedule='logsnr', rho=7.0, **GRID_RANGE, lower_order_final=True,
+        num_steps=0, **GRID_OPTIONS, lower_order_final=True,
         noise_removal=True, eps=1e-3), multistep.check_options),
     'dpmpp_2m_sde': Method(multistep.dpmpp_2m_sde_sampler, dict(
-        num_steps=0, time_schedule='logsnr', rho=7.0, **GRID_RANGE, lower_order_final=True,
+        num_steps=0, **GRID_OPTIONS, lower_order_final=True,
         noise_removal=True, eps=1e-3), multistep.check_options),
     'unipc': Method(multistep.unipc_sampler, dict(
-        num_steps=0, solver_order=3, time_schedule='logsnr', rho=7.0, **GRID_RANGE,
+        num_steps=0, solver_order=3, **GRID_OPTIONS,
         lower_order_final=True, noise_removal=True, eps=1e-3), multistep.check_options),
 }
 
@@ -261,8 +262,9 @@ def sample(key, score_fn: ScoreFn, sde, shape, method: str = 'pc', *, mesh=None,
       noise_removal), 'heun' (num_steps, time_schedule, rho, grid_sigma_min,
       grid_sigma_max, noise_removal),
       'edm' (those of heun, s_churn, s_tmin, s_tmax, s_noise), 'dpmpp_2m',
-      'dpmpp_3m', 'dpmpp_2m_sde' (num_steps, time_schedule, rho, grid_sigma_min, grid_sigma_max,
-      lower_order_final, noise_removal), 'unipc' (those and solver_order).
+      'dpmpp_3m', 'dpmpp_2m_sde' (num_steps, time_schedule, rho, grid_sigma_min,
+      grid_sigma_max, lower_order_final, noise_removal), 'unipc' (those and
+      solver_order).
       All take eps (default 1e-3) and matmul_precision ('inherit' |
       'default' | 'high' | 'highest', of every dot / convolution). num_steps 0 means sde.N; time_schedule is
       'karras' | 'logsnr' | 'time' (default 'logsnr'; 'auto': the default).

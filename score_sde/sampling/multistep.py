@@ -203,54 +203,45 @@ def _dpmpp_sampler(key, score_fn, sde, shape, *, order, stochastic, num_steps,
   return _finish(score_fn, sde, x, eps, num_steps, noise_removal)
 
 
-def dpmpp_2m_sampler(key, score_fn: ScoreFn, sde, shape, *, num_steps=0, time_schedule='logsnr',
-                     rho=7.0, grid_sigma_min=schedules.GRID_SIGMA_MIN,
-                     grid_sigma_max=schedules.GRID_SIGMA_MAX, lower_order_final=True,
+def dpmpp_2m_sampler(key, score_fn: ScoreFn, sde, shape, *, num_steps=0,
+                     grid=schedules.Grid(), lower_order_final=True,
                      noise_removal=True, eps=1e-3,
                      constrain=common.identity) -> tuple[jax.Array, Info]:
   """DPM-Solver++(2M): K = num_steps steps, K (+1) score evaluations."""
   return _dpmpp_sampler(key, score_fn, sde, shape, order=2, stochastic=False,
-                        num_steps=num_steps,
-                        grid=schedules.Grid(time_schedule, rho, grid_sigma_min, grid_sigma_max),
+                        num_steps=num_steps, grid=grid,
                         lower_order_final=lower_order_final, noise_removal=noise_removal,
                         eps=eps, constrain=constrain)
 
 
-def dpmpp_3m_sampler(key, score_fn: ScoreFn, sde, shape, *, num_steps=0, time_schedule='logsnr',
-                     rho=7.0, grid_sigma_min=schedules.GRID_SIGMA_MIN,
-                     grid_sigma_max=schedules.GRID_SIGMA_MAX, lower_order_final=True,
+def dpmpp_3m_sampler(key, score_fn: ScoreFn, sde, shape, *, num_steps=0,
+                     grid=schedules.Grid(), lower_order_final=True,
                      noise_removal=True, eps=1e-3,
                      constrain=common.identity) -> tuple[jax.Array, Info]:
   """DPM-Solver++(3M): K = num_steps steps, K (+1) score evaluations."""
   return _dpmpp_sampler(key, score_fn, sde, shape, order=3, stochastic=False,
-                        num_steps=num_steps,
-                        grid=schedules.Grid(time_schedule, rho, grid_sigma_min, grid_sigma_max),
+                        num_steps=num_steps, grid=grid,
                         lower_order_final=lower_order_final, noise_removal=noise_removal,
                         eps=eps, constrain=constrain)
 
 
 def dpmpp_2m_sde_sampler(key, score_fn: ScoreFn, sde, shape, *, num_steps=0,
-                         time_schedule='logsnr', rho=7.0,
-                         grid_sigma_min=schedules.GRID_SIGMA_MIN,
-                         grid_sigma_max=schedules.GRID_SIGMA_MAX, lower_order_final=True,
+                         grid=schedules.Grid(), lower_order_final=True,
                          noise_removal=True, eps=1e-3,
                          constrain=common.identity) -> tuple[jax.Array, Info]:
   """SDE-DPM-Solver++(2M): K = num_steps steps, K (+1) score evaluations."""
   return _dpmpp_sampler(key, score_fn, sde, shape, order=2, stochastic=True,
-                        num_steps=num_steps,
-                        grid=schedules.Grid(time_schedule, rho, grid_sigma_min, grid_sigma_max),
+                        num_steps=num_steps, grid=grid,
                         lower_order_final=lower_order_final, noise_removal=noise_removal,
                         eps=eps, constrain=constrain)
 
 
 def unipc_sampler(key, score_fn: ScoreFn, sde, shape, *, num_steps=0, solver_order=3,
-                  time_schedule='logsnr', rho=7.0, grid_sigma_min=schedules.GRID_SIGMA_MIN,
-                  grid_sigma_max=schedules.GRID_SIGMA_MAX, lower_order_final=True,
+                  grid=schedules.Grid(), lower_order_final=True,
                   noise_removal=True, eps=1e-3,
                   constrain=common.identity) -> tuple[jax.Array, Info]:
   """UniPC (B(h) = h), order `solver_order` (2 or 3): K steps, K (+1) evaluations."""
   num_steps = num_steps or sde.N
-  grid = schedules.Grid(time_schedule, rho, grid_sigma_min, grid_sigma_max)
   keys, x, times = _setup(key, score_fn, sde, shape, num_steps, eps, grid, constrain)
   del keys
   orders = step_orders(num_steps, solver_order, lower_order_final)

@@ -22,8 +22,8 @@ grid_sigma_min); then the first point is moved to T and the last to eps. So the
 grid always spans [eps, T], and its interior noise levels stay within EDM's range
 [0.002, 80] by default: the cosine VP (sigma(T) = 6024) and sub-VP (sigma(eps) =
 1e-4) would otherwise spend steps where the data prediction does not change.
-Where the SDE's own range lies inside [grid_sigma_min, grid_sigma_max] (VE, and
-VP at its bottom end) the grid is the plain one.
+Where the SDE's own range lies inside [grid_sigma_min, grid_sigma_max] (the digits
+and CIFAR-10 VE configs, VP at its bottom end) the grid is the plain one.
 """
 from __future__ import annotations
 
@@ -102,8 +102,15 @@ def time_grid(sde, num_steps: int, eps: float, grid: Grid = Grid()) -> jax.Array
   return times.at[0].set(sde.T).at[-1].set(eps)
 
 
+def top_is_clipped(sde, grid: Grid) -> bool:
+  """Whether sigma(T) lies above grid_sigma_max (the grid's first step is then longer)."""
+  with jax.ensure_compile_time_eval():
+    return bool(edm_sigma(sde, sde.T) > grid.grid_sigma_max)
+
+
 def check_grid(sde, opts: dict) -> dict:
-  """opts with time_schedule, rho, grid_sigma_min / max validated (eps already checked)."""
+  """opts with time_schedule, rho, grid_sigma_min / max validated (eps already checked)
+  and gathered into one `Grid`, opts['grid'], the samplers' argument."""
   schedule = str(opts['time_schedule']).lower()
   if schedule not in SCHEDULES:
     raise ValueError(f'unknown time_schedule {schedule!r}; valid: {list(SCHEDULES)}.')
@@ -121,6 +128,6 @@ def check_grid(sde, opts: dict) -> dict:
                      f'{high:g}] miss this SDE\'s range [sigma(eps), sigma(T)] = '
                      f'[{sigma_bottom:.3g}, {sigma_top:.3g}]; choose an overlapping range '
                      f'(defaults {GRID_SIGMA_MIN:g}, {GRID_SIGMA_MAX:g}).')
-  return {**opts, 'time_schedule': schedule, 'rho': rho, 'grid_sigma_min': low,
-          'grid_sigma_max': high}
+  opts = {name: value for name, value in opts.items() if name not in Grid._fields}
+  return {**opts, 'grid': Grid(schedule, rho, low, high)}
 
