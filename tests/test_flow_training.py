@@ -43,6 +43,27 @@ def trained(tmp_path_factory):
   return runs
 
 
+def test_the_loops_flow_losses_train_with_dropout_and_evaluate_exactly(trained):
+  """train.loss_fns: the training loss draws dropout masks from its key (the RealNVP
+  config has dropout 0.2); the eval loss ignores the key and is the batch's exact mean
+  bits/dim, as the trained model's log_likelihood gives it."""
+  from score_sde import likelihood
+  workdir, config, state = trained['realnvp']
+  assert config.model.dropout > 0
+  train_loss, eval_loss = train.loss_fns(config, experiment_lib.build_experiment(config))
+  batch = data_lib.load_split(config, 'test', 32)
+  params = state.ema_params
+  keys = jax.random.PRNGKey(1), jax.random.PRNGKey(2)
+  train_values = [float(train_loss(params, k, batch)) for k in keys]
+  eval_values = [float(eval_loss(params, k, batch)) for k in keys]
+  assert train_values[0] != train_values[1] and eval_values[0] == eval_values[1]
+  logp, _, _ = score_sde.load(workdir).log_likelihood(keys[0], batch)
+  exact = likelihood.bits_per_dim(logp, int(np.prod(batch.shape[1:])),
+                                  data_lib.get_data_inverse_scaler(config),
+                                  data_lib.num_levels(config))
+  np.testing.assert_allclose(eval_values[0], float(np.mean(exact)), rtol=1e-5)
+
+
 @pytest.mark.parametrize('name', ['nice', 'realnvp', 'glow'])
 def test_flows_train_through_the_loop_and_the_loss_falls(trained, name):
   workdir, config, state = trained[name]
