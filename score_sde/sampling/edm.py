@@ -90,9 +90,7 @@ def _heun_sampler(key, score_fn: ScoreFn, sde, shape, *, churn: bool, num_steps:
   inputs = (jnp.arange(num_steps), times[:-1], raised, times[1:])
   nfe = 2 * num_steps
   if schedules.top_is_clipped(sde, grid) and num_steps > 1:
-    # The first step runs from sigma(T) down to a noise level below grid_sigma_max: an
-    # Euler step there is exact while D stays constant, where Heun's trapezoid would
-    # weigh the slope at its end over the whole, much longer, interval.
+    # sigma(T) > grid_sigma_max: an Euler first step (module docstring).
     x, _ = step(x, jax.tree.map(lambda a: a[0], inputs), heun=False)
     inputs = jax.tree.map(lambda a: a[1:], inputs)
     nfe -= 1
