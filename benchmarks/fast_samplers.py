@@ -72,7 +72,7 @@ def steps_for(nfe: int, label: str, sde) -> int:
 
 def is_missing_discrete_chain(error: ValueError) -> bool:
   """PC's discrete VP chain at N < beta_max: the one error a run may report and skip."""
-  return 'discrete (DDPM) chain' in str(error)
+  return isinstance(error, sde_lib.MissingDiscreteChainError)
 
 
 def mixture():

@@ -162,6 +162,10 @@ def euler_maruyama_discretization(sde, x, t):
 # The SDEs
 # ----------------------------------------------------------------------------
 
+class MissingDiscreteChainError(ValueError):
+  """A VP-type SDE with too few steps N for its discrete DDPM chain (beta_max / N > 1)."""
+
+
 @flax.struct.dataclass
 class VESDE:
   """Variance-exploding SDE: dx = sqrt(d sigma^2(t) / dt) dw.
@@ -258,7 +262,7 @@ class _BetaSchedule:
     if self.schedule == 'cosine':
       return cosine_betas(self.N)
     if self.beta_max / self.N > 1.0:   # static: raised when tracing, never silently NaN
-      raise ValueError(
+      raise MissingDiscreteChainError(
           f'the discrete (DDPM) chain needs betas beta_i <= 1, but beta_max / N = '
           f'{self.beta_max} / {self.N} = {self.beta_max / self.N:.3g} (sqrt(1 - beta_i) '
           f'would be NaN); use N >= {math.ceil(self.beta_max)} (config.model.num_scales) '

@@ -353,6 +353,12 @@ def test_bad_options_raise_clear_errors(method, options, match):
     run('vp', method, 4, **options)
 
 
+def test_pc_without_a_discrete_chain_raises_its_own_error_class():
+  """The benchmarks skip exactly this error (PC on the linear VP with N < beta_max)."""
+  with pytest.raises(sde_lib.MissingDiscreteChainError, match='use N >= 20'):
+    sampling.sample(KEY, lambda x, t: -x, sde_lib.VPSDE(N=10), (4, 2), 'pc')
+
+
 def test_a_workdir_trained_before_these_samplers_takes_their_options(tmp_path):
   """A stored config without the new sampling keys gets their defaults, so
   --config.sampling.time_schedule=... works on it (configs/workdir.py)."""
