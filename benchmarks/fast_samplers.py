@@ -17,7 +17,8 @@ floor, several seeds); lines with "local_orders" give the slope of log ode_dista
 against log nfe between consecutive NFE values (the convergence order; it flattens
 where ode_distance meets the reference's own error, ~3e-4).
 
-  python benchmarks/fast_samplers.py [--sdes ve,vp,subvp,cosine] [--batch 10000] [--quick]
+  python benchmarks/fast_samplers.py [--sdes ve,vp,subvp,cosine] [--batch 10000]
+      [--nfes 5,10,20,35,50,100] [--methods heun,...] [--quick]
 """
 from __future__ import annotations
 
@@ -156,9 +157,10 @@ def main() -> None:
   parser.add_argument('--sdes', default='ve,vp,subvp,cosine')
   parser.add_argument('--methods', default=','.join(SAMPLERS))
   parser.add_argument('--batch', type=int, default=10000)
+  parser.add_argument('--nfes', default=','.join(map(str, NFES)))
   parser.add_argument('--quick', action='store_true', help='NFE 10 and 20, 2000 samples')
   args = parser.parse_args()
-  nfes = (10, 20) if args.quick else NFES
+  nfes = (10, 20) if args.quick else tuple(int(n) for n in args.nfes.split(','))
   batch = 2000 if args.quick else args.batch
   for name in args.sdes.split(','):
     run_sde(name, batch, nfes, args.methods.split(','))

@@ -96,6 +96,13 @@ def dataset_name(config) -> str:
   return name
 
 
+def tfds_split(config, split: str) -> str:
+  """The tfds split that our split name reads ('test' -> 'test' for the image datasets
+  as shipped; benchmarks/flows_validation.py maps it to held-out training digits)."""
+  name = dataset_name(config)
+  return IMAGE_DATASETS[name].splits.get(split, split) if name in IMAGE_DATASETS else split
+
+
 def is_toy(config) -> bool:
   return dataset_name(config) in TOY_DATASETS
 

@@ -1,4 +1,5 @@
 """Data: the digits dataset offline, a tfds CIFAR-10 stand-in, sharding, flips, scalers."""
+import dataclasses
 import os
 import shutil
 
@@ -110,6 +111,17 @@ def test_toy_data_has_no_labels():
   with pytest.raises(ValueError, match='no class labels'):
     data.train_iterator(vp_mlp_continuous.get_config(), global_batch_size=8, seed=0,
                         with_labels=True)
+
+
+def test_tfds_split_names_what_a_split_reads(digits_config, monkeypatch):
+  """The final evaluation labels its bits/dim by this ('Test' only for tfds 'test')."""
+  assert data.tfds_split(digits_config, 'test') == 'test'
+  spec = data.IMAGE_DATASETS['DIGITS']
+  monkeypatch.setitem(data.IMAGE_DATASETS, 'DIGITS', dataclasses.replace(
+      spec, splits={'train': 'train[:-300]', 'test': 'train[-300:]'}))
+  assert data.tfds_split(digits_config, 'test') == 'train[-300:]'
+  toy = defaults.toy()
+  assert data.tfds_split(toy, 'test') == 'test'
 
 
 def test_iterator_state_restores_the_next_batch(digits_config):

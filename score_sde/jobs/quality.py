@@ -39,8 +39,10 @@ def final_evaluation(experiment, state, workdir: str, mesh) -> dict:
     verdict = ('below' if result['bpd'] < base['pixel_histogram'] else 'not yet below')
     how, cost = (('exact change of variables', '') if experiment.is_flow else
                  ('probability-flow ODE', f' (mean NFE {result["nfe_mean"]:.0f})'))
+    source = data_lib.tfds_split(config, 'test')
+    split_label = 'Test' if source == 'test' else f'Held-out (tfds {source})'
     print(f'\nSamples: {os.path.join(out_dir, "grid.png")}\n'
-          f'Test bits/dim ({how}, {result["num_levels"]} levels, '
+          f'{split_label} bits/dim ({how}, {result["num_levels"]} levels, '
           f'{result["num_examples"]} examples): {result["bpd"]:.4f} +- '
           f'{result["bpd_stderr"]:.4f}{cost}\n'
           f'  uniform baseline:             {base["uniform"]:.4f}\n'
@@ -50,7 +52,7 @@ def final_evaluation(experiment, state, workdir: str, mesh) -> dict:
       rows = [('model samples', quality['model']),
               ('real train digits (floor)', quality['real_train_digits']),
               ('Gaussian fit to train (poor)', quality['gaussian_baseline'])]
-      print(f'Sample quality vs the test split ({quality["model"]["num_samples"]} each; digits '
+      print(f'Sample quality vs the {source} split ({quality["model"]["num_samples"]} each; digits '
             f'classifier, test accuracy {quality["model"]["classifier_test_accuracy"]:.3f}):')
       for name, q in rows:
         print(f'  {name:30s} digits-FID {q["digits_fid"]:7.1f} | confident '
