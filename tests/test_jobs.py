@@ -197,7 +197,11 @@ def _launch(args, devices=1):
 
 @pytest.mark.slow
 def test_sigkill_during_sampling_then_rerun_gives_identical_shards(workdir, tmp_path):
-  common = ['sample', f'--workdir={workdir}', '--num_samples=24', '--shard_size=4']
+  # 12 shards of 60 PC steps: the kill, sent once shard 2 exists, lands while the job
+  # still has about a second of work left (6 shards of 20 steps left ~0.1 s, and on a
+  # loaded machine the job sometimes finished first).
+  common = ['sample', f'--workdir={workdir}', '--num_samples=24', '--shard_size=2',
+            '--config.sampling.num_steps=60']
   cache = tmp_path / 'xla_cache'
   full = _launch(common + ['--tag=full', f'--compilation_cache={cache}'])
   assert full.wait(timeout=600) == 0, full.stdout.read()
@@ -215,7 +219,7 @@ def test_sigkill_during_sampling_then_rerun_gives_identical_shards(workdir, tmp_
   victim.send_signal(signal.SIGKILL)
   victim.wait(timeout=60)
   done_before = _shards(os.path.join(workdir, 'samples', 'killed'))
-  assert len(done_before) < 6, 'the job finished before it could be killed'
+  assert len(done_before) < 12, 'the job finished before it could be killed'
   rerun = _launch(common + ['--tag=killed'])
   output = rerun.communicate(timeout=600)[0]
   assert rerun.returncode == 0, output
