@@ -157,10 +157,12 @@ def main() -> None:
   parser.add_argument('--sdes', default='ve,vp,subvp,cosine')
   parser.add_argument('--methods', default=','.join(SAMPLERS))
   parser.add_argument('--batch', type=int, default=10000)
-  parser.add_argument('--nfes', default=','.join(map(str, NFES)))
-  parser.add_argument('--quick', action='store_true', help='NFE 10 and 20, 2000 samples')
+  parser.add_argument('--nfes', default='', help=f'default {",".join(map(str, NFES))}')
+  parser.add_argument('--quick', action='store_true',
+                      help='2000 samples, and NFE 10 and 20 unless --nfes is given')
   args = parser.parse_args()
-  nfes = (10, 20) if args.quick else tuple(int(n) for n in args.nfes.split(','))
+  nfes = (tuple(int(n) for n in args.nfes.split(',')) if args.nfes else
+          (10, 20) if args.quick else NFES)
   batch = 2000 if args.quick else args.batch
   for name in args.sdes.split(','):
     run_sde(name, batch, nfes, args.methods.split(','))

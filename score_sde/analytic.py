@@ -192,17 +192,20 @@ def random_mixture(key, dim: int, num_components: int, *, full: bool = False,
 # ----------------------------------------------------------------------------
 
 def gaussian_step_map(method: str, sigmas, y_prior, mean, var, *,
-                      euler_first: bool = False) -> np.ndarray:
+                      euler_first: bool = False,
+                      lower_order_final_below: int = 15) -> np.ndarray:
   """What `heun` or `dpmpp_2m` returns on Gaussian data N(mean, diag(var)), computed
   in float64 from the step formulas alone (no sampler code): an independent check of
   the samplers and the closed form of their discretisation error.
 
   Works in EDM's scaled y = x / m(t) and sigma = s(t) / m(t), where the data
   prediction is D(y, sigma) = mean + (y - mean) var / (var + sigma^2):
-    heun      Heun's trapezoid in sigma (an Euler step first if `euler_first`)
+    heun      Heun's trapezoid in sigma (an Euler step first if `euler_first` and
+              K > 1: the sampler's rule where sigma(T) > grid_sigma_max)
     dpmpp_2m  y' = (s' / s) y + (1 - s' / s) D~, D~ = (1 + 1/2r) D_i - D_{i-1} / 2r,
               r = h_{i-1} / h_i, h = log(s / s'); first order at the first step and,
-              below 15 steps, the last (`multistep.LOWER_ORDER_FINAL_BELOW`)
+              with K < `lower_order_final_below` steps (the sampler's
+              LOWER_ORDER_FINAL_BELOW), the last
   then noise removal (D at the last sigma).
 
   sigmas: [K + 1] noise levels from the top down (the sampler's grid).
@@ -211,6 +214,9 @@ def gaussian_step_map(method: str, sigmas, y_prior, mean, var, *,
   """
   if method not in ('heun', 'dpmpp_2m'):
     raise ValueError(f"gaussian_step_map covers 'heun' and 'dpmpp_2m'; got {method!r}.")
+  if euler_first and method != 'heun':
+    raise ValueError(f'euler_first applies to heun only (its first step where sigma(T) > '
+                     f'grid_sigma_max); got method={method!r} with euler_first=True.')
   sigmas = np.asarray(sigmas, np.float64)
   mean, var = np.asarray(mean, np.float64), np.asarray(var, np.float64)
   denoise = lambda y, s: mean + (y - mean) * var / (var + s * s)
@@ -220,12 +226,12 @@ def gaussian_step_map(method: str, sigmas, y_prior, mean, var, *,
     if method == 'heun':
       slope = (y - denoise(y, a)) / a
       y_euler = y + (b - a) * slope
-      y = y_euler if (euler_first and i == 0) else (
+      y = y_euler if (euler_first and i == 0 and num_steps > 1) else (
           y + (b - a) * 0.5 * (slope + (y_euler - denoise(y_euler, b)) / b))
       continue
     h = np.log(a / b)
     d_now = denoise(y, a)
-    if previous is None or (num_steps < 15 and i == num_steps - 1):
+    if previous is None or (num_steps < lower_order_final_below and i == num_steps - 1):
       d_tilde = d_now
     else:
       r = previous[1] / h

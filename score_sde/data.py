@@ -100,7 +100,12 @@ def tfds_split(config, split: str) -> str:
   """The tfds split that our split name reads ('test' -> 'test' for the image datasets
   as shipped; benchmarks/flows_validation.py maps it to held-out training digits)."""
   name = dataset_name(config)
-  return IMAGE_DATASETS[name].splits.get(split, split) if name in IMAGE_DATASETS else split
+  if name not in IMAGE_DATASETS:
+    return split
+  splits = IMAGE_DATASETS[name].splits
+  if split not in splits:
+    raise ValueError(f'unknown split {split!r} for {name}; valid: {sorted(splits)}.')
+  return splits[split]
 
 
 def is_toy(config) -> bool:

@@ -122,6 +122,8 @@ def test_tfds_split_names_what_a_split_reads(digits_config, monkeypatch):
   assert data.tfds_split(digits_config, 'test') == 'train[-300:]'
   toy = defaults.toy()
   assert data.tfds_split(toy, 'test') == 'test'
+  with pytest.raises(ValueError, match=r"unknown split 'valid' for DIGITS; valid: \['test'"):
+    data.tfds_split(digits_config, 'valid')
 
 
 def test_iterator_state_restores_the_next_batch(digits_config):

@@ -28,6 +28,8 @@ def final_evaluation(experiment, state, workdir: str, mesh) -> dict:
                            num_repeats=int(config.eval.num_repeats), mesh=mesh, state=state,
                            step=step)
   result['baselines'] = bpd_lib.baselines(config, 'test')
+  source = data_lib.tfds_split(config, 'test')
+  result['tfds_split'] = source
   quality = None
   if data_lib.dataset_name(config) == 'DIGITS':
     quality = digits_quality_with_baselines(config, sample_lib.load_samples(out_dir))
@@ -39,7 +41,6 @@ def final_evaluation(experiment, state, workdir: str, mesh) -> dict:
     verdict = ('below' if result['bpd'] < base['pixel_histogram'] else 'not yet below')
     how, cost = (('exact change of variables', '') if experiment.is_flow else
                  ('probability-flow ODE', f' (mean NFE {result["nfe_mean"]:.0f})'))
-    source = data_lib.tfds_split(config, 'test')
     split_label = 'Test' if source == 'test' else f'Held-out (tfds {source})'
     print(f'\nSamples: {os.path.join(out_dir, "grid.png")}\n'
           f'{split_label} bits/dim ({how}, {result["num_levels"]} levels, '
