@@ -198,8 +198,7 @@ def get_data_source(config, split: str):
   if name in TOY_DATASETS:
     return toy_split(config, split)
   spec = IMAGE_DATASETS[name]
-  if split not in spec.splits:
-    raise ValueError(f'unknown split {split!r} for {name}; valid: {sorted(spec.splits)}.')
+  source_split = tfds_split(config, split)
   directory = data_dir(config)
   if name == 'DIGITS':
     prepare_digits(directory)
@@ -207,7 +206,7 @@ def get_data_source(config, split: str):
   if not glob.glob(os.path.join(directory, tfds_name, '*', 'dataset_info.json')):
     raise DatasetNotFoundError(_missing_message(name, tfds_name, directory, spec, None))
   try:
-    return tfds.data_source(tfds_name, split=spec.splits[split], data_dir=directory,
+    return tfds.data_source(tfds_name, split=source_split, data_dir=directory,
                             download=False)
   except Exception as error:  # tfds raises several types for "not prepared"
     raise DatasetNotFoundError(_missing_message(name, tfds_name, directory, spec, error)) from None
