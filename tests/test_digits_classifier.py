@@ -99,6 +99,24 @@ def test_default_classifier_path_is_used_when_present(config, classifier_path, s
   assert result == explicit
 
 
+def test_a_classifier_is_addressed_and_checked_by_the_splits_it_learned(
+    config, classifier_path, monkeypatch):
+  """benchmarks/flows_validation.py holds training digits out; a classifier trained on
+  all of them (or on the held-in part) must not stand in for the other."""
+  standard = dc.default_classifier_path(config, seed=0)
+  assert dc.load_digits_classifier(classifier_path).splits == ('train', 'test')
+  import dataclasses
+  spec = data.IMAGE_DATASETS['DIGITS']
+  monkeypatch.setitem(data.IMAGE_DATASETS, 'DIGITS', dataclasses.replace(
+      spec, splits={'train': 'train[:-300]', 'test': 'train[-300:]'}))
+  held_out = dc.default_classifier_path(config, seed=0)
+  assert os.path.dirname(held_out) == os.path.dirname(standard) and held_out != standard
+  assert dc.default_classifier_path(config, seed=1) != held_out
+  with pytest.raises(ValueError, match=r"trained on tfds 'train' and tested on 'test', but "
+                                       r"this config reads train 'train\[:-300\]'"):
+    dc.get_digits_classifier(config, classifier_path)
+
+
 def test_confidence_summary_closed_form():
   big = 20.0
   logits = np.zeros((4, 10))

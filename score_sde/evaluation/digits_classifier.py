@@ -27,12 +27,19 @@ splits). Samples have no labels, so instead of an accuracy we report
 
 Classifier file (`.npz`, read with allow_pickle=False): 'params/<layer>/<name>'
 float32 arrays, 'test_accuracy', 'train_accuracy' (float64 scalars), 'seed',
-'steps' (int64), 'format' (string, = CLASSIFIER_FORMAT).
+'steps' (int64), 'format' (string, = CLASSIFIER_FORMAT), 'train_split' and
+'test_split' (the tfds splits it was trained and tested on; absent in files
+written before 2026-12-07). The default file is addressed by seed, steps and
+those two splits, so a classifier trained on other splits (e.g. under
+benchmarks/flows_validation.py, which holds digits out of training) is never
+picked up in their place.
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
+import json
 import math
 import os
 
@@ -89,6 +96,7 @@ class DigitsClassifier:
   test_accuracy: float
   train_accuracy: float
   seed: int
+  splits: tuple[str, str] | None = None    # tfds (train, test) splits; None: not recorded
 
 
 # ----------------------------------------------------------------------------
@@ -202,10 +210,17 @@ def train_digits_classifier(config, path: str, seed: int = 0, steps: int = TRAIN
   train_accuracy = _accuracy(params, train_images, train_labels)
   arrays = {f'params/{k}': np.asarray(v, np.float32)
             for k, v in traverse_util.flatten_dict(params, sep='/').items()}
+  train_split, test_split = training_splits(config)
   io.savez_atomic(path, **arrays, test_accuracy=np.float64(test_accuracy),
-                       train_accuracy=np.float64(train_accuracy), seed=np.int64(seed),
-                       steps=np.int64(steps), format=np.str_(CLASSIFIER_FORMAT))
+                  train_accuracy=np.float64(train_accuracy), seed=np.int64(seed),
+                  steps=np.int64(steps), format=np.str_(CLASSIFIER_FORMAT),
+                  train_split=np.str_(train_split), test_split=np.str_(test_split))
   return test_accuracy
+
+
+def training_splits(config) -> tuple[str, str]:
+  """The tfds (train, test) splits behind our 'train' and 'test' split names."""
+  return data_lib.tfds_split(config, 'train'), data_lib.tfds_split(config, 'test')
 
 
 @functools.cache
@@ -234,24 +249,38 @@ def load_digits_classifier(path: str) -> DigitsClassifier:
       raise ValueError(f'{path}: parameter {key!r} has shape {flat[key].shape}, expected '
                        f'{shape}; retrain the classifier.')
   params = traverse_util.unflatten_dict({k: jnp.asarray(v) for k, v in flat.items()}, sep='/')
+  splits = ((str(arrays['train_split']), str(arrays['test_split']))
+            if 'train_split' in arrays and 'test_split' in arrays else None)
   return DigitsClassifier(params=params, test_accuracy=float(arrays['test_accuracy']),
                           train_accuracy=float(arrays['train_accuracy']),
-                          seed=int(arrays['seed']))
+                          seed=int(arrays['seed']), splits=splits)
 
 
 def default_classifier_path(config, seed: int = 0) -> str:
-  """<data dir>/score_sde_digits_classifier/cnn_seed<seed>.npz."""
+  """<data dir>/score_sde_digits_classifier/cnn_seed<seed>_<id>.npz, where <id> (8 hex
+  digits) names the tfds splits it trains and tests on, its steps and its format."""
+  train_split, test_split = training_splits(config)
+  text = json.dumps({'train': train_split, 'test': test_split, 'steps': TRAIN_STEPS,
+                     'format': CLASSIFIER_FORMAT}, sort_keys=True)
   return os.path.join(data_lib.data_dir(config), 'score_sde_digits_classifier',
-                      f'cnn_seed{seed}.npz')
+                      f'cnn_seed{seed}_{hashlib.sha256(text.encode()).hexdigest()[:8]}.npz')
 
 
 def get_digits_classifier(config, path: str | None = None, seed: int = 0) -> DigitsClassifier:
   """Loads the classifier at `path` (default: `default_classifier_path`), training it first
-  if the file does not exist."""
+  if the file does not exist. A file that records other tfds splits than the config's is
+  refused: its features and test accuracy belong to another division of the digits."""
   path = default_classifier_path(config, seed) if path is None else path
   if not os.path.isfile(path):
     train_digits_classifier(config, path, seed)
-  return load_digits_classifier(path)
+  classifier = load_digits_classifier(path)
+  expected = training_splits(config)
+  if classifier.splits is not None and classifier.splits != expected:
+    raise ValueError(f'{path} was trained on tfds {classifier.splits[0]!r} and tested on '
+                     f'{classifier.splits[1]!r}, but this config reads train {expected[0]!r} '
+                     f'and test {expected[1]!r}; leave the classifier path at its default '
+                     f'(one file per pair of splits) or train one for these splits.')
+  return classifier
 
 
 # ----------------------------------------------------------------------------
