@@ -1,5 +1,6 @@
 """Jobs on a trained workdir: shards, manifests, resumption (every job kind interrupted and
 re-run), 1 vs 4 devices, 1 vs 2 processes, the Python API, the launcher."""
+import dataclasses
 import json
 import os
 import re
@@ -17,6 +18,7 @@ import pytest
 import configs
 import score_sde
 from score_sde import checkpoints
+from score_sde import data as data_lib
 from score_sde.cpu import hugepages
 from score_sde import jobs
 from score_sde import parallel
@@ -113,9 +115,10 @@ def test_bpd_job_resumes_to_the_same_result(workdir):
     assert json.load(f) == result
 
 
-def test_bpd_results_are_addressed_by_every_setting_that_determines_them(workdir):
-  """Another tolerance, batch size or example count computes into its own folder: nothing
-  made with other settings is reused or reported, and nothing earlier is overwritten."""
+def test_bpd_results_are_addressed_by_every_setting_that_determines_them(workdir, monkeypatch):
+  """Another tolerance, batch size, example count or data behind the split name computes
+  into its own folder: nothing made with other settings is reused or reported, and
+  nothing earlier is overwritten."""
   config = experiment_lib.load_config(workdir)
   first = jobs.bpd_job(workdir, config, num_repeats=1, batch_size=8, max_examples=8)
   with open(first['result_file']) as f:
@@ -125,8 +128,15 @@ def test_bpd_results_are_addressed_by_every_setting_that_determines_them(workdir
   variants = [jobs.bpd_job(workdir, looser, num_repeats=1, batch_size=8, max_examples=8),
               jobs.bpd_job(workdir, config, num_repeats=1, batch_size=4, max_examples=8),
               jobs.bpd_job(workdir, config, num_repeats=1, batch_size=8, max_examples=12)]
+  # benchmarks/flows_validation.py's mapping: 'test' reads held-out training digits.
+  spec = data_lib.IMAGE_DATASETS['DIGITS']
+  monkeypatch.setitem(data_lib.IMAGE_DATASETS, 'DIGITS', dataclasses.replace(
+      spec, splits={'train': 'train[:-300]', 'test': 'train[-300:]'}))
+  variants.append(jobs.bpd_job(workdir, config, num_repeats=1, batch_size=8, max_examples=8))
+  assert first['tfds_split'] == 'test' and variants[3]['tfds_split'] == 'train[-300:]'
+  assert variants[3]['split'] == 'test' and variants[3]['data'] != first['data']
   files = {first['result_file']} | {v['result_file'] for v in variants}
-  assert len(files) == 4                                           # four places
+  assert len(files) == 5                                           # five places
   assert variants[0]['solver']['rtol'] == 1e-2 and variants[0]['nfe_mean'] < first['nfe_mean']
   assert variants[1]['shard_size'] == 4 and variants[2]['num_examples'] == 12
   with open(first['result_file']) as f:

@@ -6,8 +6,8 @@ normalizing flow's exact change of variables (same files, same JSON; 'solver' sa
   <workdir>/eval/bpd_<split>_<step>_<id>.json          mean, standard error, NFE, settings
 
 <id> (`common.settings_id`) names every setting that determines the numbers
-(split, checkpoint, examples, solver and its tolerances, divergence
-estimator, shard size, config), so a run with other settings computes into
+(split, a digest of the examples it reads, checkpoint, solver and its
+tolerances, divergence estimator, shard size, config), so a run with other settings computes into
 another folder and never reports shards made with different ones.
 """
 from __future__ import annotations
@@ -81,23 +81,27 @@ def bpd_job(workdir: str, config, *, split: str = 'test', num_repeats: int = 1,
     raise ValueError(f'bits/dim need quantised data; {config.data.dataset} is continuous.')
   uint = data_lib.load_split_uint(config, split, max_examples)       # [n, H, W, C]
   n, dim = len(uint), int(np.prod(uint.shape[1:]))
+  source = data_lib.tfds_split(config, split)
+  # The examples' digest joins the address: the same split name can read other data
+  # (benchmarks/flows_validation.py's held-out digits, another dataset version).
+  data_digest = common.digest(uint)
   batch_size = parallel.round_up_to_devices(min(int(batch_size or config.eval.batch_size), n),
                                             mesh)
   num_batches = common.count_shards(n, batch_size)
   determining = {'split': split, 'checkpoint_step': int(step), 'num_examples': int(n),
-                 'solver': solver,
+                 'data': data_digest, 'solver': solver,
                  'config_hash': experiment_lib.config_hash(config), 'shard_size': batch_size}
   out_dir = os.path.join(workdir, 'eval',
                          f'bpd_{split}_{step}_{common.settings_id(determining)}')
   job = common.Job(
       out_dir=out_dir, num_shards=num_repeats * num_batches, shard_size=batch_size,
-      settings={'split': split, 'checkpoint_step': int(step), 'num_examples': int(n),
-                'num_repeats': int(num_repeats), 'solver': solver,
-                'config_hash': experiment_lib.config_hash(config)},
-      checked=('split', 'checkpoint_step', 'num_examples', 'solver', 'config_hash',
+      settings={'split': split, 'tfds_split': source, 'checkpoint_step': int(step),
+                'num_examples': int(n), 'data': data_digest, 'num_repeats': int(num_repeats),
+                'solver': solver, 'config_hash': experiment_lib.config_hash(config)},
+      checked=('split', 'checkpoint_step', 'num_examples', 'data', 'solver', 'config_hash',
                'shard_size'),
-      title=(f'bits/dim of {n} {split} examples x {num_repeats} repeat(s) from step {step} '
-             f'into {out_dir}'),
+      title=(f'bits/dim of {n} {split} examples{_tfds_note(split, source)} x {num_repeats} '
+             f'repeat(s) from step {step} into {out_dir}'),
       what=f'bits/dim ({split})', unit='example',
       retry_hint='run with the earlier settings')
   if experiment.is_flow:        # exact: one forward pass, no solver
@@ -132,7 +136,8 @@ def bpd_job(workdir: str, config, *, split: str = 'test', num_repeats: int = 1,
   per_example = bpds.mean(axis=0)            # average the repeats of each example
   nfes = np.concatenate([a['nfe'] for a in shards])
   result = {
-      'split': split, 'checkpoint_step': int(step), 'num_examples': int(n),
+      'split': split, 'tfds_split': source, 'data': data_digest,
+      'checkpoint_step': int(step), 'num_examples': int(n),
       'num_repeats': int(num_repeats), 'bpd': float(per_example.mean()),
       'bpd_stderr': float(per_example.std(ddof=1) / math.sqrt(n)) if n > 1 else float('nan'),
       'num_levels': int(levels), 'dim': dim,
@@ -143,6 +148,10 @@ def bpd_job(workdir: str, config, *, split: str = 'test', num_repeats: int = 1,
   if jax.process_index() == 0:
     io.atomic_json(out_dir + '.json', result)
   return result
+
+
+def _tfds_note(split: str, source: str) -> str:
+  return '' if source == split else f' (tfds {source})'
 
 
 def baselines(config, split: str = 'test') -> dict:

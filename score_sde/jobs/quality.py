@@ -28,8 +28,7 @@ def final_evaluation(experiment, state, workdir: str, mesh) -> dict:
                            num_repeats=int(config.eval.num_repeats), mesh=mesh, state=state,
                            step=step)
   result['baselines'] = bpd_lib.baselines(config, 'test')
-  source = data_lib.tfds_split(config, 'test')
-  result['tfds_split'] = source
+  source = result['tfds_split']
   quality = None
   if data_lib.dataset_name(config) == 'DIGITS':
     quality = digits_quality_with_baselines(config, sample_lib.load_samples(out_dir))
