@@ -194,6 +194,14 @@ def is_flow(config) -> bool:
 
 
 def _check_flow_config(config) -> None:
+  name = config.model.name
+  if 'prior' not in config.model:     # every flow config states its prior
+    raise ValueError(
+        f'model.name={name} is a normalizing flow, but this config has no model.prior: it '
+        f'looks like a score-model config with its model name changed, whose dropout '
+        f'({config.model.get("dropout", 0.0)}), learning rate and EMA rate a flow would take '
+        f'as they are; start from a flow config: configs/digits/{name}.py or one in '
+        f'configs/flows/.')
   if not config.data.uniform_dequantization:
     raise ValueError(f'a flow ({config.model.name}) trains by maximum likelihood on '
                      f'dequantised data: set config.data.uniform_dequantization=True (on '

@@ -193,6 +193,17 @@ def test_bad_flow_configs_are_clear_errors_before_compiling(change, match):
     experiment_lib.check_config(config)
 
 
+def test_a_score_config_renamed_to_a_flow_is_refused_before_it_trains():
+  """Without the refusal the flow would silently take the score model's dropout,
+  learning rate and EMA rate."""
+  import configs
+  config = configs.load(os.path.join(configs.CONFIG_DIR, 'digits', 'ddpmpp_continuous.py'))
+  config.model.name = 'glow'
+  with pytest.raises(ValueError, match=r'model.name=glow is a normalizing flow, but this '
+                                       r'config has no model.prior.*configs/digits/glow.py'):
+    experiment_lib.check_config(config)
+
+
 def test_flow_configs_validate_and_cifar10_configs_build():
   import configs
   for path in configs.all_config_paths():
