@@ -397,7 +397,8 @@ def _train_and_evaluate(config, workdir: str, mesh, *, final_evaluation: bool,
         eval_loss = float(p_eval(state, eval_batch))
         writer.write(step, {'eval_loss': eval_loss})
         if is_main:
-          print(f'step {step}: eval loss (EMA, test split) {eval_loss:.5g}', flush=True)
+          print(f'step {step}: eval loss (EMA, one test batch of {global_batch}) '
+                f'{eval_loss:.5g}', flush=True)
 
       if (_crossed(previous, step, training.snapshot_freq_for_preemption)
           or _crossed(previous, step, training.snapshot_freq) or step >= n_iters):
