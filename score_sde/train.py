@@ -130,7 +130,7 @@ def make_train_step(loss_fn, optimizer, schedule, *, ema_rate: float,
     decay = ema_decay(state.step, ema_rate, ema_warmup)
     ema_params = jax.tree.map(lambda ema, p: decay * ema + (1.0 - decay) * p,
                               state.ema_params, params)
-    metrics = {'loss': loss, 'grad_norm': optax.global_norm(grads),
+    metrics = {'loss': loss, 'grad_norm': optax.tree.norm(grads),
                'learning_rate': schedule(state.step)}
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state,
                          ema_params=ema_params), metrics
