@@ -364,9 +364,13 @@ def _quality_summary(result: dict) -> str:
   prefix = 'digits_' if 'digits_fid' in result else ''
   n = int(result['num_samples'])
   parts = [f'{prefix}FID {result[prefix + "fid"]:.2f}']
-  if result.get(prefix + 'kid') is not None:
-    parts.append(f'{prefix}KID {1e3 * result[prefix + "kid"]:.2f} +- '
-                 f'{1e3 * result[prefix + "kid_stderr"]:.2f} (x 1e-3, the unit papers report)')
+  if result.get(prefix + 'kid') is not None and prefix:
+    # the digits classifier's features have their own scale: no paper unit to match
+    parts.append(f'{prefix}KID {result[prefix + "kid"]:.2f} +- '
+                 f'{result[prefix + "kid_stderr"]:.2f} (classifier features)')
+  elif result.get('kid') is not None:
+    parts.append(f'KID {1e3 * result["kid"]:.2f} +- '
+                 f'{1e3 * result["kid_stderr"]:.2f} (x 1e-3, the unit papers report)')
   parts.append(f'{prefix}IS {result[prefix + "is"]:.2f} +- {result[prefix + "is_std"]:.2f}')
   line = ' | '.join(parts) + f' on {n} samples'
   if n < FID_SAMPLES_FOR_COMPARISON:

@@ -18,6 +18,7 @@ import argparse
 import glob
 import json
 import os
+import re
 import sys
 import time
 
@@ -42,21 +43,28 @@ def train_seconds(workdir: str) -> float:
   return total
 
 
-def final_quality(workdir: str) -> dict | None:
-  """digits-FID / confident fraction of the run's final evaluation, if it has one."""
-  paths = sorted(glob.glob(os.path.join(workdir, 'eval', 'final_*.json')),
-                 key=lambda p: int(p.rsplit('_', 1)[1].split('.')[0]))
+def final_quality(workdir: str, tfds_split: str) -> dict | None:
+  """digits-FID / confident fraction of the run's final evaluation, if it has one and it
+  judged the samples against the same tfds split as this measurement's bits/dim."""
+  finals = {int(m.group(1)): p for p in glob.glob(os.path.join(workdir, 'eval', 'final_*.json'))
+            if (m := re.fullmatch(r'final_(\d+)\.json', os.path.basename(p)))}
+  paths = [finals[step] for step in sorted(finals)]
   if not paths:
     return None
   with open(paths[-1]) as f:
-    model = json.load(f).get('sample_quality', {}).get('model')
+    final = json.load(f)
+  if final.get('tfds_split', 'test') != tfds_split:
+    return None
+  model = final.get('sample_quality', {}).get('model')
   return None if model is None else {k: model[k] for k in ('digits_fid', 'confident_fraction')}
 
 
 def per_example_bpd(result: dict) -> np.ndarray:
   """[n] bits/dim per test example (repeats averaged) from a bpd job's shard files."""
-  shards = sorted(glob.glob(os.path.join(result['result_file'][:-len('.json')],
-                                         'shard_*.npz')))
+  from score_sde.jobs import common
+  num_shards = result['num_repeats'] * common.count_shards(result['num_examples'],
+                                                           result['shard_size'])
+  shards = [common.shard_path(result['shard_dir'], s) for s in range(num_shards)]
   bpd = np.concatenate([np.load(path)['bpd'] for path in shards])
   return bpd.reshape(result['num_repeats'], result['num_examples']).mean(axis=0)
 
@@ -81,7 +89,7 @@ def measure(workdir: str, num_repeats: int) -> dict:
       'test_bpd': result['bpd'], 'test_bpd_stderr': result['bpd_stderr'],
       'num_examples': result['num_examples'], 'num_repeats': result['num_repeats'],
       'nfe_mean': result['nfe_mean'], 'bpd_job_seconds': round(bpd_seconds, 1),
-      'solver': result['solver'], 'sample_quality': final_quality(workdir),
+      'solver': result['solver'], 'sample_quality': final_quality(workdir, result['tfds_split']),
       'per_example_bpd': per_example_bpd(result),
       'seed': int(config.seed), 'shard_size': int(result['shard_size']),
   }

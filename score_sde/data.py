@@ -108,6 +108,29 @@ def tfds_split(config, split: str) -> str:
   return splits[split]
 
 
+def example_ranges(config, spec: str) -> list[tuple[str, int, int]]:
+  """[(prepared split, first, end)]: the examples a tfds split spec ('train[:-300]',
+  'train+test') reads, as index ranges of the dataset's prepared splits. A toy
+  dataset's splits are drawn separately: [(spec, 0, 1)]."""
+  import tensorflow_datasets as tfds
+  if is_toy(config):
+    return [(spec, 0, 1)]
+  prepared = get_data_source(config, 'train').dataset_info.splits
+  ranges = []
+  for part in tfds.core.ReadInstruction.from_spec(spec).to_absolute(prepared):
+    total = prepared[part.splitname].num_examples
+    ranges.append((part.splitname, part.from_ or 0, total if part.to is None else part.to))
+  return ranges
+
+
+def shared_examples(config, spec_a: str, spec_b: str) -> int:
+  """How many examples two tfds split specs both read (0: disjoint)."""
+  return sum(max(0, min(a_end, b_end) - max(a_first, b_first))
+             for a_name, a_first, a_end in example_ranges(config, spec_a)
+             for b_name, b_first, b_end in example_ranges(config, spec_b)
+             if a_name == b_name)
+
+
 def is_toy(config) -> bool:
   return dataset_name(config) in TOY_DATASETS
 

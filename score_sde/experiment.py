@@ -145,6 +145,44 @@ def write_or_check_config(config, workdir: str, *, extend: bool = False) -> dict
   return stored
 
 
+DATA_SPLITS_FILE = 'data_splits.json'
+
+
+def data_splits(config) -> dict:
+  """{'train': tfds split, 'test': tfds split}: the data our split names read (the
+  shipped mapping, or benchmarks/flows_validation.py's held-out one)."""
+  return {'train': data_lib.tfds_split(config, 'train'),
+          'test': data_lib.tfds_split(config, 'test')}
+
+
+def write_or_check_data_splits(config, workdir: str) -> None:
+  """Pins the tfds splits a run trains and evaluates on in <workdir>/data_splits.json,
+  as `write_or_check_config` pins its config: once the run has a checkpoint, a resume
+  whose split names read other data is refused (it would not be exact)."""
+  path = os.path.join(workdir, DATA_SPLITS_FILE)
+  current = data_splits(config)
+  if os.path.exists(path) and checkpoints.existing_steps(workdir):
+    stored = training_data_splits(workdir)
+    if stored != current:
+      raise ValueError(
+          f'{workdir} holds a run on tfds splits {stored} ({DATA_SPLITS_FILE}); this run '
+          f'reads {current}, so resuming would train on other data. Run it as it was '
+          f'started (with or without benchmarks/flows_validation.py and its --holdout), '
+          f'or use a new --workdir.')
+  if jax.process_index() == 0:
+    io.atomic_json(path, current)
+
+
+def training_data_splits(workdir: str) -> dict | None:
+  """The tfds splits the run in `workdir` trained on (data_splits.json; None for a
+  workdir written before the file existed, or an imported checkpoint)."""
+  path = os.path.join(workdir, DATA_SPLITS_FILE)
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    return json.load(f)
+
+
 def check_config(config, mesh=None) -> None:
   """Everything about the experiment that can be checked before compiling anything
   (the launcher checks the config's keys first, with `configs.validate`)."""
@@ -275,7 +313,7 @@ def config_hash(config) -> str:
 
 
 def restore_state(workdir: str, config, mesh, checkpoint: int | None = None):
-  """(train state, step) of a workdir's newest (or given) checkpoint."""
+  """(experiment, train state, step) of a workdir's newest (or given) checkpoint."""
   experiment = build_experiment(config)
   optimizer, _ = get_optimizer(config)
   abstract, _ = abstract_train_state(experiment, optimizer, mesh)

@@ -294,6 +294,7 @@ def _train_and_evaluate(config, workdir: str, mesh, *, final_evaluation: bool,
                         extend: bool) -> experiment_lib.TrainState:
   # ---- workdir and config (before any compilation) --------------------------
   stored_config = experiment_lib.write_or_check_config(config, workdir, extend=extend)
+  experiment_lib.write_or_check_data_splits(config, workdir)
   training = config.training
   n_jit = int(training.n_jitted_steps)
   global_batch = int(training.batch_size)

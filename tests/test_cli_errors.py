@@ -95,3 +95,9 @@ def test_the_eval_summary_states_kid_units_and_warns_about_few_samples():
   text = out.stdout
   assert 'KID 4.20 +- 0.30 (x 1e-3' in text and 'FID 12.50' in text and 'on 64 samples' in text
   assert 'note: FID on 64 samples is biased upwards' in text
+  digits = _run(code='import sys; sys.argv = ["launch.py"]; import launch; print(launch.'
+                     '_quality_summary({"digits_fid": 87.0, "digits_kid": 529.0, '
+                     '"digits_kid_stderr": 104.7, "digits_is": 7.55, "digits_is_std": 0.46, '
+                     '"num_samples": 297}))')
+  assert 'digits_KID 529.00 +- 104.70 (classifier features)' in digits.stdout, digits.stdout
+  assert 'x 1e-3' not in digits.stdout

@@ -415,7 +415,7 @@ def test_bpd_progress_moves_inside_one_shard_and_the_numbers_stay_the_same(
     return jobs.bpd_job(trained, config, batch_size=4, max_examples=4, mesh=mesh)
 
   quiet = one_shard()                                  # no terminal: no callback, no bar
-  out_dir = quiet['result_file'][:-len('.json')]
+  out_dir = quiet['shard_dir']
   expected = io.load_npz(common.shard_path(out_dir, 0))
   shutil.rmtree(out_dir)
   os.remove(quiet['result_file'])

@@ -1,6 +1,7 @@
 """Jobs on a trained workdir: shards, manifests, resumption (every job kind interrupted and
 re-run), 1 vs 4 devices, 1 vs 2 processes, the Python API, the launcher."""
 import dataclasses
+import glob
 import json
 import os
 import re
@@ -80,6 +81,12 @@ def test_sample_job_shards_manifest_and_resume(workdir):
   assert os.path.getmtime(os.path.join(out_dir, 'shard_00000.npz')) == mtime  # not redone
   after = io.load_npz(os.path.join(out_dir, 'shard_00001.npz'))
   np.testing.assert_array_equal(before['images'], after['images'])
+  with pytest.raises(ValueError, match='holds images only; sample with --save_floats'):
+    jobs.load_samples(out_dir, floats=True)
+  with pytest.raises(ValueError, match=r'holds images without their float samples .* same '
+                                       r'--save_floats'):      # would mix shards
+    jobs.sample_job(workdir, config, num_samples=28, shard_size=8, tag='a', save_floats=True)
+  assert _shards(out_dir) == ['shard_00000.npz', 'shard_00001.npz', 'shard_00002.npz']
   config.sampling.num_steps = 10
   with pytest.raises(ValueError, match='different sampler'):
     jobs.sample_job(workdir, config, num_samples=20, shard_size=8, tag='a')
@@ -104,15 +111,21 @@ def test_bpd_job_resumes_to_the_same_result(workdir):
   assert np.isfinite(result['bpd']) and result['bpd_stderr'] > 0 and result['nfe_mean'] > 0
   assert result['solver']['rtol'] == 1e-3
   assert result['solver']['precision'] == 'highest'     # config.eval.matmul_precision
-  out_dir = result['result_file'][:-len('.json')]
+  out_dir = result['shard_dir']
   assert re.fullmatch(r'bpd_test_10_[0-9a-f]{8}', os.path.basename(out_dir))
+  assert result['result_file'] == out_dir + '_r2.json'
+  assert result['trained_on'] == 'train'           # the workdir's data_splits.json
   assert _shards(out_dir) == [f'shard_{i:05d}.npz' for i in range(4)]
   os.remove(os.path.join(out_dir, 'shard_00002.npz'))
   again = jobs.bpd_job(workdir, config, split='test', num_repeats=2, batch_size=8,
                        max_examples=16)
   assert again == result
+  one = jobs.bpd_job(workdir, config, split='test', num_repeats=1, batch_size=8,
+                     max_examples=16)        # fewer repeats: its own file, from shards 0-1
+  assert one['shard_dir'] == out_dir and one['result_file'] == out_dir + '_r1.json'
+  assert one['bpd'] != result['bpd']
   with open(result['result_file']) as f:
-    assert json.load(f) == result
+    assert json.load(f) == result            # the 2-repeat result is kept
 
 
 def test_bpd_results_are_addressed_by_every_setting_that_determines_them(workdir, monkeypatch):
@@ -128,12 +141,12 @@ def test_bpd_results_are_addressed_by_every_setting_that_determines_them(workdir
   variants = [jobs.bpd_job(workdir, looser, num_repeats=1, batch_size=8, max_examples=8),
               jobs.bpd_job(workdir, config, num_repeats=1, batch_size=4, max_examples=8),
               jobs.bpd_job(workdir, config, num_repeats=1, batch_size=8, max_examples=12)]
-  # benchmarks/flows_validation.py's mapping: 'test' reads held-out training digits.
+  # The same split name reading other digits (as benchmarks/flows_validation.py does).
   spec = data_lib.IMAGE_DATASETS['DIGITS']
   monkeypatch.setitem(data_lib.IMAGE_DATASETS, 'DIGITS', dataclasses.replace(
-      spec, splits={'train': 'train[:-300]', 'test': 'train[-300:]'}))
+      spec, splits={'train': 'train', 'test': 'test[100:]'}))
   variants.append(jobs.bpd_job(workdir, config, num_repeats=1, batch_size=8, max_examples=8))
-  assert first['tfds_split'] == 'test' and variants[3]['tfds_split'] == 'train[-300:]'
+  assert first['tfds_split'] == 'test' and variants[3]['tfds_split'] == 'test[100:]'
   assert variants[3]['split'] == 'test' and variants[3]['data'] != first['data']
   files = {first['result_file']} | {v['result_file'] for v in variants}
   assert len(files) == 5                                           # five places
@@ -141,6 +154,31 @@ def test_bpd_results_are_addressed_by_every_setting_that_determines_them(workdir
   assert variants[1]['shard_size'] == 4 and variants[2]['num_examples'] == 12
   with open(first['result_file']) as f:
     assert f.read() == first_file                                  # not overwritten
+
+
+def test_a_workdir_pins_the_data_splits_it_trained_on(workdir, monkeypatch):
+  """benchmarks/flows_validation.py's mapping ('train' -> the first 1200 digits, 'test'
+  -> the last 300 training digits) on a workdir trained on all 1500: resuming would
+  train on other data, and its 'test' bits/dim would not be held out."""
+  with open(os.path.join(workdir, 'data_splits.json')) as f:
+    assert json.load(f) == {'train': 'train', 'test': 'test'}
+  config = experiment_lib.load_config(workdir)
+  assert data_lib.shared_examples(config, 'train', 'train[-300:]') == 300
+  assert data_lib.shared_examples(config, 'train[:-300]', 'train[-300:]') == 0
+  assert data_lib.shared_examples(config, 'test', 'train') == 0
+  assert data_lib.shared_examples(config, 'train+test', 'test[100:]') == 197
+  spec = data_lib.IMAGE_DATASETS['DIGITS']
+  monkeypatch.setitem(data_lib.IMAGE_DATASETS, 'DIGITS', dataclasses.replace(
+      spec, splits={'train': 'train[:-300]', 'test': 'train[-300:]'}))
+  with pytest.raises(ValueError, match=r"'test' reads tfds 'train\[-300:\]' .* trained on "
+                                       r"tfds 'train' .* 300 examples in common, so its "
+                                       r"bits/dim would not be held out"):
+    jobs.bpd_job(workdir, config, split='test', batch_size=8, max_examples=8)
+  with pytest.raises(ValueError, match=r"holds a run on tfds splits .* resuming would "
+                                       r"train on other data"):
+    train.train_and_evaluate(config, workdir, final_evaluation=False)
+  with open(os.path.join(workdir, 'data_splits.json')) as f:
+    assert json.load(f) == {'train': 'train', 'test': 'test'}     # still the run's
 
 
 def test_the_default_sample_tag_names_its_settings(workdir):
@@ -194,6 +232,51 @@ def test_eval_without_a_stats_file_names_the_command(workdir, tmp_path):
     jobs.eval_job(workdir, config, tag='for_eval')
   with pytest.raises(FileNotFoundError, match='no sampling job output'):
     jobs.eval_job(workdir, config, tag='never_sampled')
+
+
+def test_statistics_files_name_their_data_and_are_never_overwritten(tmp_path):
+  from score_sde.evaluation import metrics
+  from score_sde.jobs import quality
+  church = configs.load(os.path.join(configs.CONFIG_DIR, 've', 'church_ncsnpp_continuous.py'))
+  cifar = configs.load(os.path.join(configs.CONFIG_DIR, 've', 'cifar10_ncsnpp_continuous.py'))
+  church.data.data_dir = cifar.data.data_dir = str(tmp_path)
+  path = quality.default_stats_path(church, 'train')
+  assert path == str(tmp_path / 'score_sde_stats' / 'lsun_church_outdoor_256_train_inception.npz')
+  assert quality.default_stats_path(church, 'test', max_examples=1000).endswith(
+      '/lsun_church_outdoor_256_validation_n1000_inception.npz')
+  assert quality.default_stats_path(cifar, 'train').endswith('/cifar10_32_train_inception.npz')
+  os.makedirs(os.path.dirname(path))
+  with open(path, 'w') as f:
+    f.write('earlier statistics')
+  with pytest.raises(FileExistsError, match='statistics are not overwritten'):
+    jobs.stats_job(church, split='train')
+  with open(path) as f:
+    assert f.read() == 'earlier statistics'
+  bedroom = metrics.FeatureStats(mu=np.zeros(2), sigma=np.eye(2), num_examples=2,
+                                 dataset='LSUN/bedroom')
+  with pytest.raises(ValueError, match=r"statistics of 'LSUN/bedroom', but the config is "
+                                       r"'LSUN/church_outdoor'"):
+    quality._check_stats_dataset(church, bedroom, 'bedroom.npz')
+  for dataset in ('CIFAR10', ''):          # ours (older files too), or a foreign file
+    quality._check_stats_dataset(cifar, dataclasses.replace(bedroom, dataset=dataset), 'f.npz')
+  with pytest.raises(ValueError, match="statistics of 'LSUN/bedroom'"):
+    quality._check_stats_dataset(cifar, bedroom, 'bedroom.npz')
+
+
+def test_an_earlier_final_summary_made_from_other_files_is_kept(tmp_path):
+  from score_sde.jobs import quality
+  path = str(tmp_path / 'final_10.json')
+  first = {'result_file': 'bpd_test_10_x_r1.json', 'sample_dir': 'samples/s', 'bpd': 2.0}
+  quality._keep_earlier_summary(path, first)              # nothing there yet
+  io.atomic_json(path, first)
+  quality._keep_earlier_summary(path, dict(first))        # the same files: replaced in place
+  assert os.listdir(tmp_path) == ['final_10.json']
+  quality._keep_earlier_summary(path, dict(first, result_file='bpd_test_10_x_r5.json', bpd=1.9))
+  [kept] = glob.glob(str(tmp_path / 'final_10_*.json'))
+  assert re.fullmatch(r'final_10_[0-9a-f]{8}\.json', os.path.basename(kept))
+  with open(kept) as f:
+    assert json.load(f) == first
+  assert not os.path.exists(path)
 
 
 def _launch(args, devices=1):
@@ -263,8 +346,10 @@ def test_classifier_training_and_controllable_commands(workdir, tmp_path):
     data_dir = json.load(f)['data']['data_dir']
   classifier_dir = str(tmp_path / 'classifier')
   train.train_and_evaluate(_tiny_classifier_config(data_dir), classifier_dir)
-  with open(os.path.join(classifier_dir, 'eval', 'classifier_accuracy_160.json')) as f:
+  [path] = glob.glob(os.path.join(classifier_dir, 'eval', 'classifier_accuracy_160_*.json'))
+  with open(path) as f:
     result = json.load(f)
+  assert result['result_file'] == path and result['batch_size'] == 100
   accuracy = result['accuracy_by_time']
   assert result['num_examples'] == 297 and len(accuracy) == 6
   # 160 steps: far above chance (0.1) on nearly clean digits, near chance at the prior.
@@ -325,8 +410,9 @@ def _assert_same_outputs(expected_root, root):
   assert names == outputs(root)
   assert any(re.fullmatch(r'wd/eval/bpd_test_10_[0-9a-f]{8}/shard_00002.npz', name)
              for name in names)
+  assert any(re.fullmatch(r'wd/eval/quality_t_[0-9a-f]{8}.json', name) for name in names)
   assert {'wd/samples/t/shard_00002.npz',
-          'wd/eval/quality_t/shard_00002.npz', 'wd/eval/quality_t.json',
+          'wd/eval/quality_t/shard_00002.npz',
           'inpaint/inpainting_shards/shard_00001.npz', 'inpaint/inpainting.npz',
           'colorize/colorization.png', 'cond_sample/conditional_shards/manifest.json',
           'cond_sample/conditional.json'} <= names

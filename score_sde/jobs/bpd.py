@@ -1,14 +1,17 @@
 """The bits/dim job: exact likelihood of a split through the probability-flow ODE, or a
 normalizing flow's exact change of variables (same files, same JSON; 'solver' says which).
 
-  <workdir>/eval/bpd_<split>_<step>_<id>/shard_*.npz   per-shard bits/dim and NFE
-  <workdir>/eval/bpd_<split>_<step>_<id>/manifest.json  settings, NFE per shard
-  <workdir>/eval/bpd_<split>_<step>_<id>.json          mean, standard error, NFE, settings
+  <workdir>/eval/bpd_<split>_<step>_<id>/shard_*.npz    per-shard bits/dim and NFE
+  <workdir>/eval/bpd_<split>_<step>_<id>/manifest.json   settings, NFE per shard
+  <workdir>/eval/bpd_<split>_<step>_<id>_r<R>.json      mean over R repeats, standard
+                                                         error, NFE, settings
 
 <id> (`common.settings_id`) names every setting that determines the numbers
 (split, a digest of the examples it reads, checkpoint, solver and its
-tolerances, divergence estimator, shard size, config), so a run with other settings computes into
-another folder and never reports shards made with different ones.
+tolerances, divergence estimator, shard size, config), so a run with other settings
+computes into another folder and never reports shards made with different ones. More
+repeats extend the folder's shards; each repeat count R has its own result file, so a
+later run with fewer repeats does not replace a result that averaged more.
 """
 from __future__ import annotations
 
@@ -67,8 +70,8 @@ def bpd_job(workdir: str, config, *, split: str = 'test', num_repeats: int = 1,
   to the batch size B, a device multiple), with key fold_in(PRNGKey(seed + 7), s)
   split into dequantisation noise and Hutchinson probes (unused by a flow): each
   repeat draws fresh ones. More repeats extend a finished job. Writes
-  <workdir>/eval/bpd_<split>_<step>_<id>.json (see the module doc) and returns
-  its contents (with 'result_file': that path).
+  <workdir>/eval/bpd_<split>_<step>_<id>_r<R>.json (see the module doc) and returns
+  its contents (with 'result_file': that path, and 'shard_dir': the shards' folder).
   """
   mesh = mesh or parallel.make_mesh()
   experiment, state, step = common.experiment_and_state(workdir, config, mesh, checkpoint,
@@ -82,6 +85,7 @@ def bpd_job(workdir: str, config, *, split: str = 'test', num_repeats: int = 1,
   uint = data_lib.load_split_uint(config, split, max_examples)       # [n, H, W, C]
   n, dim = len(uint), int(np.prod(uint.shape[1:]))
   source = data_lib.tfds_split(config, split)
+  trained_on = _check_held_out(workdir, config, split, source)
   # The examples' digest joins the address: the same split name can read other data
   # (benchmarks/flows_validation.py's held-out digits, another dataset version).
   data_digest = common.digest(uint)
@@ -136,18 +140,37 @@ def bpd_job(workdir: str, config, *, split: str = 'test', num_repeats: int = 1,
   per_example = bpds.mean(axis=0)            # average the repeats of each example
   nfes = np.concatenate([a['nfe'] for a in shards])
   result = {
-      'split': split, 'tfds_split': source, 'data': data_digest,
+      'split': split, 'tfds_split': source, 'data': data_digest, 'trained_on': trained_on,
       'checkpoint_step': int(step), 'num_examples': int(n),
       'num_repeats': int(num_repeats), 'bpd': float(per_example.mean()),
       'bpd_stderr': float(per_example.std(ddof=1) / math.sqrt(n)) if n > 1 else float('nan'),
       'num_levels': int(levels), 'dim': dim,
       'nfe_mean': float(nfes.mean()), 'nfe_min': int(nfes.min()), 'nfe_max': int(nfes.max()),
       'solver': solver, 'config_hash': experiment_lib.config_hash(config),
-      'shard_size': int(batch_size), 'result_file': out_dir + '.json',
+      'shard_size': int(batch_size), 'shard_dir': out_dir,
+      'result_file': f'{out_dir}_r{num_repeats}.json',
   }
   if jax.process_index() == 0:
-    io.atomic_json(out_dir + '.json', result)
+    io.atomic_json(result['result_file'], result)
   return result
+
+
+def _check_held_out(workdir: str, config, split: str, source: str) -> str | None:
+  """The tfds split the workdir's model trained on (None when not recorded); refuses
+  bits/dim of a split other than 'train' that shares examples with it: the number
+  would be reported as held out and it is not."""
+  trained = experiment_lib.training_data_splits(workdir)
+  if trained is None:
+    return None
+  shared = 0 if split == 'train' else data_lib.shared_examples(config, source, trained['train'])
+  if shared:
+    raise ValueError(
+        f'{split!r} reads tfds {source!r} here, and the model in {workdir} trained on tfds '
+        f'{trained["train"]!r} ({experiment_lib.DATA_SPLITS_FILE}): {shared} examples in '
+        f'common, so its bits/dim would not be held out. Run the job with the splits it '
+        f'trained on (benchmarks/flows_validation.py --holdout N -- bpd ... for a '
+        f'validation run), or ask for --split train to measure training data on purpose.')
+  return trained['train']
 
 
 def _tfds_note(split: str, source: str) -> str:

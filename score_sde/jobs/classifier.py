@@ -8,9 +8,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from score_sde import data as data_lib
+from score_sde import experiment as experiment_lib
 from score_sde import io
 from score_sde import losses
 from score_sde import parallel
+from score_sde.jobs import common
 
 # Times at which a trained classifier's test accuracy is reported (t = 0.01:
 # nearly clean images; t = 1: the prior, where chance level is expected).
@@ -22,8 +24,9 @@ def evaluate_classifier(experiment, state, step: int, workdir: str, mesh,
   """Test-split accuracy of the EMA classifier on x_t ~ p_0t(. | x_0) at fixed times.
 
   One noise draw per example and time (key fold_in(seed + 3, time index)).
-  Writes <workdir>/eval/classifier_accuracy_<step>.json {t: accuracy} and
-  returns it (with the number of examples).
+  Writes <workdir>/eval/classifier_accuracy_<step>_<id>.json {t: accuracy} and
+  returns it (with the number of examples and 'result_file'); <id> names what the
+  noise draws depend on (batch size, times, seed, config, the test data's tfds split).
   """
   config = experiment.config
   n_dev = mesh.devices.size
@@ -55,9 +58,14 @@ def evaluate_classifier(experiment, state, step: int, workdir: str, mesh,
       key = jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(config.seed + 3), j), index)
       correct[j] += int(p_count(state.ema_params, key, *arrays, float(t)))
   accuracy = {f'{t:g}': float(c) / len(labels) for t, c in zip(times, correct)}
-  result = {'step': int(step), 'num_examples': len(labels), 'accuracy_by_time': accuracy}
+  determining = {'batch_size': batch, 'times': [float(t) for t in times], 'seed': config.seed,
+                 'config_hash': experiment_lib.config_hash(config),
+                 'tfds_split': data_lib.tfds_split(config, 'test')}
+  path = os.path.join(workdir, 'eval',
+                      f'classifier_accuracy_{step}_{common.settings_id(determining)}.json')
+  result = {'step': int(step), 'num_examples': len(labels), 'accuracy_by_time': accuracy,
+            **determining, 'result_file': path}
   if jax.process_index() == 0:
-    path = os.path.join(workdir, 'eval', f'classifier_accuracy_{step}.json')
     io.atomic_json(path, result)
     table = ', '.join(f't={t}: {a:.3f}' for t, a in accuracy.items())
     print(f'Classifier test accuracy (EMA, {len(labels)} examples, x_t ~ p_0t): {table}\n'

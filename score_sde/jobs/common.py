@@ -111,6 +111,13 @@ def settings_id(settings: dict) -> str:
   return hashlib.sha256(text.encode()).hexdigest()[:8]
 
 
+def params_digest(params) -> str:
+  """`digest` of a parameter tree's leaves in tree order (replicated global arrays:
+  each process reads its own copy; host arrays as they are)."""
+  return digest(*[np.asarray(leaf.addressable_data(0)) if isinstance(leaf, jax.Array)
+                  else np.asarray(leaf) for leaf in jax.tree.leaves(params)])
+
+
 def digest(*arrays) -> str:
   """A short hash of arrays' dtypes, shapes and values (inputs named in a manifest)."""
   h = hashlib.sha256()

@@ -351,6 +351,9 @@ def conditional_sample_job(workdir: str, config, classifier_workdir: str, classi
       'scale': float(scale), 'config_hash': experiment_lib.config_hash(config),
       'classifier_step': None if classifier_step is None else int(classifier_step),
       'classifier_config_hash': experiment_lib.config_hash(classifier_config),
+      # the classifier's own weights: another workdir with the same config and step
+      # (other data, another seed's run) never meets these shards
+      'classifier_params': common.params_digest(classifier_state.ema_params),
       'labels': common.digest(labels)}
   out_dir = out_dir or _default_out_dir(
       workdir, f'conditional_step{step}_scale{scale:g}_seed{seed}', settings, batch)

@@ -4,7 +4,9 @@ grid + bits/dim + baselines summary printed after training.
 """
 from __future__ import annotations
 
+import json
 import os
+import re
 
 import jax
 import numpy as np
@@ -19,7 +21,10 @@ from score_sde.jobs import sample as sample_lib
 
 def final_evaluation(experiment, state, workdir: str, mesh) -> dict:
   """After training: a sample grid and the test bits/dim next to two baselines, written to
-  <workdir>/eval/final_<step>.json."""
+  <workdir>/eval/final_<step>.json (with 'sample_dir' and the bpd job's 'result_file',
+  both addressed by their settings). A rerun with other eval / sampling settings
+  (they may change on resume) first moves the earlier summary to
+  final_<step>_<id>.json, <id> naming its files: nothing is overwritten."""
   config = experiment.config
   step = int(jax.device_get(state.step))
   out_dir = sample_lib.sample_job(workdir, config, num_samples=int(config.eval.num_samples),
@@ -33,8 +38,10 @@ def final_evaluation(experiment, state, workdir: str, mesh) -> dict:
   if data_lib.dataset_name(config) == 'DIGITS':
     quality = digits_quality_with_baselines(config, sample_lib.load_samples(out_dir))
     result['sample_quality'] = quality
+  result['sample_dir'] = out_dir
   if jax.process_index() == 0:
     path = os.path.join(workdir, 'eval', f'final_{step}.json')
+    _keep_earlier_summary(path, result)
     io.atomic_json(path, result)
     base = result['baselines']
     verdict = ('below' if result['bpd'] < base['pixel_histogram'] else 'not yet below')
@@ -61,6 +68,21 @@ def final_evaluation(experiment, state, workdir: str, mesh) -> dict:
   return result
 
 
+def _keep_earlier_summary(path: str, result: dict) -> None:
+  """Moves an earlier final_<step>.json made from other files to final_<step>_<id>.json."""
+  if not os.path.exists(path):
+    return
+  with open(path) as f:
+    earlier = json.load(f)
+  made_from = {k: earlier.get(k) for k in ('result_file', 'sample_dir')}
+  if made_from == {k: result[k] for k in made_from}:
+    return
+  kept = f'{path[:-len(".json")]}_{common.settings_id(made_from)}.json'
+  os.replace(path, kept)
+  print(f'The earlier final evaluation at this step (other settings) is kept as {kept}',
+        flush=True)
+
+
 def digits_quality_with_baselines(config, samples: np.ndarray) -> dict:
   """Digits metrics of samples, of as many real training digits (the floor) and of a
   Gaussian fitted to the training digits (a poor baseline), all vs the test split."""
@@ -75,11 +97,33 @@ def digits_quality_with_baselines(config, samples: np.ndarray) -> dict:
                           ('gaussian_baseline', gaussian)]}
 
 
-def default_stats_path(config, split: str) -> str:
-  """<data_dir>/score_sde_stats/<dataset>_<image size>_<split>_inception.npz"""
+def stats_dataset(config) -> str:
+  """What a statistics file says it describes: the dataset, with its LSUN category."""
+  name = data_lib.dataset_name(config)
+  if '{category}' in data_lib.IMAGE_DATASETS[name].tfds_name:
+    return f"{name}/{config.data.get('category', 'bedroom')}"
+  return name
+
+
+def default_stats_path(config, split: str, max_examples: int | None = None) -> str:
+  """<data_dir>/score_sde_stats/<dataset>[_<category>]_<image size>_<split>[_n<max>]
+  _inception.npz; <split> is the tfds split our split name reads (sanitised)."""
+  source = re.sub(r'[^A-Za-z0-9_.%-]+', '-', data_lib.tfds_split(config, split)).strip('-')
+  name = stats_dataset(config).lower().replace('/', '_')
+  limit = f'_n{max_examples}' if max_examples else ''
   return os.path.join(data_lib.data_dir(config), 'score_sde_stats',
-                      f'{config.data.dataset.lower()}_{config.data.image_size}_{split}'
-                      f'_inception.npz')
+                      f'{name}_{config.data.image_size}_{source}{limit}_inception.npz')
+
+
+def _check_stats_dataset(config, stats, path: str) -> None:
+  """Refuses a statistics file that says it describes another dataset or LSUN category
+  (files from other code bases name none and pass)."""
+  expected = stats_dataset(config)
+  accepted = {expected, ''} | ({config.data.dataset} if '/' not in expected else set())
+  if stats.dataset not in accepted:
+    raise ValueError(f'{path} holds statistics of {stats.dataset!r}, but the config is '
+                     f'{expected!r}; make them with launch.py stats --config <this config> '
+                     f'or pass the right --stats_file.')
 
 
 def stats_job(config, *, split: str = 'train', out_path: str | None = None,
@@ -91,13 +135,17 @@ def stats_job(config, *, split: str = 'train', out_path: str | None = None,
   if data_lib.dataset_name(config) == 'DIGITS':
     raise ValueError('the digits use their own classifier features, whose statistics are '
                      'computed on the fly: run launch.py eval on a digits workdir directly.')
+  out_path = out_path or default_stats_path(config, split, max_examples)
+  if os.path.exists(out_path):
+    raise FileExistsError(
+        f'{out_path} exists; statistics are not overwritten (an earlier FID may rest on '
+        f'them). Pass another --stats_file, or move the file away to recompute it.')
   mesh = mesh or parallel.make_mesh()
   network = inception.feature_network(inception.load_params(weights), mesh=mesh,
                                       batch_size=batch_size)
   stats = metrics.compute_statistics(
       network, metrics.dataset_batches(config, split, batch_size, max_examples),
-      dataset=config.data.dataset, split=split)
-  out_path = out_path or default_stats_path(config, split)
+      dataset=stats_dataset(config), split=data_lib.tfds_split(config, split))
   if jax.process_index() == 0:
     os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
     metrics.save_stats(out_path, stats)
@@ -123,7 +171,10 @@ def eval_job(workdir: str, config, *, tag: str | None = None, stats_path: str | 
 
   The features and logits of each sample shard are kept in
   <workdir>/eval/quality_<tag>/shard_<s>.npz, so an interrupted evaluation
-  resumes. Writes <workdir>/eval/quality_<tag>.json and returns it.
+  resumes. Writes <workdir>/eval/quality_<tag>_<id>.json and returns it (with
+  'result_file'); <id> names the sample count, the reference statistics (a digest of
+  their values) and the metric options, so a rerun after more samples or against
+  another reference keeps the earlier result.
   """
   from score_sde.evaluation import metrics
   sample_dir = (os.path.join(workdir, 'samples', common.check_folder_name(tag)) if tag
@@ -158,8 +209,14 @@ def eval_job(workdir: str, config, *, tag: str | None = None, stats_path: str | 
                                         mesh=mesh or parallel.make_mesh())
     reference = metrics.load_stats(stats_path)
     metrics.check_compatible(reference, network.name)
+    _check_stats_dataset(config, reference, stats_path)
     options = {}
   name = os.path.basename(sample_dir)
+  reference_digest = common.digest(
+      reference.mu, reference.sigma, *([] if reference.features is None else [reference.features]))
+  result_id = common.settings_id({'num_samples': samples['num_samples'],
+                                  'reference': reference_digest,
+                                  'feature_network': network.name, 'options': options})
   job = common.Job(
       out_dir=os.path.join(workdir, 'eval', f'quality_{name}'),
       num_shards=samples['num_shards'], shard_size=samples['shard_size'],
@@ -187,11 +244,14 @@ def eval_job(workdir: str, config, *, tag: str | None = None, stats_path: str | 
                                      feature_network=network.name, **options)
   if digits:
     result.update(digits_classifier.confidence_summary(logits))
-    result.update(reference_split='test', classifier_test_accuracy=classifier.test_accuracy)
+    result.update(reference_split='test',
+                  reference_tfds_split=data_lib.tfds_split(config, 'test'),
+                  classifier_test_accuracy=classifier.test_accuracy)
   else:
     result['stats_file'] = stats_path
   result = {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in result.items()}
-  result['samples'] = sample_dir
+  result.update(samples=sample_dir, reference_digest=reference_digest,
+                result_file=os.path.join(workdir, 'eval', f'quality_{name}_{result_id}.json'))
   if jax.process_index() == 0:
-    io.atomic_json(os.path.join(workdir, 'eval', f'quality_{name}.json'), result)
+    io.atomic_json(result['result_file'], result)
   return result

@@ -56,13 +56,15 @@ def sample_job(workdir: str, config, *, num_samples: int, shard_size: int | None
   seed = config.seed if seed is None else seed
   description = sampler_description(config)
   settings = {'sampler': description, 'checkpoint_step': int(step), 'seed': int(seed),
-              'config_hash': experiment_lib.config_hash(config)}
+              'config_hash': experiment_lib.config_hash(config),
+              **({'save_floats': True} if save_floats else {})}
   # The default tag names every setting that determines the shards, so another sampler,
   # seed, checkpoint, config or shard size never meets this job's shards.
   tag = common.check_folder_name(tag) if tag else (
       f'step_{step}_{description["method"]}_seed{seed}_'
       f'{common.settings_id({**settings, "shard_size": shard_size})}')
   out_dir = os.path.join(workdir, 'samples', tag)
+  _check_float_copies(out_dir, save_floats)
   job = common.Job(
       out_dir=out_dir, num_shards=common.count_shards(num_samples, shard_size),
       shard_size=shard_size, settings={**settings, 'num_samples': int(num_samples)},
@@ -106,6 +108,21 @@ def sample_job(workdir: str, config, *, num_samples: int, shard_size: int | None
   return out_dir
 
 
+def _check_float_copies(out_dir: str, save_floats: bool) -> None:
+  """Refuses to extend image shards with(out) float copies by shards without (with) them:
+  load_samples(floats=True) needs them in every shard."""
+  first = common.shard_path(out_dir, 0)
+  if not os.path.exists(first):
+    return
+  with np.load(first, allow_pickle=False) as arrays:
+    names = set(arrays.files)
+  if 'images' in names and ('samples' in names) != bool(save_floats):
+    held = 'with' if 'samples' in names else 'without'
+    raise ValueError(f'{out_dir} holds images {held} their float samples (save_floats '
+                     f'{"samples" in names}); run again with the same --save_floats, or '
+                     f'pass another --tag.')
+
+
 def load_samples(out_dir: str, limit: int | None = None, floats: bool = False) -> np.ndarray:
   """The samples of a sampling job, in shard order (uint8 images or float samples)."""
   with open(os.path.join(out_dir, 'manifest.json')) as f:
@@ -113,6 +130,9 @@ def load_samples(out_dir: str, limit: int | None = None, floats: bool = False) -
   parts, count = [], 0
   for shard in range(manifest['num_shards']):
     arrays = io.load_npz(common.shard_path(out_dir, shard))
+    if floats and 'samples' not in arrays:
+      raise ValueError(f'{out_dir} holds images only; sample with --save_floats for the '
+                       f'float samples.')
     part = arrays['samples'] if (floats or 'images' not in arrays) else arrays['images']
     parts.append(part)
     count += len(part)
