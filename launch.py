@@ -8,10 +8,10 @@ Commands
                 into resumable npz shards + manifest + PNG grid (<workdir>/samples/)
   bpd           bits/dim of a split through the probability-flow ODE (a flow's:
                 exact, by the change of variables), resumable
-                (<workdir>/eval/bpd_<split>_<step>.json)
+                (<workdir>/eval/bpd_<split>_<step>_<id>_r<repeats>.json)
   stats         Inception feature statistics of a dataset split (for FID / KID)
   eval          FID / KID / IS of a sampling job against those statistics (digits:
-                a digits classifier's features) -> <workdir>/eval/quality_<tag>.json
+                a digits classifier's features) -> <workdir>/eval/quality_<tag>_<id>.json
   train_classifier
                 train a noise-conditional classifier p(y | x_t) (config.model.name
                 'wideresnet', e.g. configs/digits/wrn_classifier.py) with the same
@@ -82,7 +82,8 @@ flags.DEFINE_enum('split', 'test', ['train', 'test'], 'bpd: which split.')
 flags.DEFINE_integer('num_repeats', 1, 'bpd: dequantisation repeats (fresh noise each).')
 flags.DEFINE_integer('batch_size', 0, 'bpd: examples per shard (0: config.eval.batch_size).')
 flags.DEFINE_string('stats_file', None, 'stats / eval: dataset statistics file (default: '
-                    '<data_dir>/score_sde_stats/<dataset>_<size>_<split>_inception.npz).')
+                    '<data_dir>/score_sde_stats/<dataset>[_<lsun category>]_<size>_<tfds '
+                    'split>[_n<max_examples>]_inception.npz; stats never overwrites one).')
 flags.DEFINE_string('inception_weights', None, 'stats / eval: Inception weights npz (default: '
                     '$SCORE_SDE_INCEPTION_WEIGHTS or ~/.cache/score_sde/inception_fid.npz).')
 flags.DEFINE_string('images', None, 'inpaint / colorize: an image file, a folder of images, '

@@ -293,8 +293,9 @@ def _preserved_steps(workdir: str, stored_config: dict | None) -> list[int]:
 def _train_and_evaluate(config, workdir: str, mesh, *, final_evaluation: bool,
                         extend: bool) -> experiment_lib.TrainState:
   # ---- workdir and config (before any compilation) --------------------------
-  stored_config = experiment_lib.write_or_check_config(config, workdir, extend=extend)
+  # data splits first: a refused resume leaves config.json as the run stored it
   experiment_lib.write_or_check_data_splits(config, workdir)
+  stored_config = experiment_lib.write_or_check_config(config, workdir, extend=extend)
   training = config.training
   n_jit = int(training.n_jitted_steps)
   global_batch = int(training.batch_size)

@@ -174,11 +174,23 @@ def test_a_workdir_pins_the_data_splits_it_trained_on(workdir, monkeypatch):
                                        r"tfds 'train' .* 300 examples in common, so its "
                                        r"bits/dim would not be held out"):
     jobs.bpd_job(workdir, config, split='test', batch_size=8, max_examples=8)
+  with open(os.path.join(workdir, 'config.json')) as f:
+    stored_config = f.read()
+  resumed = experiment_lib.load_config(workdir)
+  resumed.training.log_freq = 7                  # a change a resume may make
   with pytest.raises(ValueError, match=r"holds a run on tfds splits .* resuming would "
                                        r"train on other data"):
-    train.train_and_evaluate(config, workdir, final_evaluation=False)
+    train.train_and_evaluate(resumed, workdir, final_evaluation=False)
   with open(os.path.join(workdir, 'data_splits.json')) as f:
     assert json.load(f) == {'train': 'train', 'test': 'test'}     # still the run's
+  with open(os.path.join(workdir, 'config.json')) as f:
+    assert f.read() == stored_config                                # not the refused run's
+  # A dataset without a held-out split (CelebA-HQ, FFHQ: 'test' is tfds 'train'): its
+  # bits/dim are computed and labelled training data.
+  monkeypatch.setitem(data_lib.IMAGE_DATASETS, 'DIGITS', dataclasses.replace(
+      spec, splits={'train': 'train', 'test': 'train'}))
+  result = jobs.bpd_job(workdir, config, split='test', batch_size=8, max_examples=8)
+  assert result['held_out'] is False and result['trained_on'] == 'train'
 
 
 def test_the_default_sample_tag_names_its_settings(workdir):
@@ -234,7 +246,7 @@ def test_eval_without_a_stats_file_names_the_command(workdir, tmp_path):
     jobs.eval_job(workdir, config, tag='never_sampled')
 
 
-def test_statistics_files_name_their_data_and_are_never_overwritten(tmp_path):
+def test_statistics_files_name_their_data_and_are_never_overwritten(tmp_path, monkeypatch):
   from score_sde.evaluation import metrics
   from score_sde.jobs import quality
   church = configs.load(os.path.join(configs.CONFIG_DIR, 've', 'church_ncsnpp_continuous.py'))
@@ -245,6 +257,14 @@ def test_statistics_files_name_their_data_and_are_never_overwritten(tmp_path):
   assert quality.default_stats_path(church, 'test', max_examples=1000).endswith(
       '/lsun_church_outdoor_256_validation_n1000_inception.npz')
   assert quality.default_stats_path(cifar, 'train').endswith('/cifar10_32_train_inception.npz')
+  names = []
+  for held_out in ('train[:-300]', 'train[-300:]'):     # complementary slices: other files
+    monkeypatch.setitem(data_lib.IMAGE_DATASETS, 'CIFAR10', dataclasses.replace(
+        data_lib.IMAGE_DATASETS['CIFAR10'], splits={'train': held_out, 'test': 'test'}))
+    names.append(os.path.basename(quality.default_stats_path(cifar, 'train')))
+  assert len(set(names)) == 2 and all(re.fullmatch(r'cifar10_32_train-300-[0-9a-f]{6}_'
+                                                   r'inception\.npz', n) for n in names), names
+  monkeypatch.undo()
   os.makedirs(os.path.dirname(path))
   with open(path, 'w') as f:
     f.write('earlier statistics')
@@ -261,6 +281,11 @@ def test_statistics_files_name_their_data_and_are_never_overwritten(tmp_path):
     quality._check_stats_dataset(cifar, dataclasses.replace(bedroom, dataset=dataset), 'f.npz')
   with pytest.raises(ValueError, match="statistics of 'LSUN/bedroom'"):
     quality._check_stats_dataset(cifar, bedroom, 'bedroom.npz')
+  with pytest.raises(ValueError, match=r"statistics of 'LSUN' \(made before files recorded "
+                                       r"the LSUN category\)"):
+    quality._check_stats_dataset(church, dataclasses.replace(bedroom, dataset='LSUN'), 'old.npz')
+  quality._check_stats_dataset(church, dataclasses.replace(bedroom, dataset='lsun/Church_Outdoor'),
+                               'spelled.npz')
 
 
 def test_an_earlier_final_summary_made_from_other_files_is_kept(tmp_path):
@@ -270,6 +295,7 @@ def test_an_earlier_final_summary_made_from_other_files_is_kept(tmp_path):
   quality._keep_earlier_summary(path, first)              # nothing there yet
   io.atomic_json(path, first)
   quality._keep_earlier_summary(path, dict(first))        # the same files: replaced in place
+  quality._keep_earlier_summary(path, dict(first, sample_dir='/abs/path/samples/s'))
   assert os.listdir(tmp_path) == ['final_10.json']
   quality._keep_earlier_summary(path, dict(first, result_file='bpd_test_10_x_r5.json', bpd=1.9))
   [kept] = glob.glob(str(tmp_path / 'final_10_*.json'))

@@ -85,7 +85,7 @@ def bpd_job(workdir: str, config, *, split: str = 'test', num_repeats: int = 1,
   uint = data_lib.load_split_uint(config, split, max_examples)       # [n, H, W, C]
   n, dim = len(uint), int(np.prod(uint.shape[1:]))
   source = data_lib.tfds_split(config, split)
-  trained_on = _check_held_out(workdir, config, split, source)
+  trained_on, held_out = _check_held_out(workdir, config, split, source)
   # The examples' digest joins the address: the same split name can read other data
   # (benchmarks/flows_validation.py's held-out digits, another dataset version).
   data_digest = common.digest(uint)
@@ -104,7 +104,8 @@ def bpd_job(workdir: str, config, *, split: str = 'test', num_repeats: int = 1,
                 'solver': solver, 'config_hash': experiment_lib.config_hash(config)},
       checked=('split', 'checkpoint_step', 'num_examples', 'data', 'solver', 'config_hash',
                'shard_size'),
-      title=(f'bits/dim of {n} {split} examples{_tfds_note(split, source)} x {num_repeats} '
+      title=(f'bits/dim of {n} {split} examples{_tfds_note(split, source)}'
+             f'{" (training data)" if held_out is False else ""} x {num_repeats} '
              f'repeat(s) from step {step} into {out_dir}'),
       what=f'bits/dim ({split})', unit='example',
       retry_hint='run with the earlier settings')
@@ -141,6 +142,7 @@ def bpd_job(workdir: str, config, *, split: str = 'test', num_repeats: int = 1,
   nfes = np.concatenate([a['nfe'] for a in shards])
   result = {
       'split': split, 'tfds_split': source, 'data': data_digest, 'trained_on': trained_on,
+      'held_out': held_out,
       'checkpoint_step': int(step), 'num_examples': int(n),
       'num_repeats': int(num_repeats), 'bpd': float(per_example.mean()),
       'bpd_stderr': float(per_example.std(ddof=1) / math.sqrt(n)) if n > 1 else float('nan'),
@@ -155,22 +157,27 @@ def bpd_job(workdir: str, config, *, split: str = 'test', num_repeats: int = 1,
   return result
 
 
-def _check_held_out(workdir: str, config, split: str, source: str) -> str | None:
-  """The tfds split the workdir's model trained on (None when not recorded); refuses
-  bits/dim of a split other than 'train' that shares examples with it: the number
-  would be reported as held out and it is not."""
+def _check_held_out(workdir: str, config, split: str,
+                    source: str) -> tuple[str | None, bool | None]:
+  """(the tfds split the workdir's model trained on, whether `source` is disjoint from
+  it); (None, None) when not recorded. Refuses bits/dim of a split other than 'train'
+  that shares examples with the training data although the dataset has a held-out
+  split: it would be reported as held out and it is not. (CelebA-HQ and FFHQ have
+  none: their 'test' is the training data, recorded as held_out False.)"""
   trained = experiment_lib.training_data_splits(workdir)
   if trained is None:
-    return None
-  shared = 0 if split == 'train' else data_lib.shared_examples(config, source, trained['train'])
-  if shared:
+    return None, None
+  shared = data_lib.shared_examples(config, source, trained['train'])
+  has_held_out = not data_lib.shared_examples(config, data_lib.tfds_split(config, 'test'),
+                                              data_lib.tfds_split(config, 'train'))
+  if shared and split != 'train' and has_held_out:
     raise ValueError(
         f'{split!r} reads tfds {source!r} here, and the model in {workdir} trained on tfds '
         f'{trained["train"]!r} ({experiment_lib.DATA_SPLITS_FILE}): {shared} examples in '
         f'common, so its bits/dim would not be held out. Run the job with the splits it '
         f'trained on (benchmarks/flows_validation.py --holdout N -- bpd ... for a '
         f'validation run), or ask for --split train to measure training data on purpose.')
-  return trained['train']
+  return trained['train'], not shared
 
 
 def _tfds_note(split: str, source: str) -> str:

@@ -47,7 +47,9 @@ def final_evaluation(experiment, state, workdir: str, mesh) -> dict:
     verdict = ('below' if result['bpd'] < base['pixel_histogram'] else 'not yet below')
     how, cost = (('exact change of variables', '') if experiment.is_flow else
                  ('probability-flow ODE', f' (mean NFE {result["nfe_mean"]:.0f})'))
-    split_label = 'Test' if source == 'test' else f'Held-out (tfds {source})'
+    split_label = ('Test' if source == 'test' and result.get('held_out') is not False else
+                   f'Training-data (tfds {source})' if result.get('held_out') is False else
+                   f'Held-out (tfds {source})')
     print(f'\nSamples: {os.path.join(out_dir, "grid.png")}\n'
           f'{split_label} bits/dim ({how}, {result["num_levels"]} levels, '
           f'{result["num_examples"]} examples): {result["bpd"]:.4f} +- '
@@ -74,8 +76,10 @@ def _keep_earlier_summary(path: str, result: dict) -> None:
     return
   with open(path) as f:
     earlier = json.load(f)
-  made_from = {k: earlier.get(k) for k in ('result_file', 'sample_dir')}
-  if made_from == {k: result[k] for k in made_from}:
+  def names(summary):      # the files' names: the same workdir spelled another way matches
+    return {k: os.path.basename(str(summary.get(k))) for k in ('result_file', 'sample_dir')}
+  made_from = names(earlier)
+  if made_from == names(result):
     return
   kept = f'{path[:-len(".json")]}_{common.settings_id(made_from)}.json'
   os.replace(path, kept)
@@ -108,7 +112,9 @@ def stats_dataset(config) -> str:
 def default_stats_path(config, split: str, max_examples: int | None = None) -> str:
   """<data_dir>/score_sde_stats/<dataset>[_<category>]_<image size>_<split>[_n<max>]
   _inception.npz; <split> is the tfds split our split name reads (sanitised)."""
-  source = re.sub(r'[^A-Za-z0-9_.%-]+', '-', data_lib.tfds_split(config, split)).strip('-')
+  spec = data_lib.tfds_split(config, split)
+  source = spec if re.fullmatch(r'[A-Za-z0-9_]+', spec) else (   # 'train[:-300]': + its hash
+      re.sub(r'[^A-Za-z0-9_]+', '-', spec).strip('-') + '-' + common.settings_id(spec)[:6])
   name = stats_dataset(config).lower().replace('/', '_')
   limit = f'_n{max_examples}' if max_examples else ''
   return os.path.join(data_lib.data_dir(config), 'score_sde_stats',
@@ -119,11 +125,14 @@ def _check_stats_dataset(config, stats, path: str) -> None:
   """Refuses a statistics file that says it describes another dataset or LSUN category
   (files from other code bases name none and pass)."""
   expected = stats_dataset(config)
-  accepted = {expected, ''} | ({config.data.dataset} if '/' not in expected else set())
-  if stats.dataset not in accepted:
-    raise ValueError(f'{path} holds statistics of {stats.dataset!r}, but the config is '
-                     f'{expected!r}; make them with launch.py stats --config <this config> '
-                     f'or pass the right --stats_file.')
+  found = stats.dataset.upper()
+  if found in ('', expected.upper()):
+    return
+  older = (' (made before files recorded the LSUN category)'
+           if '/' in expected and found == expected.split('/')[0] else '')
+  raise ValueError(f'{path} holds statistics of {stats.dataset!r}{older}, but the config is '
+                   f'{expected!r}; make them with launch.py stats --config <this config> '
+                   f'or pass the right --stats_file.')
 
 
 def stats_job(config, *, split: str = 'train', out_path: str | None = None,
@@ -136,7 +145,7 @@ def stats_job(config, *, split: str = 'train', out_path: str | None = None,
     raise ValueError('the digits use their own classifier features, whose statistics are '
                      'computed on the fly: run launch.py eval on a digits workdir directly.')
   out_path = out_path or default_stats_path(config, split, max_examples)
-  if os.path.exists(out_path):
+  if parallel.broadcast_from_first(os.path.exists(out_path)):    # every process decides alike
     raise FileExistsError(
         f'{out_path} exists; statistics are not overwritten (an earlier FID may rest on '
         f'them). Pass another --stats_file, or move the file away to recompute it.')
@@ -200,8 +209,9 @@ def eval_job(workdir: str, config, *, tag: str | None = None, stats_path: str | 
     options = dict(kid_subset_size=50, is_splits=10, seed=0, prefix='digits_')  # as digits_metrics
   else:
     from score_sde.evaluation import inception
+    default_path = not stats_path
     stats_path = stats_path or default_stats_path(config, 'train')
-    if not os.path.exists(stats_path):
+    if not parallel.broadcast_from_first(os.path.exists(stats_path)):
       raise FileNotFoundError(
           f'dataset statistics file {stats_path} is missing; make it with launch.py stats '
           f'--config <config> --split train (or pass --stats_file).')
@@ -210,6 +220,10 @@ def eval_job(workdir: str, config, *, tag: str | None = None, stats_path: str | 
     reference = metrics.load_stats(stats_path)
     metrics.check_compatible(reference, network.name)
     _check_stats_dataset(config, reference, stats_path)
+    train_source = data_lib.tfds_split(config, 'train')
+    if default_path and reference.split not in ('', train_source):
+      raise ValueError(f'{stats_path} holds statistics of tfds split {reference.split!r}, '
+                       f'not {train_source!r}; move it away and run launch.py stats again.')
     options = {}
   name = os.path.basename(sample_dir)
   reference_digest = common.digest(

@@ -10,6 +10,7 @@ Also the training loop's snapshot samples (`snapshot_sampler`).
 """
 from __future__ import annotations
 
+import glob
 import json
 import os
 
@@ -110,17 +111,21 @@ def sample_job(workdir: str, config, *, num_samples: int, shard_size: int | None
 
 def _check_float_copies(out_dir: str, save_floats: bool) -> None:
   """Refuses to extend image shards with(out) float copies by shards without (with) them:
-  load_samples(floats=True) needs them in every shard."""
-  first = common.shard_path(out_dir, 0)
-  if not os.path.exists(first):
-    return
-  with np.load(first, allow_pickle=False) as arrays:
-    names = set(arrays.files)
-  if 'images' in names and ('samples' in names) != bool(save_floats):
-    held = 'with' if 'samples' in names else 'without'
+  load_samples(floats=True) needs them in every shard. Process 0 looks (at any one
+  existing shard) and every process raises alike."""
+  kind = -1                               # -1: no shard, 0 / 1: images without / with floats
+  if jax.process_index() == 0:
+    existing = sorted(glob.glob(os.path.join(out_dir, 'shard_*.npz')))
+    if existing:
+      with np.load(existing[0], allow_pickle=False) as arrays:
+        names = set(arrays.files)
+      kind = int('samples' in names) if 'images' in names else -1
+  kind = int(parallel.broadcast_from_first(np.int32(kind)))
+  if kind >= 0 and kind != int(bool(save_floats)):
+    held = 'with' if kind else 'without'
     raise ValueError(f'{out_dir} holds images {held} their float samples (save_floats '
-                     f'{"samples" in names}); run again with the same --save_floats, or '
-                     f'pass another --tag.')
+                     f'{bool(kind)}); run again with the same --save_floats, or pass '
+                     f'another --tag.')
 
 
 def load_samples(out_dir: str, limit: int | None = None, floats: bool = False) -> np.ndarray:
