@@ -76,6 +76,7 @@ def _keep_earlier_summary(path: str, result: dict) -> None:
     return
   with open(path) as f:
     earlier = json.load(f)
+
   def names(summary):      # the files' names: the same workdir spelled another way matches
     return {k: os.path.basename(str(summary.get(k))) for k in ('result_file', 'sample_dir')}
   made_from = names(earlier)
@@ -114,7 +115,8 @@ def default_stats_path(config, split: str, max_examples: int | None = None) -> s
   _inception.npz; <split> is the tfds split our split name reads (sanitised)."""
   spec = data_lib.tfds_split(config, split)
   source = spec if re.fullmatch(r'[A-Za-z0-9_]+', spec) else (   # 'train[:-300]': + its hash
-      re.sub(r'[^A-Za-z0-9_]+', '-', spec).strip('-') + '-' + common.settings_id(spec)[:6])
+      re.sub(r'[^A-Za-z0-9_]+', '-', spec).strip('-') + '-'
+      + common.settings_id({'tfds_split': spec})[:6])
   name = stats_dataset(config).lower().replace('/', '_')
   limit = f'_n{max_examples}' if max_examples else ''
   return os.path.join(data_lib.data_dir(config), 'score_sde_stats',
