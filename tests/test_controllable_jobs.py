@@ -141,6 +141,21 @@ def test_jobs_write_npz_png_and_json(tmp_path):
   with open(paths['npz'].replace('.npz', '.json')) as f:
     meta = json.load(f)
   assert meta['scale'] == 2.0 and meta['classifier_step'] == 3
+  # another classifier with the same config and step (another run's weights) gets its
+  # own folder: its samples never land beside the first classifier's
+  other_params = classifier.init(jax.random.PRNGKey(1), jnp.zeros((1, 8, 8, 3)),
+                                 jnp.ones((1,)))['params']
+  other = controllable_jobs.conditional_sample_job(
+      str(tmp_path), config, str(tmp_path / 'classifier_2'), classifier_config, labels,
+      scale=2.0, mesh=mesh, state=state, step=7,
+      classifier_state=SimpleNamespace(ema_params=other_params), classifier_step=3)
+  assert os.path.dirname(other['npz']) != os.path.dirname(paths['npz'])
+  with pytest.raises(ValueError, match='holds shards made with a different classifier_params'):
+    controllable_jobs.conditional_sample_job(
+        str(tmp_path), config, str(tmp_path / 'classifier_2'), classifier_config, labels,
+        scale=2.0, mesh=mesh, state=state, step=7,
+        classifier_state=SimpleNamespace(ema_params=other_params), classifier_step=3,
+        out_dir=os.path.dirname(paths['npz']))
   with pytest.raises(ValueError, match='class index 10 is out of range'):
     controllable_jobs.conditional_sample_job(
         str(tmp_path), config, '', classifier_config, [10], mesh=mesh, state=state, step=7,
