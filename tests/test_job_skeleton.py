@@ -135,6 +135,17 @@ def test_resume_with_a_changed_setting_is_refused(tmp_path, mesh, noisy_double):
                       settings={'grid': (1, 2)}, checked=('grid',), title='toy', what='toy')
   common.run(tuples, lambda s: ({'x': np.zeros(1)}, {}))
   common.run(tuples, lambda s: ({'x': np.zeros(1)}, {}))   # (1, 2) matches its JSON [1, 2]
+  # a setting an older manifest does not record is named as unrecorded, not as 'None vs'
+  newer = common.Job(out_dir=str(tmp_path / 't'), num_shards=1, shard_size=1,
+                     settings={'grid': (1, 2), 'weights': 'ab12'}, checked=('grid', 'weights'),
+                     title='toy', what='toy')
+  with pytest.raises(ValueError, match=r"manifest does not record weights \(an older version "
+                                       r"wrote it\), so they cannot be checked against 'ab12'"):
+    common.run(newer, lambda s: ({'x': np.zeros(1)}, {}))
+  unset = common.Job(out_dir=str(tmp_path / 't'), num_shards=1, shard_size=1,
+                     settings={'grid': (1, 2), 'weights': None}, checked=('grid', 'weights'),
+                     title='toy', what='toy')
+  common.run(unset, lambda s: ({'x': np.zeros(1)}, {}))    # unrecorded and unset: as before
 
 
 def test_progress_bar_is_quiet_off_a_terminal_and_shows_nfe_on_one(tmp_path, mesh,

@@ -179,10 +179,15 @@ def open_manifest(job: Job) -> dict:
   if previous is None:
     return manifest
   for key in job.checked:
-    if previous.get(key) != manifest[key]:
-      raise ValueError(f'{job.out_dir} holds shards made with a different {key} '
-                       f'({previous.get(key)!r} vs {manifest[key]!r}); {job.retry_hint} or '
-                       f'delete the folder.')
+    if previous.get(key) == manifest[key]:
+      continue
+    if key not in previous:
+      raise ValueError(f'{job.out_dir} holds shards whose manifest does not record {key} '
+                       f'(an older version wrote it), so they cannot be checked against '
+                       f'{manifest[key]!r}; {job.retry_hint} or delete the folder.')
+    raise ValueError(f'{job.out_dir} holds shards made with a different {key} '
+                     f'({previous[key]!r} vs {manifest[key]!r}); {job.retry_hint} or '
+                     f'delete the folder.')
   manifest['shards'] = previous.get('shards', {})
   return manifest
 
