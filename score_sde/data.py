@@ -108,14 +108,16 @@ def tfds_split(config, split: str) -> str:
   return splits[split]
 
 
-def example_ranges(config, spec: str) -> list[tuple[str, int, int]]:
+def example_ranges(config, spec: str, prepared=None) -> list[tuple[str, int, int]]:
   """[(prepared split, first, end)]: the examples a tfds split spec ('train[:-300]',
   'train+test') reads, as index ranges of the dataset's prepared splits. A toy
-  dataset's splits are drawn separately: [(spec, 0, 1)]."""
+  dataset's splits are drawn separately: [(spec, 0, 1)]. prepared: the dataset's tfds
+  split infos (read from its source when None)."""
   import tensorflow_datasets as tfds
   if is_toy(config):
     return [(spec, 0, 1)]
-  prepared = get_data_source(config, 'train').dataset_info.splits
+  if prepared is None:
+    prepared = prepared_splits(config)
   ranges = []
   for part in tfds.core.ReadInstruction.from_spec(spec).to_absolute(prepared):
     total = prepared[part.splitname].num_examples
@@ -123,11 +125,17 @@ def example_ranges(config, spec: str) -> list[tuple[str, int, int]]:
   return ranges
 
 
+def prepared_splits(config):
+  """The tfds split infos of the config's image dataset (names -> num_examples)."""
+  return get_data_source(config, 'train').dataset_info.splits
+
+
 def shared_examples(config, spec_a: str, spec_b: str) -> int:
   """How many examples two tfds split specs both read (0: disjoint)."""
+  prepared = None if is_toy(config) else prepared_splits(config)
   return sum(max(0, min(a_end, b_end) - max(a_first, b_first))
-             for a_name, a_first, a_end in example_ranges(config, spec_a)
-             for b_name, b_first, b_end in example_ranges(config, spec_b)
+             for a_name, a_first, a_end in example_ranges(config, spec_a, prepared)
+             for b_name, b_first, b_end in example_ranges(config, spec_b, prepared)
              if a_name == b_name)
 
 
