@@ -43,6 +43,22 @@ def test_ve_discrete_uses_the_ncsn_index():
   assert seen['labels'].dtype == np.int32
 
 
+def test_ve_discrete_index_rounds_to_the_nearest_noise_level():
+  """The PC sampler's grid t_i = linspace(T, eps, N) is slightly inside the index grid
+  (1 - t_i) (N - 1) = i (1 - eps): each step must still get noise level i (the
+  reference rounds; truncating would give i - 1 on every step but the first), and a
+  time 0.6 of a level past level 0 goes to level 1."""
+  n, eps = 1000, 1e-5
+  sde = sde_lib.VESDE(N=n)
+  model_fn, seen = _recording_model()
+  fn = score_fn.get_score_model_fn(sde, model_fn, continuous=False)
+  times = jnp.linspace(sde.T, eps, n)
+  fn(None, jnp.zeros((n, 1, 1, 1)), times)
+  np.testing.assert_array_equal(seen['labels'], np.arange(n))
+  fn(None, X, jnp.array([1.0 - 0.6 / (n - 1), 1.0 - 0.4 / (n - 1)]))
+  np.testing.assert_array_equal(seen['labels'], [1, 0])
+
+
 @pytest.mark.parametrize('sde', [sde_lib.VPSDE(), sde_lib.SubVPSDE()], ids=['vp', 'subvp'])
 def test_vp_family_continuous_divides_noise_by_minus_std(sde):
   model_fn, seen = _recording_model()
