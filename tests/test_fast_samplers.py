@@ -222,6 +222,47 @@ def test_convergence_order_towards_the_ode_solution(tight_ode_solution, method, 
   assert observed > order - 0.35, (errors, observed)
 
 
+@pytest.mark.parametrize('method,options,order', [
+    ('unipc', dict(solver_order=1), 2), ('unipc', dict(solver_order=2), 3),
+    ('unipc', dict(solver_order=3), 4), ('dpmpp_2m', {}, 2), ('dpmpp_3m', {}, 3),
+    ('heun', {}, 2)])
+def test_convergence_order_on_a_closed_form_flow(method, options, order):
+  """A data prediction that depends on the log-SNR lambda = log(m / s) only, D = (sin
+  lambda, cos lambda), makes the probability-flow ODE a quadrature: x(eps) = (s_eps /
+  s_T) x_T + s_eps [P(lambda_eps) - P(lambda_T)], P(l) = e^l ((sin l - cos l) / 2,
+  (sin l + cos l) / 2). The error from 20 to 40 steps falls like K^-order; UniPC's
+  corrector raises its predictor's order p to p + 1 (measured 1.90, 2.89, 3.76;
+  dpmpp_2m 2.08, dpmpp_3m 3.15, heun 2.20; UniPC without the corrector 2.10 / 3.15
+  at p = 2 / 3, and 0.72 at p = 1 with rho_1 = 1)."""
+  sde, eps = sde_lib.VPSDE(), 1e-3
+
+  def log_snr(mean_coeff, std):
+    return jnp.log(mean_coeff / std)
+
+  def score(x, t):
+    mean_coeff, std = sde_lib.transition_coeffs(sde, t)
+    lam = log_snr(mean_coeff, std)
+    data = jnp.stack([jnp.sin(lam), jnp.cos(lam)], -1)
+    return -(x - mean_coeff[:, None] * data) / std[:, None] ** 2
+
+  def primitive(lam):
+    return np.exp(lam) * np.array([np.sin(lam) - np.cos(lam), np.sin(lam) + np.cos(lam)]) / 2
+
+  prior = np.asarray(sampling.prior_sample(
+      sde, sampling.fold_keys(sampling.example_keys(KEY, 4), 0), (4, 2)), np.float64)
+  m_top, s_top = (float(c) for c in sde_lib.transition_coeffs(sde, sde.T))
+  m_end, s_end = (float(c) for c in sde_lib.transition_coeffs(sde, eps))
+  expected = s_end / s_top * prior + s_end * (primitive(np.log(m_end / s_end))
+                                              - primitive(np.log(m_top / s_top)))
+  errors = []
+  for num_steps in (20, 40):
+    x, _ = sampling.sample(KEY, score, sde, (4, 2), method, num_steps=num_steps,
+                           noise_removal=False, eps=eps, **options)
+    errors.append(np.abs(np.asarray(x, np.float64) - expected).max())
+  observed = np.log2(errors[0] / errors[1])
+  assert observed > order - 0.5, (errors, observed)
+
+
 # ----------------------------------------------------------------------------
 # Time grids
 # ----------------------------------------------------------------------------
