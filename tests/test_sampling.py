@@ -169,6 +169,43 @@ def test_ddim_sampler_matches_mixture(sde_name, eta):
   assert int(info['nfe']) == 101
 
 
+@pytest.mark.parametrize('sde_name,eta', [('vp', 1.0), ('vp', 0.5), ('ve', 1.0)])
+def test_ddim_noise_is_the_papers_on_a_point_mass(sde_name, eta):
+  """On a point mu (x0_hat = mu, eps_hat = (x - m mu) / s exactly) a DDIM step is
+  x' = m' mu + sqrt(s'^2 - sigma^2) eps_hat + sigma z_i with, at eta = 1, the DDPM
+  posterior: VP sigma^2 = (1 - abar') / (1 - abar) (1 - abar / abar') (DDIM paper eq.
+  16, abar = m^2), VE sigma^2 = s'^2 (s^2 - s'^2) / s^2 (SMLD's ancestral step).
+  Rebuilt in float64 from the documented keys: any sigma keeps the marginals, so the
+  mixture test could not see a wrong one."""
+  sde, mu, num_steps, eps, batch = SDES[sde_name], np.array([0.7, -1.3]), 5, 1e-3, 8
+
+  def score(x, t):
+    mean_coeff, std = sde_lib.transition_coeffs(sde, t)
+    return -(x - mean_coeff[:, None] * mu) / std[:, None] ** 2
+
+  x, _ = sampling.sample(KEY, score, sde, (batch, 2), 'ddim', ddim_eta=eta,
+                         num_steps=num_steps, noise_removal=False, eps=eps)
+  keys = sampling.example_keys(KEY, batch)
+  y = np.asarray(sampling.prior_sample(sde, sampling.fold_keys(keys, 0), (batch, 2)),
+                 np.float64)
+  times = np.linspace(sde.T, eps, num_steps + 1)
+  for i in range(num_steps):
+    m, s = (float(c) for c in sde_lib.transition_coeffs(sde, times[i]))
+    m_next, s_next = (float(c) for c in sde_lib.transition_coeffs(sde, times[i + 1]))
+    if sde_name == 'vp':
+      # 1 - abar taken as s^2: near t = 0 a float32 m is too close to 1 to give it
+      var = s_next ** 2 / s ** 2 * (1 - (m / m_next) ** 2)
+    else:
+      var = s_next ** 2 * (s ** 2 - s_next ** 2) / s ** 2
+    sigma = eta * np.sqrt(var)
+    z = np.asarray(sampling.example_normal(sampling.fold_keys(keys, i + 1), (2,)), np.float64)
+    y = m_next * mu + np.sqrt(s_next ** 2 - sigma ** 2) * (y - m * mu) / s + sigma * z
+  # compared standardised (an O(1) draw): the point mass leaves x within s(eps) of mu
+  m_end, s_end = (float(c) for c in sde_lib.transition_coeffs(sde, eps))
+  standardised = (np.asarray(x, np.float64) - m_end * mu) / s_end
+  np.testing.assert_allclose(standardised, (y - m_end * mu) / s_end, atol=2e-4)
+
+
 def test_langevin_with_per_example_norms_in_high_dimension():
   """The default snr_norm='example' is meant for high-dimensional data."""
   mix = analytic.random_mixture(jax.random.PRNGKey(3), 64, 2, spread=3.0, scale=0.5)
