@@ -13,6 +13,8 @@ threshold df + 6 sqrt(2 df) is calibrated on true samples below (false alarm
 rate ~ 1e-5); with 2000 samples a 15 % error in the variances, or a shift of
 0.08 (a quarter of the smallest standard deviation), exceeds it.
 """
+import math
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -247,6 +249,53 @@ def test_ancestral_step_is_the_ddpm_step_for_vp():
   expected_mean = (x + beta * score_fn(x, t)) / jnp.sqrt(1 - beta)
   np.testing.assert_allclose(mean, expected_mean, rtol=1e-5)
   np.testing.assert_allclose(out, expected_mean + jnp.sqrt(beta) * noise, rtol=1e-4, atol=1e-6)
+
+
+def test_ancestral_step_for_ve_is_the_exact_reverse_step_for_unit_data():
+  """SMLD chain x_i = x_{i-1} + G z, G^2 = sigma_i^2 - sigma_{i-1}^2, on data N(0, I):
+  x_{i-1} | x_i is Gaussian with mean x_i + G^2 s(x_i) and variance (1 + sigma_{i-1}^2)
+  G^2 / (1 + sigma_i^2) (the product of two Gaussians), s(x) = -x / (1 + sigma_i^2)."""
+  sde = sde_lib.VESDE(N=50)
+  x = jax.random.normal(jax.random.PRNGKey(1), (4, 3)) * 3.0
+  index = 30
+  t = jnp.full((4,), index / 49)
+  sigmas = np.exp(np.linspace(np.log(sde.sigma_min), np.log(sde.sigma_max), 50))
+  var_i, var_before = 1 + sigmas[index] ** 2, 1 + sigmas[index - 1] ** 2
+  score_fn = lambda y, tt: -y / var_i   # noqa: E731
+  noise = jax.random.normal(jax.random.PRNGKey(2), (4, 3))
+  step = jax.jit(lambda *a: sampling.ancestral_sampling_predictor(sde, score_fn, *a, False))
+  out, mean = step(x, t, noise)
+  g2 = sigmas[index] ** 2 - sigmas[index - 1] ** 2
+  expected_mean = np.asarray(x, np.float64) * (1 - g2 / var_i)
+  np.testing.assert_allclose(mean, expected_mean, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(out, expected_mean + np.sqrt(var_before * g2 / var_i) * noise,
+                             rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize('snr_norm', ['example', 'batch'])
+def test_one_langevin_iteration_follows_the_snr_rule(snr_norm):
+  """x + e s + sqrt(2 e) z with e = 2 alpha (snr |z| / |s|)^2, alpha = 1 - beta_i (VP):
+  |z| -> E|z| = sqrt(2) Gamma((D + 1) / 2) / Gamma(D / 2) and |s| per example
+  ('example'), or the batch means of both norms ('batch', the reference's rule)."""
+  sde, snr, dim = sde_lib.VPSDE(N=100), 0.16, 5
+  x = jax.random.normal(jax.random.PRNGKey(1), (4, dim))
+  noise = jax.random.normal(jax.random.PRNGKey(2), (4, dim))
+  t = jnp.full((4,), 30 / 99)
+  score_fn = lambda y, tt: -2.0 * y + 0.5   # noqa: E731
+  update = sampling.langevin_corrector(sde, score_fn, x, t, snr, snr_norm)
+  out, mean = jax.jit(update)(x, noise)
+  alpha = 1 - float(sde.discrete_betas[30])
+  x64, z64 = np.asarray(x, np.float64), np.asarray(noise, np.float64)
+  s64 = -2.0 * x64 + 0.5
+  if snr_norm == 'example':
+    expected_z = math.sqrt(2) * math.exp(math.lgamma((dim + 1) / 2) - math.lgamma(dim / 2))
+    ratio = snr * expected_z / np.linalg.norm(s64, axis=1, keepdims=True)
+  else:
+    ratio = (snr * np.linalg.norm(z64, axis=1).mean() / np.linalg.norm(s64, axis=1).mean())
+  step = 2 * alpha * ratio ** 2
+  np.testing.assert_allclose(mean, x64 + step * s64, rtol=1e-5)
+  np.testing.assert_allclose(out, x64 + step * s64 + np.sqrt(2 * step) * z64, rtol=1e-5,
+                             atol=1e-6)
 
 
 def test_langevin_alpha_is_one_minus_beta_for_vp_and_one_for_ve():
