@@ -92,6 +92,22 @@ def test_hutchinson_estimate_is_unbiased(mixtures, scores, divergence):
   assert float(spread) < 1e-2
 
 
+def test_hutchinson_averages_its_probes():
+  """mean_p v_p^T A v_p: with the D probes sqrt(D) e_i it is tr A exactly, and with
+  two probes it is the mean of their two single-probe estimates."""
+  a = jax.random.normal(jax.random.PRNGKey(3), (5, 5))
+  jvp_fn = lambda v: a @ v   # noqa: E731
+  scaled_units = math.sqrt(5) * jnp.eye(5)
+  np.testing.assert_allclose(likelihood.hutchinson_divergence(jvp_fn, scaled_units),
+                             np.trace(np.asarray(a)), rtol=1e-5)
+  np.testing.assert_allclose(likelihood.exact_divergence(jvp_fn, scaled_units),
+                             np.trace(np.asarray(a)), rtol=1e-5)
+  probes = jnp.array([[1.0, -1, 1, 1, -1], [-1.0, -1, 1, -1, 1]])
+  singles = [float(p @ a @ p) for p in probes]
+  np.testing.assert_allclose(likelihood.hutchinson_divergence(jvp_fn, probes),
+                             np.mean(singles), rtol=1e-5)
+
+
 @pytest.mark.slow
 def test_more_probes_reduce_the_variance(mixtures, scores):
   mix, sde = mixtures[64], SDES['vp']
