@@ -127,19 +127,21 @@ def test_mmd2_unbiased_matches_explicit_double_sums():
 
 
 def test_kid_is_unbiased_with_honest_standard_errors():
-  """Same distribution: KID averages to 0 and the reported errors match the spread."""
+  """Same distribution: KID averages to 0 and the reported errors match the spread
+  over 40 trials (8 blocks each: measured ratio 1.02; an error without the
+  1 / sqrt(#blocks) would be 2.8 times too large, which a window of 2 let pass)."""
   rng = np.random.default_rng(5)
   kids, errors = [], []
   for trial in range(40):
     x = rng.normal(size=(400, 8))
     y = rng.normal(size=(400, 8))
-    kid, err = metrics.kernel_inception_distance(x, y, subset_size=100, seed=trial)
+    kid, err = metrics.kernel_inception_distance(x, y, subset_size=50, seed=trial)
     kids.append(kid)
     errors.append(err)
   kids, errors = np.array(kids), np.array(errors)
   spread = kids.std(ddof=1)
   assert abs(kids.mean()) < 3.5 * spread / math.sqrt(len(kids))      # unbiased
-  assert 0.5 < np.median(errors) / spread < 2.0                        # errors are honest
+  assert 0.7 < np.median(errors) / spread < 1.45                       # errors are honest
   assert np.mean(np.abs(kids) < 3 * errors) > 0.85
 
 
