@@ -1,5 +1,6 @@
 """FID Inception-v3 in Flax with random weights: shapes, layout, resizing, weights files."""
 import importlib.util
+import json
 import os
 import sys
 
@@ -7,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import traverse_util
 
 from score_sde import parallel
 from score_sde.evaluation import inception, metrics
@@ -269,6 +271,42 @@ def test_conversion_from_a_pytorch_state_dict(params):
   state_dict['Mixed_5b.branch1x1.conv.bias'] = np.zeros(64)
   with pytest.raises(inception.WeightsError, match="'Mixed_5b.branch1x1.conv.bias' is not"):
     inception.convert_torch_state_dict(state_dict)
+
+
+PYTORCH_FID = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'data', 'pytorch_fid')
+
+
+def _pytorch_fid_weights():
+  """The random FID-Inception weights of tests/data/pytorch_fid (its weights.py, numpy
+  only) as our parameter tree, through the pytorch-fid state-dict converter."""
+  spec = importlib.util.spec_from_file_location('pytorch_fid_weights',
+                                                os.path.join(PYTORCH_FID, 'weights.py'))
+  recipe = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(recipe)
+  with open(os.path.join(PYTORCH_FID, 'layout.json')) as f:
+    entries = json.load(f)['state_dict']
+  converted = inception.convert_torch_state_dict(recipe.random_arrays(entries))
+  return traverse_util.unflatten_dict({k: jnp.asarray(v) for k, v in converted.items()},
+                                      sep='/')
+
+
+def test_network_equals_pytorch_fids_on_the_same_weights():
+  """pool_3 features and logits of the whole network against pytorch-fid's own
+  InceptionV3 (the network of its FID numbers) run by tests/data/pytorch_fid/
+  make_fixture.py on the same random weights and 139 x 139 images (no resize on either
+  side; the last blocks see 3 x 3 maps, where a max and a mean pool differ): every
+  layer's padding, pooling rule, branch order and concatenation, and the state-dict
+  conversion, within float32 round-off (1e-4 of the largest value; measured 1e-6)."""
+  expected = np.load(os.path.join(PYTORCH_FID, 'expected.npz'))
+  size = expected['images'].shape[1]
+  network = inception.feature_network(_pytorch_fid_weights(), batch_size=2, image_size=size)
+  pool3, logits = network.apply(expected['images'])
+  for ours, theirs in ((pool3, expected['pool3']), (logits, expected['logits'])):
+    np.testing.assert_allclose(ours, theirs, rtol=0, atol=1e-4 * np.abs(theirs).max())
+  # pytorch-fid's resize (F.interpolate, bilinear, align_corners=False) is 'pytorch'
+  resized = inception.preprocess(jnp.asarray(expected['small']), SMALL, 'pytorch')
+  np.testing.assert_allclose((np.asarray(resized) + 1) / 2, expected['resized_75'],
+                             rtol=0, atol=1e-5)
 
 
 @pytest.mark.skipif(importlib.util.find_spec('torch') is not None,
