@@ -63,6 +63,12 @@ def test_uniform_dequantization_stays_in_its_bin(digits_config):
   levels = np.floor(batch * 17)
   np.testing.assert_array_less(-1e-6, batch * 17 - levels)
   assert levels.max() <= 16 and 0.3 < (batch * 17 - levels).mean() < 0.7
+  # Each pixel gets its own U[0, 1) draw: over 256 images no two of the 64 positions
+  # correlate beyond 5 / sqrt(256) (2016 pairs; one draw per image would give 1).
+  offsets = (batch * 17 - levels).reshape(256, 64)
+  assert abs(offsets.var() - 1 / 12) < 0.01
+  correlations = np.corrcoef(offsets, rowvar=False)[np.triu_indices(64, 1)]
+  assert np.abs(correlations).max() < 5 / np.sqrt(256)
 
 
 def test_epoch_order_is_a_fresh_permutation_each_epoch(digits_config):
