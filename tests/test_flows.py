@@ -284,6 +284,21 @@ def test_priors_are_the_standard_densities_and_reject_unknown_names():
     flows.prior_log_prob(z, 'laplace')
 
 
+@pytest.mark.parametrize('prior,distribution', [('gaussian', scipy.stats.norm),
+                                                ('logistic', scipy.stats.logistic)])
+def test_the_sampler_draws_latents_from_its_prior(prior, distribution):
+  """An identity inverse shows the latents: 20000 draws pass a KS test against the
+  prior (p > 1e-3) and have its variance (1, or pi^2 / 3 for the logistic) within 5 %,
+  and temperature scales them."""
+  sampler = flows.get_sampler(lambda params, z: z, 4, 5000, prior=prior)
+  z = np.asarray(sampler(jax.random.PRNGKey(0), None)[0], np.float64).ravel()
+  assert scipy.stats.kstest(z, distribution.cdf).pvalue > 1e-3
+  assert z.var() == pytest.approx(distribution.var(), rel=0.05)
+  hot = flows.get_sampler(lambda params, z: z, 4, 5000, prior=prior, temperature=0.5)
+  np.testing.assert_allclose(np.asarray(hot(jax.random.PRNGKey(0), None)[0]).ravel(),
+                             0.5 * z, rtol=1e-6)
+
+
 def _sampler(model, n, **options):
   flow = model_utils.flow_functions(model)
   return flows.get_sampler(flow.inverse, flow.latent_dim, n, **options)
