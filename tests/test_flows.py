@@ -243,6 +243,23 @@ def test_flow_train_loss_draws_dropout_masks_from_its_key_and_the_eval_loss_is_e
   assert train_0 != train_1 and eval_0 == eval_1 == losses_by_rate[0.0][0]
 
 
+def test_flow_loss_is_bits_per_dim_with_the_levels_and_scaler_offset():
+  """With a standard-normal density on [-1, 1]-scaled data of L = 17 levels, the loss is
+  mean(-log p) / (D ln 2) + log2 L + log2(1 / 2) (the scaler's slope, [0, 1] -> [-1, 1])."""
+  from score_sde import losses
+  x = jax.random.uniform(jax.random.PRNGKey(0), (6, 3, 2, 1), minval=-1.0, maxval=1.0)
+
+  def log_prob_fn(params, batch, dropout_key=None):
+    flat = batch.reshape(len(batch), -1)
+    return jnp.sum(jax.scipy.stats.norm.logpdf(flat), axis=-1), flat
+
+  loss_fn = losses.get_flow_nll_loss_fn(log_prob_fn, dim=6, inverse_scaler=lambda v: (v + 1) / 2,
+                                        num_levels=17)
+  logp = scipy.stats.norm.logpdf(np.asarray(x, np.float64).reshape(6, 6)).sum(-1)
+  expected = np.mean(-logp) / (6 * np.log(2)) + np.log2(17) - 1
+  assert float(loss_fn(None, jax.random.PRNGKey(1), x)) == pytest.approx(expected, rel=1e-6)
+
+
 def test_an_all_affine_flow_has_the_closed_form_gaussian_density():
   """Glow with additive couplings whose networks stay zero, and split priors whose
   convolutions have only a bias, is an affine map x = M z + c of a standard normal z:
