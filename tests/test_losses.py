@@ -237,6 +237,21 @@ def test_hybrid_loss_vlb_trains_only_the_variance():
   no_vlb = losses.get_hybrid_loss_fn(sde, model_fn, hybrid_lambda=0.0)
   assert float(no_vlb(params, key, batch)) == pytest.approx(float(simple(params, key, batch)),
                                                            rel=1e-6)
+  # lambda N L_vlb(i): the VLB term of the same draw (labels and noise from the key as
+  # the loss splits it), times N = 100 (the estimate of the whole VLB).
+  k_label, k_noise = jax.random.split(jax.random.split(key)[0])
+  labels = jax.random.randint(k_label, (64,), 0, sde.N)
+  noise = jax.random.normal(k_noise, batch.shape)
+  abar = sde.alphas_cumprod[labels][:, None, None, None]
+  out = model_fn(params, jnp.sqrt(abar) * batch + jnp.sqrt(1 - abar) * noise, labels, True,
+                 None)
+  simple_terms, vlb_bits = losses.hybrid_terms(sde, batch, labels, noise, out[..., :1],
+                                               out[..., 1:], reduce_mean=True)
+  assert float(no_vlb(params, key, batch)) == pytest.approx(float(jnp.mean(simple_terms)),
+                                                           rel=1e-5)
+  assert float(hybrid(params, key, batch)) == pytest.approx(
+      float(jnp.mean(simple_terms + 1e-3 * 100 * vlb_bits)), rel=1e-5)
+  assert float(1e-3 * 100 * jnp.mean(vlb_bits)) > 1e-3 * float(jnp.mean(simple_terms))
   with pytest.raises(ValueError, match='learned-variance model output'):
     losses.get_hybrid_loss_fn(sde, lambda p, x, l, tr, k: x)(params, key, batch)
 
