@@ -85,7 +85,11 @@ def test_likelihood_weighted_loss_ve_closed_form():
   assert abs(mean - expected) < 4 * se, (mean, expected, se)
 
 
-def test_importance_sampling_is_unbiased_and_reduces_variance_vp():
+@pytest.mark.parametrize('eps', [EPS, 0.3])
+def test_importance_sampling_is_unbiased_and_reduces_variance_vp(eps):
+  """The time average over [eps, 1] of the likelihood-weighted loss, both ways; at
+  eps = 0.3 a missing 1 / (T - eps) in the importance weight would be 1.43 times too
+  large (measured 1.204 +- 0.009 against the closed form 1.195)."""
   sde = sde_lib.VPSDE()
 
   def integrand(t):
@@ -93,17 +97,18 @@ def test_importance_sampling_is_unbiased_and_reduces_variance_vp():
     beta = 0.1 + 19.9 * t
     return beta / s ** 2 * _q(m, s)
 
-  t = np.geomspace(EPS, 1.0, 400001)
-  expected = 0.5 * DIM * np.trapezoid(integrand(t), t) / (1 - EPS)
+  t = np.geomspace(eps, 1.0, 400001)
+  expected = 0.5 * DIM * np.trapezoid(integrand(t), t) / (1 - eps)
   weighted = losses.get_dsm_loss_fn(sde, _exact_score_model(sde), likelihood_weighting=True,
-                                    importance_sampling=True, eps=EPS)
+                                    importance_sampling=True, eps=eps)
   uniform = losses.get_dsm_loss_fn(sde, _exact_score_model(sde), likelihood_weighting=True,
-                                   eps=EPS)
+                                   eps=eps)
   mean_is, se_is = _monte_carlo(weighted)
   mean_u, se_u = _monte_carlo(uniform, seed=1)
   assert abs(mean_is - expected) < 4 * se_is + 1e-4 * expected, (mean_is, expected, se_is)
   assert abs(mean_u - expected) < 5 * se_u, (mean_u, expected, se_u)
-  assert se_is < 0.5 * se_u, (se_is, se_u)
+  if eps == EPS:               # the weight varies over decades only near t = 0
+    assert se_is < 0.5 * se_u, (se_is, se_u)
 
 
 @pytest.mark.parametrize('sde', [sde_lib.VESDE(), sde_lib.VPSDE(), sde_lib.SubVPSDE()],
