@@ -557,6 +557,53 @@ def test_resume_with_a_different_config_is_refused(tmp_path):
   assert int(state.step) == 4
 
 
+@pytest.mark.parametrize('weight_decay', [0.0, 0.01], ids=['adam', 'adamw'])
+def test_train_step_is_clipped_adam_and_a_warmed_up_ema_written_out_in_numpy(weight_decay):
+  """Five steps of config.optim's optimiser (global-norm clip 15, Adam b1 0.9, b2 0.999,
+  eps 1e-8, lr 1e-2 after a 2-step warm-up, decoupled weight decay) and the warm-up EMA
+  (decay min(rate, (1 + k) / (10 + k)) at step k), against a float64 numpy loop. The
+  gradients' norms (about 11 x 1, 2, 0.5, 3, 0.25) are clipped on two steps and vary,
+  so that Adam's second moment (b2) matters."""
+  config = small_toy_config(2)
+  config.optim.lr, config.optim.warmup, config.optim.grad_clip = 1e-2, 2, 15.0
+  config.optim.weight_decay = weight_decay
+  optimizer, schedule = experiment_lib.get_optimizer(config)
+  target = {'a': np.array([3.0, -2.0, 1.0]), 'b': np.array([[0.5, 4.0]])}
+
+  def loss_fn(params, key, scale):
+    return sum(scale * jnp.sum((params[k] - target[k]) ** 2) for k in target)
+
+  params = {k: jnp.zeros(v.shape, jnp.float32) for k, v in target.items()}
+  state = experiment_lib.TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                                    opt_state=optimizer.init(params),
+                                    ema_params=jax.tree.map(jnp.copy, params),
+                                    key=jax.random.PRNGKey(0))
+  step = jax.jit(train.make_train_step(loss_fn, optimizer, schedule, ema_rate=0.999,
+                                       ema_warmup=True))
+  p = {k: np.zeros(v.shape) for k, v in target.items()}
+  ema = {k: np.zeros(v.shape) for k, v in target.items()}
+  m = {k: np.zeros(v.shape) for k, v in target.items()}
+  v2 = {k: np.zeros(v.shape) for k, v in target.items()}
+  clipped = []
+  for k, scale in enumerate((1.0, 2.0, 0.5, 3.0, 0.25)):
+    state, _ = step(state, jnp.float32(scale))
+    grads = {n: 2 * scale * (p[n] - target[n]) for n in p}
+    norm = np.sqrt(sum(np.sum(g ** 2) for g in grads.values()))
+    clipped.append(norm > 15.0)
+    lr, decay = 1e-2 * min((k + 1) / 2, 1.0), min(0.999, (1 + k) / (10 + k))
+    for n in p:
+      g = grads[n] * min(1.0, 15.0 / norm)
+      m[n] = 0.9 * m[n] + 0.1 * g
+      v2[n] = 0.999 * v2[n] + 0.001 * g ** 2
+      adam = (m[n] / (1 - 0.9 ** (k + 1))) / (np.sqrt(v2[n] / (1 - 0.999 ** (k + 1))) + 1e-8)
+      p[n] = p[n] - lr * (adam + weight_decay * p[n])
+      ema[n] = decay * ema[n] + (1 - decay) * p[n]
+  assert clipped == [False, True, False, True, False]
+  for n in p:
+    np.testing.assert_allclose(state.params[n], p[n], rtol=0, atol=2e-6)
+    np.testing.assert_allclose(state.ema_params[n], ema[n], rtol=0, atol=2e-6)
+
+
 def test_ema_warmup_and_learning_rate_schedule():
   assert float(train.ema_decay(0, 0.999, True)) == pytest.approx(0.1)
   assert float(train.ema_decay(1700, 0.999, True)) == pytest.approx(1701 / 1710)
