@@ -367,14 +367,16 @@ def test_class_conditional_samples_come_from_the_requested_class(method, options
     assert np.all(np.abs(xs.var(0) / var - 1) <= Z * np.sqrt(2 / len(xs)) + 0.05)
 
 
-def test_scale_zero_is_unconditional_and_large_scale_keeps_the_class():
-  n = 1000
+@pytest.mark.parametrize('method,options,n', [
+    ('pc', dict(corrector='none'), 1000), ('ode', dict(rtol=1e-3, atol=1e-3), 200)])
+def test_scale_zero_is_unconditional_and_large_scale_keeps_the_class(method, options, n):
+  """On the PC path and on the per-example ODE path (the scale reaches both)."""
   x0, _ = controllable.conditional_sample(KEY, MIX_SCORE, exact_class_logits, MIX_SDE, (n, 2),
-                                          1, scale=0.0, corrector='none')
+                                          1, scale=0.0, method=method, **options)
   share_class1 = np.mean(components(x0) == 2)
   assert abs(share_class1 - 0.5) <= Z * np.sqrt(0.25 / n)    # the prior weight of class 1
   x3, _ = controllable.conditional_sample(KEY, MIX_SCORE, exact_class_logits, MIX_SDE, (n, 2),
-                                          1, scale=3.0, corrector='none')
+                                          1, scale=3.0, method=method, **options)
   assert np.mean(components(x3) == 2) >= 0.995
 
 
