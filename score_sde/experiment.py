@@ -106,6 +106,20 @@ def _flatten(tree: dict, prefix: str = '') -> dict:
   return flat
 
 
+def _is_resumable_change(key: str) -> bool:
+  """Whether a flattened config key is one a resumed run may change."""
+  return any(key == p or (p.endswith('.') and key.startswith(p)) for p in RESUMABLE_CHANGES)
+
+
+def _run_differences(stored: dict, current: dict) -> list[str]:
+  """'key: old -> new' for the keys (outside RESUMABLE_CHANGES) where two config dicts
+  differ, sorted."""
+  old, new = _flatten(stored), _flatten(current)
+  return [f'{k}: {old.get(k)!r} -> {new.get(k)!r}'
+          for k in sorted(set(old) | set(new))
+          if old.get(k) != new.get(k) and not _is_resumable_change(k)]
+
+
 def config_to_dict(config) -> dict:
   """JSON-ready dict of a ConfigDict (tuples become lists)."""
   return json.loads(config.to_json())
@@ -127,14 +141,12 @@ def write_or_check_config(config, workdir: str, *, extend: bool = False) -> dict
   stored = None
   if os.path.exists(path) and steps:
     stored = config_to_dict(io.read_config_json(workdir))
-    old, new = _flatten(stored), _flatten(current)
-    changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k)
-                     and not any(k == p or (p.endswith('.') and k.startswith(p))
-                                 for p in RESUMABLE_CHANGES))
+    changed = _run_differences(stored, current)
     if changed:
-      details = ', '.join(f'{k}: {old.get(k)!r} -> {new.get(k)!r}' for k in changed[:8])
-      raise ValueError(f'{workdir} holds a run with a different config ({details}); '
-                       f'resuming would not be exact. Use a new --workdir.')
+      raise ValueError(f'{workdir} holds a run with a different config '
+                       f'({", ".join(changed[:8])}); resuming would not be exact. Use a new '
+                       f'--workdir.')
+    old, new = _flatten(stored), _flatten(current)
     old_iters, new_iters = old.get('training.n_iters'), new.get('training.n_iters')
     if old_iters is not None and steps[-1] >= old_iters and new_iters > old_iters and not extend:
       raise ValueError(f'the run in {workdir} finished at step {steps[-1]} (training.n_iters '
@@ -186,6 +198,10 @@ def training_data_splits(workdir: str) -> dict | None:
 def check_config(config, mesh=None) -> None:
   """Everything about the experiment that can be checked before compiling anything
   (the launcher checks the config's keys first, with `configs.validate`)."""
+  for key in ('n_jitted_steps', 'n_iters', 'batch_size'):
+    value = config.training[key]
+    if int(value) != value or value < 1:
+      raise ValueError(f'config.training.{key} must be an integer >= 1; got {value!r}.')
   data_lib.check_config_matches_dataset(config)
   models.get_model(config)        # validates the network's hyper-parameters
   if is_flow(config):
@@ -200,9 +216,6 @@ def check_config(config, mesh=None) -> None:
   if layout not in PARAM_LAYOUTS:
     raise ValueError(f'unknown config.training.param_layout {layout!r}; valid: '
                      f'{list(PARAM_LAYOUTS)}.')
-  n_jit = config.training.n_jitted_steps
-  if n_jit < 1:
-    raise ValueError(f'config.training.n_jitted_steps must be >= 1; got {n_jit}.')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -308,12 +321,38 @@ def load_config(workdir: str):
   return io.read_config_json(workdir)
 
 
-def config_hash(config) -> str:
-  return hashlib.sha256(config.to_json(sort_keys=True).encode()).hexdigest()[:16]
+def run_hash(config) -> str:
+  """Short hash of the config keys that determine a trained run (all but
+  RESUMABLE_CHANGES: loop schedules, eval.*, sampling.*, the data location). A job's
+  results depend on the config through the trained model and through its own settings
+  (sampler, solver, batch), which the job records beside this; so a train rerun that
+  changes only eval or sampling keys leaves every job's address as it was."""
+  flat = {k: v for k, v in _flatten(config_to_dict(config)).items()
+          if not _is_resumable_change(k)}
+  return hashlib.sha256(json.dumps(flat, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def check_trained_with(config, workdir: str) -> None:
+  """Refuses a config whose run-determining keys differ from <workdir>/config.json
+  (the config its model was trained with): a job would compute numbers for a model
+  that does not exist (another SDE, other data scaling) from these weights. eval.* and
+  sampling.* keys may differ. No check for a workdir without config.json."""
+  if not os.path.exists(os.path.join(workdir, 'config.json')):
+    return
+  changed = _run_differences(config_to_dict(io.read_config_json(workdir)),
+                             config_to_dict(config))
+  if changed:
+    raise ValueError(f'the config given differs from the one the model in {workdir} was '
+                     f'trained with ({", ".join(changed[:8])}); leave --config out to use '
+                     f'{workdir}/config.json (override eval.* or sampling.* keys with '
+                     f'--config.<key>=...).')
 
 
 def restore_state(workdir: str, config, mesh, checkpoint: int | None = None):
-  """(experiment, train state, step) of a workdir's newest (or given) checkpoint."""
+  """(experiment, train state, step) of a workdir's newest (or given) checkpoint;
+  `config` must be the one it was trained with, up to eval.* and sampling.* keys
+  (`check_trained_with`)."""
+  check_trained_with(config, workdir)
   experiment = build_experiment(config)
   optimizer, _ = get_optimizer(config)
   abstract, _ = abstract_train_state(experiment, optimizer, mesh)

@@ -22,6 +22,7 @@ from score_sde import checkpoints
 from score_sde import data as data_lib
 from score_sde.cpu import hugepages
 from score_sde import jobs
+from score_sde.jobs import common
 from score_sde import parallel
 from score_sde import train
 from score_sde import experiment as experiment_lib
@@ -201,6 +202,44 @@ def test_the_default_sample_tag_names_its_settings(workdir):
   assert len({a, b, c}) == 3
   assert re.fullmatch(r'step_10_pc_seed42_[0-9a-f]{8}', os.path.basename(a))
   assert jobs.sample_job(workdir, config, num_samples=16, shard_size=8) == a   # extends a
+  # Without a shard size, more samples extend the earlier job at its shard size (here 4,
+  # below eval.batch_size 8), in its default folder or under its --tag.
+  d = jobs.sample_job(workdir, config, num_samples=4, seed=7)
+  assert jobs.sample_job(workdir, config, num_samples=6, seed=7) == d
+  grown = common.read_manifest(d)
+  assert (grown['shard_size'], grown['num_shards'], grown['num_samples']) == (4, 2, 6)
+  six = jobs.load_samples(d)
+  jobs.sample_job(workdir, config, num_samples=4, seed=7, tag='grow')
+  tagged = common.read_manifest(jobs.sample_job(workdir, config, num_samples=6, seed=7,
+                                                tag='grow'))
+  assert (tagged['shard_size'], tagged['num_shards']) == (4, 2)
+  np.testing.assert_array_equal(jobs.load_samples(os.path.join(workdir, 'samples', 'grow')),
+                                six)
+
+
+def test_a_job_refuses_a_config_the_model_was_not_trained_with(workdir):
+  """Jobs run on the workdir's own config up to eval.* / sampling.* keys: a config of
+  another SDE would report bits/dim of a model that does not exist. The job address
+  hashes the run keys only, so a stored config rewritten with another eval setting (a
+  train rerun) keeps every job's folder."""
+  stored = experiment_lib.load_config(workdir)
+  other_sde = experiment_lib.load_config(workdir)
+  other_sde.training.sde = 'subvpsde'
+  with pytest.raises(ValueError, match=r"differs from the one the model in .* was trained "
+                                       r"with \(training\.sde: 'vpsde' -> 'subvpsde'\); "
+                                       r"leave --config out"):
+    jobs.bpd_job(workdir, other_sde, max_examples=4)
+  with pytest.raises(ValueError, match=r'model\.nf: 8 -> 16'):
+    wider = experiment_lib.load_config(workdir)
+    wider.model.nf = 16
+    jobs.sample_job(workdir, wider, num_samples=4)
+  eval_changed = experiment_lib.load_config(workdir)
+  eval_changed.eval.num_samples = 7
+  eval_changed.training.n_iters = 99
+  assert experiment_lib.run_hash(eval_changed) == experiment_lib.run_hash(stored)
+  assert experiment_lib.run_hash(other_sde) != experiment_lib.run_hash(stored)
+  a = jobs.sample_job(workdir, stored, num_samples=4, shard_size=4)
+  assert jobs.sample_job(workdir, eval_changed, num_samples=4, shard_size=4) == a
 
 
 def test_python_api(workdir):

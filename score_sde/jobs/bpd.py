@@ -94,15 +94,15 @@ def bpd_job(workdir: str, config, *, split: str = 'test', num_repeats: int = 1,
   num_batches = common.count_shards(n, batch_size)
   determining = {'split': split, 'checkpoint_step': int(step), 'num_examples': int(n),
                  'data': data_digest, 'solver': solver,
-                 'config_hash': experiment_lib.config_hash(config), 'shard_size': batch_size}
+                 'run_hash': experiment_lib.run_hash(config), 'shard_size': batch_size}
   out_dir = os.path.join(workdir, 'eval',
                          f'bpd_{split}_{step}_{common.settings_id(determining)}')
   job = common.Job(
       out_dir=out_dir, num_shards=num_repeats * num_batches, shard_size=batch_size,
       settings={'split': split, 'tfds_split': source, 'checkpoint_step': int(step),
                 'num_examples': int(n), 'data': data_digest, 'num_repeats': int(num_repeats),
-                'solver': solver, 'config_hash': experiment_lib.config_hash(config)},
-      checked=('split', 'checkpoint_step', 'num_examples', 'data', 'solver', 'config_hash',
+                'solver': solver, 'run_hash': experiment_lib.run_hash(config)},
+      checked=('split', 'checkpoint_step', 'num_examples', 'data', 'solver', 'run_hash',
                'shard_size'),
       title=(f'bits/dim of {n} {split} examples{_tfds_note(split, source)}'
              f'{" (training data)" if held_out is False else ""} x {num_repeats} '
@@ -148,7 +148,7 @@ def bpd_job(workdir: str, config, *, split: str = 'test', num_repeats: int = 1,
       'bpd_stderr': float(per_example.std(ddof=1) / math.sqrt(n)) if n > 1 else float('nan'),
       'num_levels': int(levels), 'dim': dim,
       'nfe_mean': float(nfes.mean()), 'nfe_min': int(nfes.min()), 'nfe_max': int(nfes.max()),
-      'solver': solver, 'config_hash': experiment_lib.config_hash(config),
+      'solver': solver, 'run_hash': experiment_lib.run_hash(config),
       'shard_size': int(batch_size), 'shard_dir': out_dir,
       'result_file': f'{out_dir}_r{num_repeats}.json',
   }

@@ -59,7 +59,7 @@ def evaluate_classifier(experiment, state, step: int, workdir: str, mesh,
       correct[j] += int(p_count(state.ema_params, key, *arrays, float(t)))
   accuracy = {f'{t:g}': float(c) / len(labels) for t, c in zip(times, correct)}
   determining = {'batch_size': batch, 'times': [float(t) for t in times], 'seed': config.seed,
-                 'config_hash': experiment_lib.config_hash(config),
+                 'run_hash': experiment_lib.run_hash(config),
                  'tfds_split': data_lib.tfds_split(config, 'test')}
   path = os.path.join(workdir, 'eval',
                       f'classifier_accuracy_{step}_{common.settings_id(determining)}.json')

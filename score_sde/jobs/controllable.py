@@ -168,7 +168,7 @@ def _replacement_settings(experiment, config, step: int, seed: int, inputs_diges
   options = pc_options_from_config(config)
   return options, {
       'checkpoint_step': int(step), 'seed': seed, 'sampler': options,
-      'eps': experiment.sampling_eps, 'config_hash': experiment_lib.config_hash(config),
+      'eps': experiment.sampling_eps, 'run_hash': experiment_lib.run_hash(config),
       'inputs': inputs_digest, 'samples_per_image': samples_per_image}
 
 
@@ -348,9 +348,9 @@ def conditional_sample_job(workdir: str, config, classifier_workdir: str, classi
   method, options = sampling.config_options(config)
   settings = {
       'checkpoint_step': int(step), 'seed': seed, 'method': method, 'sampler': options,
-      'scale': float(scale), 'config_hash': experiment_lib.config_hash(config),
+      'scale': float(scale), 'run_hash': experiment_lib.run_hash(config),
       'classifier_step': None if classifier_step is None else int(classifier_step),
-      'classifier_config_hash': experiment_lib.config_hash(classifier_config),
+      'classifier_run_hash': experiment_lib.run_hash(classifier_config),
       # the classifier's own weights: another workdir with the same config and step
       # (other data, another seed's run) never meets these shards
       'classifier_params': common.params_digest(classifier_state.ema_params),

@@ -173,7 +173,8 @@ def latest_sample_dir(workdir: str) -> str:
   return max(candidates, key=os.path.getmtime)
 
 
-SAMPLE_SETTINGS = ('sampler', 'checkpoint_step', 'seed', 'config_hash', 'shard_size')
+# what determines a sampling job's shards ('config_hash': the address before 'run_hash')
+SAMPLE_SETTINGS = ('sampler', 'checkpoint_step', 'seed', 'run_hash', 'config_hash', 'shard_size')
 
 
 def eval_job(workdir: str, config, *, tag: str | None = None, stats_path: str | None = None,
@@ -237,7 +238,8 @@ def eval_job(workdir: str, config, *, tag: str | None = None, stats_path: str | 
       out_dir=os.path.join(workdir, 'eval', f'quality_{name}'),
       num_shards=samples['num_shards'], shard_size=samples['shard_size'],
       settings={'samples': name, 'feature_network': network.name,
-                'sample_settings': {k: samples[k] for k in SAMPLE_SETTINGS}},
+                'sample_settings': {k: samples[k] for k in SAMPLE_SETTINGS
+                                    if k in samples}},
       checked=('samples', 'feature_network', 'sample_settings', 'shard_size'),
       title=f'features of {samples["num_samples"]} samples in {sample_dir}',
       what='features', unit='sample', retry_hint='sample under another --tag')

@@ -47,29 +47,31 @@ def sample_job(workdir: str, config, *, num_samples: int, shard_size: int | None
   Shard s holds samples [s B, (s + 1) B) drawn with key fold_in(PRNGKey(seed), s)
   (B = shard_size rounded up to the device count; the last shard is full, its
   extra samples are dropped by `load_samples`). Returns the output directory.
-  Re-running completes missing shards only; a larger num_samples extends the job.
+  Re-running completes missing shards only; a larger num_samples extends the job
+  (without a shard_size, the earlier job's shard size is kept).
   """
   mesh = mesh or parallel.make_mesh()
   experiment, state, step = common.experiment_and_state(workdir, config, mesh, checkpoint,
                                                         state, step)
-  shard_size = parallel.round_up_to_devices(
-      int(shard_size or min(config.eval.batch_size, num_samples)), mesh)
   seed = config.seed if seed is None else seed
   description = sampler_description(config)
   settings = {'sampler': description, 'checkpoint_step': int(step), 'seed': int(seed),
-              'config_hash': experiment_lib.config_hash(config),
+              'run_hash': experiment_lib.run_hash(config),
               **({'save_floats': True} if save_floats else {})}
+  prefix = f'step_{step}_{description["method"]}_seed{seed}_'
+  tag = common.check_folder_name(tag) if tag else None
+  shard_size = parallel.round_up_to_devices(
+      int(shard_size or _earlier_shard_size(workdir, tag, prefix, settings, mesh)
+          or min(config.eval.batch_size, num_samples)), mesh)
   # The default tag names every setting that determines the shards, so another sampler,
-  # seed, checkpoint, config or shard size never meets this job's shards.
-  tag = common.check_folder_name(tag) if tag else (
-      f'step_{step}_{description["method"]}_seed{seed}_'
-      f'{common.settings_id({**settings, "shard_size": shard_size})}')
+  # seed, checkpoint, run or shard size never meets this job's shards.
+  tag = tag or f'{prefix}{common.settings_id({**settings, "shard_size": shard_size})}'
   out_dir = os.path.join(workdir, 'samples', tag)
   _check_float_copies(out_dir, save_floats)
   job = common.Job(
       out_dir=out_dir, num_shards=common.count_shards(num_samples, shard_size),
       shard_size=shard_size, settings={**settings, 'num_samples': int(num_samples)},
-      checked=('sampler', 'checkpoint_step', 'seed', 'config_hash', 'shard_size'),
+      checked=('sampler', 'checkpoint_step', 'seed', 'run_hash', 'shard_size'),
       title=(f'sampling {num_samples} samples ({description["method"]}) from step {step} '
              f'into {out_dir}'),
       what='samples', unit='sample', retry_hint='pass another --tag')
@@ -107,6 +109,31 @@ def sample_job(workdir: str, config, *, num_samples: int, shard_size: int | None
       io.save_image_grid(os.path.join(out_dir, 'grid.png'), first / (levels - 1),
                          scale=max(1, 64 // first.shape[1]))
   return out_dir
+
+
+def _earlier_shard_size(workdir: str, tag: str | None, prefix: str, settings: dict,
+                        mesh) -> int:
+  """The shard size of the earlier job that this one continues (0: none): the --tag
+  folder's, else that of the default-named folder with these very settings that holds
+  the most samples (its shards are this job's first samples, whatever their count).
+  Only a size the mesh can run (a device multiple) counts. Process 0 reads the
+  manifests; every process gets its answer."""
+  size = 0
+  if jax.process_index() == 0:
+    if tag:
+      manifest = common.read_manifest(os.path.join(workdir, 'samples', tag))
+      size = int(manifest['shard_size']) if manifest else 0
+    else:
+      most = 0
+      for out_dir in glob.glob(os.path.join(workdir, 'samples', glob.escape(prefix) + '*')):
+        manifest = common.read_manifest(out_dir)
+        if manifest is None or manifest['num_samples'] <= most:
+          continue
+        same = prefix + common.settings_id({**settings, 'shard_size': manifest['shard_size']})
+        if os.path.basename(out_dir) == same:
+          size, most = int(manifest['shard_size']), manifest['num_samples']
+  size = int(parallel.broadcast_from_first(np.int64(size)))
+  return size if size and parallel.round_up_to_devices(size, mesh) == size else 0
 
 
 def _check_float_copies(out_dir: str, save_floats: bool) -> None:
