@@ -291,6 +291,7 @@ def cmd_cond_sample(argv):
   del argv
   import numpy as np
   from configs import workdir as workdir_config
+  from score_sde import experiment
   from score_sde import jobs
   from score_sde import models
   workdir = _require_workdir()
@@ -298,6 +299,11 @@ def cmd_cond_sample(argv):
   if FLAGS.classifier_workdir is None:
     raise app.UsageError('cond_sample needs --classifier_workdir=<a train_classifier workdir>.')
   classifier_config = workdir_config.load_stored_config(FLAGS.classifier_workdir)
+  if not experiment.is_classifier(classifier_config):
+    raise ValueError(f'--classifier_workdir {FLAGS.classifier_workdir} holds a '
+                     f'{classifier_config.model.name!r} model, not a noise-conditional '
+                     f'classifier; pass the workdir of launch.py train_classifier (the score '
+                     f'model goes in --workdir).')
   num_classes = int(models.get_model(classifier_config).num_classes)
   if FLAGS.labels:
     try:
@@ -377,7 +383,9 @@ def _quality_summary(result: dict) -> str:
   if n < FID_SAMPLES_FOR_COMPARISON:
     line += (f'\nnote: FID on {n} samples is biased upwards (it falls as the sample count '
              f'grows; papers use 10,000-50,000): compare only FIDs computed on as many '
-             f'samples; KID is unbiased but noisier.')
+             f'samples; KID is unbiased but noisier. IS is biased downwards on few samples '
+             f'per split ({result.get(prefix + "is_splits", "?")} split(s) here; papers: '
+             f'50,000 samples in 10), down to exactly 1 with one sample per split.')
   return line
 
 
@@ -424,6 +432,22 @@ def _check_trained_workdir(command: str) -> None:
                                    if command == 'cond_sample' else '.'))
 
 
+# Integer flags and the least value each may take (0 where the flag's help says what 0
+# means); checked before any folder is made or any work starts.
+FLAG_MINIMUMS = {'num_samples': 1, 'num_repeats': 1, 'samples_per_image': 1,
+                 'num_per_class': 1, 'n_steps_each': 1, 'max_examples': 0,
+                 'num_images': 0, 'shard_size': 0, 'batch_size': 0}
+
+
+def _check_counts() -> None:
+  """One line for a count flag below its least value (before any work)."""
+  for name, least in FLAG_MINIMUMS.items():
+    value = FLAGS[name].value
+    if value < least:
+      meaning = '' if least else ' (0: the default)'
+      raise ValueError(f'--{name} must be >= {least}{meaning}; got {value}.')
+
+
 def _check_names() -> None:
   """--tag names a folder inside the workdir: a plain name, no path (before any work)."""
   from score_sde.jobs import common
@@ -447,8 +471,9 @@ def _storage_error_message(error: OSError) -> str:
 def main(argv):
   if len(argv) < 2 or argv[1] not in COMMANDS:
     given = argv[1] if len(argv) > 1 else '(none)'
-    raise app.UsageError(f'unknown command {given}; valid commands: {sorted(COMMANDS)}.\n'
-                         + __doc__)
+    sys.stderr.write(f'error: unknown command {given}; valid commands: {sorted(COMMANDS)} '
+                     f'(python launch.py --help describes each).\n')
+    sys.exit(2)
   if not FLAGS['verbosity'].present:    # library INFO logs (tfds, orbax) only on request
     logging.set_verbosity(logging.WARNING)
   from score_sde import checkpoints, compile_cache, data, locks, parallel, train
@@ -456,7 +481,11 @@ def main(argv):
                  checkpoints.NoCheckpointError, train.NonFiniteLossError,
                  locks.WorkdirLockedError, FileExistsError)
   try:
+    _check_counts()
     _check_names()
+    if FLAGS.workdir and os.path.exists(FLAGS.workdir) and not os.path.isdir(FLAGS.workdir):
+      raise ValueError(f'--workdir {FLAGS.workdir} is a file; a workdir is a folder (give a '
+                       f'new path, or an existing workdir).')
     _check_trained_workdir(argv[1])
     compile_cache.enable(FLAGS.compilation_cache)
     parallel.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes,
@@ -470,14 +499,38 @@ def main(argv):
       raise
     sys.stderr.write(f'error: {_storage_error_message(error)}\n')
     sys.exit(1)
+  except KeyboardInterrupt:       # Ctrl-C: every file is written atomically
+    sys.stderr.write('interrupted: what was written is intact (checkpoints, finished shards); '
+                     'run the same command again to resume.\n')
+    sys.exit(130)
+
+
+def _config_arg(argv) -> str | None:
+  """The --config value (a file, optionally ':<arg>'), or None."""
+  path = next((a.split('=', 1)[1] for a in argv if a.startswith('--config=')), None)
+  if path is None and '--config' in argv and argv.index('--config') + 1 < len(argv):
+    path = argv[argv.index('--config') + 1]
+  return path
+
+
+def _missing_config_file(argv) -> str | None:
+  """A one-line message when --config names no file (ml_collections would fail late,
+  with a stack trace)."""
+  path = _config_arg(argv)
+  if path is None:
+    return None
+  file_name = path.partition(':')[0]
+  if os.path.isfile(file_name):
+    return None
+  what = 'a folder, not a config file' if os.path.isdir(file_name) else 'no such file'
+  return (f'--config {file_name}: {what}; a config is a Python file with get_config(), '
+          f'e.g. --config configs/digits/ddpmpp_continuous.py.')
 
 
 def _unknown_override(argv) -> str | None:
   """The first --config.<key>=... override naming a key the config does not have."""
   import configs
-  path = next((a.split('=', 1)[1] for a in argv if a.startswith('--config=')), None)
-  if path is None and '--config' in argv:
-    path = argv[argv.index('--config') + 1]
+  path = _config_arg(argv)
   if path is None:
     return None
   file_name, _, arg = path.partition(':')
@@ -517,6 +570,10 @@ def parse_flags(argv):
     argv = _with_workdir_config(argv)
   except ValueError as error:
     sys.stderr.write(f'error: {error}\n')
+    sys.exit(2)
+  missing = _missing_config_file(argv)
+  if missing:
+    sys.stderr.write(f'error: {missing}\n')
     sys.exit(2)
   try:
     return FLAGS(argv)

@@ -210,6 +210,11 @@ def load(workdir: str, checkpoint: int | None = None) -> TrainedModel | TrainedF
   """The newest (or the given) checkpoint of a training workdir (a `TrainedFlow` for a
   normalizing flow)."""
   config = experiment_lib.load_config(workdir)
+  if experiment_lib.is_classifier(config):
+    raise ValueError(f'{workdir} holds a noise-conditional classifier ({config.model.name!r}, '
+                     f'launch.py train_classifier), not a score model or a flow; load the '
+                     f'score model\'s workdir (the classifier guides it through launch.py '
+                     f'cond_sample).')
   mesh = parallel.make_mesh()
   experiment, state, step = experiment_lib.restore_state(workdir, config, mesh, checkpoint)
   if experiment.is_flow:

@@ -136,3 +136,11 @@ def test_bad_options_raise_clear_errors(model):
   with pytest.raises(ValueError, match=r"unknown option\(s\) \['rtol'\] for sampling method "
                                        r"'pc'"):
     model.sample(KEY, 2, rtol=1e-3)
+
+
+def test_load_refuses_a_classifier_workdir(tmp_path):
+  config = configs.load(os.path.join(configs.CONFIG_DIR, 'digits', 'wrn_classifier.py'))
+  (tmp_path / 'config.json').write_text(config.to_json())
+  with pytest.raises(ValueError, match=r"holds a noise-conditional classifier \('wideresnet'.*"
+                                       r"load the score model's workdir"):
+    api.load(str(tmp_path))

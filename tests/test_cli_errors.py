@@ -54,6 +54,74 @@ def test_a_classifier_workdir_given_to_a_score_model_command(tmp_path):
                   r'holds a noise-conditional classifier .* sample needs a score-model workdir')
 
 
+def test_a_config_that_is_no_file(tmp_path):
+  for path, what in (('configs/digits/nonexist.py', 'no such file'),
+                     ('configs/digits', 'a folder, not a config file')):
+    _one_line_error(_run('train', f'--config={path}', f'--workdir={tmp_path / "w"}'),
+                    f'--config {path}: {what}; a config is a Python file with get_config')
+  assert not os.path.exists(tmp_path / 'w')
+
+
+def test_counts_below_their_least_value_are_refused_before_any_work(tmp_path):
+  workdir = tmp_path / 'run'
+  _stored_config(str(workdir), 'digits/ddpmpp_continuous.py')
+  for command, flag, pattern in (
+      ('sample', '--num_samples=0', r'--num_samples must be >= 1; got 0'),
+      ('sample', '--num_samples=-5', r'--num_samples must be >= 1; got -5'),
+      ('sample', '--shard_size=-3', r'--shard_size must be >= 0 \(0: the default\); got -3'),
+      ('bpd', '--num_repeats=0', r'--num_repeats must be >= 1'),
+      ('bpd', '--max_examples=-3', r'--max_examples must be >= 0'),
+      ('inpaint', '--num_images=-2', r'--num_images must be >= 0'),
+      ('cond_sample', '--num_per_class=0', r'--num_per_class must be >= 1')):
+    _one_line_error(_run(command, f'--workdir={workdir}', flag), pattern)
+  assert sorted(os.listdir(workdir)) == ['config.json']
+  config = os.path.join(ROOT, 'configs', 'digits', 'ddpmpp_continuous.py')
+  for key, value in (('n_iters', -5), ('batch_size', 0)):
+    _one_line_error(_run('train', f'--config={config}', f'--workdir={tmp_path / "t"}',
+                         f'--config.training.{key}={value}'),
+                    rf'config.training.{key} must be an integer >= 1; got {value}')
+
+
+def test_a_score_model_given_as_the_classifier_workdir(tmp_path):
+  _stored_config(str(tmp_path / 'score'), 'digits/ddpmpp_continuous.py')
+  _one_line_error(_run('cond_sample', f'--workdir={tmp_path / "score"}',
+                       f'--classifier_workdir={tmp_path / "score"}', '--labels=1'),
+                  r"--classifier_workdir .* holds a 'ncsnpp' model, not a noise-conditional "
+                  r"classifier")
+
+
+def test_a_workdir_that_is_a_file_and_an_unknown_command(tmp_path):
+  (tmp_path / 'run').write_text('')
+  _one_line_error(_run('sample', f'--workdir={tmp_path / "run"}'),
+                  r'--workdir .*run is a file; a workdir is a folder')
+  out = _run('smaple', f'--workdir={tmp_path}')
+  assert out.returncode != 0 and len(out.stderr.strip().splitlines()) <= 2, out.stderr
+  assert "unknown command smaple; valid commands: ['bpd'" in out.stderr
+
+
+_INTERRUPTED = """
+import sys
+sys.argv = ['launch.py'] + sys.argv[1:]
+import launch
+from absl import app
+
+def interrupted(argv):
+  raise KeyboardInterrupt
+
+launch.COMMANDS['sample'] = interrupted
+app.run(launch.main, flags_parser=launch.parse_flags)
+"""
+
+
+def test_ctrl_c_says_how_to_resume(tmp_path):
+  _stored_config(str(tmp_path), 'digits/ddpmpp_continuous.py')
+  out = _run('sample', f'--workdir={tmp_path}', code=_INTERRUPTED)
+  assert out.returncode == 130, out
+  assert out.stderr.strip().splitlines() == [
+      'interrupted: what was written is intact (checkpoints, finished shards); run the same '
+      'command again to resume.']
+
+
 def test_a_tag_cannot_leave_the_workdir(tmp_path):
   workdir = tmp_path / 'run'
   _stored_config(str(workdir), 'digits/ddpmpp_continuous.py')
@@ -90,11 +158,12 @@ def test_a_full_disk_names_the_place_and_the_intact_checkpoint(tmp_path):
 def test_the_eval_summary_states_kid_units_and_warns_about_few_samples():
   out = _run(code='import sys; sys.argv = ["launch.py"]; import launch; print(launch._quality_summary('
                   '{"fid": 12.5, "kid": 0.0042, "kid_stderr": 0.0003, "is": 7.5, "is_std": 0.2, '
-                  '"num_samples": 64}))')
+                  '"is_splits": 10, "num_samples": 64}))')
   assert out.returncode == 0, out.stderr
   text = out.stdout
   assert 'KID 4.20 +- 0.30 (x 1e-3' in text and 'FID 12.50' in text and 'on 64 samples' in text
   assert 'note: FID on 64 samples is biased upwards' in text
+  assert 'IS is biased downwards on few samples per split (10 split(s) here' in text
   digits = _run(code='import sys; sys.argv = ["launch.py"]; import launch; print(launch.'
                      '_quality_summary({"digits_fid": 87.0, "digits_kid": 529.0, '
                      '"digits_kid_stderr": 104.7, "digits_is": 7.55, "digits_is_std": 0.46, '

@@ -319,7 +319,7 @@ def digits_metrics(samples, config, *, classifier_path: str | None = None, seed:
 
   The classifier is loaded from `classifier_path` (default
   `default_classifier_path(config, seed)`, trained there if missing). Returns
-  digits_fid, digits_kid, digits_kid_stderr, digits_is, digits_is_std,
+  digits_fid, digits_kid, digits_kid_stderr, digits_is, digits_is_std, digits_is_splits,
   confident_fraction, class_histogram, class_entropy_bits, num_samples,
   num_reference, reference_split, feature_network, classifier_test_accuracy.
   """

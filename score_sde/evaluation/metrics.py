@@ -394,9 +394,9 @@ def evaluate_features(features: np.ndarray, logits: np.ndarray, reference: Featu
                       is_splits: int = 10, seed: int = 0, prefix: str = '') -> dict:
   """Metrics of sample features [N, F] and logits [N, K] against reference statistics.
 
-  Returns {prefix + 'fid', 'kid', 'kid_stderr', 'is', 'is_std'} (the KID values
-  are None when the reference has no raw features), 'num_samples',
-  'num_reference' and 'feature_network'.
+  Returns {prefix + 'fid', 'kid', 'kid_stderr', 'is', 'is_std', 'is_splits'} (the
+  KID values are None when the reference has no raw features; IS over
+  min(is_splits, N) splits), 'num_samples', 'num_reference' and 'feature_network'.
   """
   check_compatible(reference, feature_network)
   samples = stats_from_features(features, keep_features=False)
@@ -404,12 +404,13 @@ def evaluate_features(features: np.ndarray, logits: np.ndarray, reference: Featu
   if reference.features is not None:
     kid, stderr = kernel_inception_distance(features, reference.features,
                                             subset_size=kid_subset_size, seed=seed)
-  score, score_std = inception_score(logits, min(is_splits, len(logits)))
+  splits = min(is_splits, len(logits))
+  score, score_std = inception_score(logits, splits)
   return {
       prefix + 'fid': frechet_distance(samples.mu, samples.sigma, reference.mu,
                                        reference.sigma),
       prefix + 'kid': kid, prefix + 'kid_stderr': stderr,
-      prefix + 'is': score, prefix + 'is_std': score_std,
+      prefix + 'is': score, prefix + 'is_std': score_std, prefix + 'is_splits': splits,
       'num_samples': int(len(features)), 'num_reference': int(reference.num_examples),
       'feature_network': feature_network,
   }

@@ -55,8 +55,8 @@ def require_score_model(config, what: str) -> None:
   """A one-line error when `what` (a controllable job) is given a normalizing flow."""
   if experiment_lib.is_flow(config):
     raise ValueError(f'{what} needs a score model; {config.model.name!r} is a normalizing '
-                     f'flow: it has no reverse-time process to steer (its jobs are sample '
-                     f'and bpd).')
+                     f'flow: it has no reverse-time process to steer (its jobs are sample, '
+                     f'bpd and eval).')
 
 
 def ema_params(state, mesh):
