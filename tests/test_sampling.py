@@ -462,7 +462,9 @@ def _mixture_score_model(sde):
     ('pc', {}), ('ode', {}), pytest.param('sde', {}, marks=pytest.mark.slow),
     pytest.param('pc', dict(snr_norm='batch'), marks=pytest.mark.slow)])
 def test_samples_do_not_depend_on_device_count(method, options, four_devices):
-  """Batch means ('batch' snr norms) are global means: only rounding may differ."""
+  """Batch means ('batch' snr norms) are global means: only rounding may differ, at
+  the scale of the samples (|x| ~ 3; the 1- and 4-device programs round differently on
+  some CPUs: 1.2e-6 measured on one whose coordinate was 0.0066)."""
   sde = SDES['vp']
   config = _config(method, **options)
   shape = (8, 2)
@@ -473,7 +475,8 @@ def test_samples_do_not_depend_on_device_count(method, options, four_devices):
     x, _ = fn(KEY, MIX)
     assert len(x.sharding.device_set) == num_devices
     outputs.append(np.asarray(x))
-  np.testing.assert_allclose(outputs[0], outputs[1], rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(outputs[0], outputs[1], rtol=1e-5,
+                             atol=1e-6 * np.abs(outputs[1]).max())
 
 
 def test_sampling_fn_takes_params_without_recompiling():
