@@ -133,9 +133,10 @@ def prepared_splits(config):
 def shared_examples(config, spec_a: str, spec_b: str) -> int:
   """How many examples two tfds split specs both read (0: disjoint)."""
   prepared = None if is_toy(config) else prepared_splits(config)
+  ranges_b = example_ranges(config, spec_b, prepared)
   return sum(max(0, min(a_end, b_end) - max(a_first, b_first))
              for a_name, a_first, a_end in example_ranges(config, spec_a, prepared)
-             for b_name, b_first, b_end in example_ranges(config, spec_b, prepared)
+             for b_name, b_first, b_end in ranges_b
              if a_name == b_name)
 
 
