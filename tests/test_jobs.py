@@ -285,6 +285,33 @@ def test_eval_without_a_stats_file_names_the_command(workdir, tmp_path):
     jobs.eval_job(workdir, config, tag='never_sampled')
 
 
+def test_eval_without_a_tag_takes_the_newest_finished_sampling_job(tmp_path):
+  from score_sde.jobs import quality
+  root = tmp_path / 'samples'
+
+  def sampling_job(name, num_shards, done, mtime):
+    folder = root / name
+    folder.mkdir(parents=True)
+    for s in range(done):
+      io.savez_atomic(common.shard_path(str(folder), s), images=np.zeros((1, 2, 2, 1), np.uint8))
+    io.atomic_json(str(folder / 'manifest.json'), {'num_shards': num_shards, 'shards': {}})
+    os.utime(folder / 'manifest.json', (mtime, mtime))
+    return str(folder)
+
+  with pytest.raises(FileNotFoundError, match='has no sampling job output'):
+    quality.latest_sample_dir(str(tmp_path))
+  unfinished = sampling_job('running', num_shards=3, done=1, mtime=3000)
+  with pytest.raises(FileNotFoundError, match=f'no sampling job in .* is finished '
+                                              f'\\(the newest is {unfinished}\\); run its'):
+    quality.latest_sample_dir(str(tmp_path))
+  older = sampling_job('older', num_shards=2, done=2, mtime=1000)
+  newer = sampling_job('newer', num_shards=1, done=1, mtime=2000)
+  (root / 'no_manifest').mkdir()                # a folder that is no sampling job
+  assert quality.latest_sample_dir(str(tmp_path)) == newer
+  os.utime(os.path.join(older, 'manifest.json'), (2500, 2500))
+  assert quality.latest_sample_dir(str(tmp_path)) == older
+
+
 def test_statistics_files_name_their_data_and_are_never_overwritten(tmp_path, monkeypatch):
   from score_sde.evaluation import metrics
   from score_sde.jobs import quality

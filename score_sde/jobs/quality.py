@@ -163,14 +163,33 @@ def stats_job(config, *, split: str = 'train', out_path: str | None = None,
   return out_path
 
 
+def unfinished_shards(sample_dir: str, manifest: dict) -> list[int]:
+  """The shard indices of a sampling job's manifest that have no file yet."""
+  return [s for s in range(manifest['num_shards'])
+          if not os.path.exists(common.shard_path(sample_dir, s))]
+
+
 def latest_sample_dir(workdir: str) -> str:
+  """The newest finished sampling job of a workdir (newest by its manifest's time).
+
+  An unfinished job (one still running, or interrupted) is passed over; when
+  no job is finished, the error names the newest one and how to finish it.
+  """
   root = os.path.join(workdir, 'samples')
-  candidates = [os.path.join(root, d) for d in (os.listdir(root) if os.path.isdir(root) else [])
-                if os.path.exists(os.path.join(root, d, 'manifest.json'))]
+  manifests = {os.path.join(root, d): common.read_manifest(os.path.join(root, d))
+               for d in (sorted(os.listdir(root)) if os.path.isdir(root) else [])}
+  candidates = [d for d, manifest in manifests.items() if manifest is not None]
   if not candidates:
     raise FileNotFoundError(f'{workdir} has no sampling job output; run launch.py sample '
                             f'--workdir {workdir} --num_samples N first.')
-  return max(candidates, key=os.path.getmtime)
+  newest_first = sorted(candidates, reverse=True,
+                        key=lambda d: os.path.getmtime(os.path.join(d, 'manifest.json')))
+  for sample_dir in newest_first:
+    if not unfinished_shards(sample_dir, manifests[sample_dir]):
+      return sample_dir
+  raise FileNotFoundError(
+      f'no sampling job in {root} is finished (the newest is {newest_first[0]}); run its '
+      f'launch.py sample command again to finish it, or pass --tag.')
 
 
 # what determines a sampling job's shards ('config_hash': the address before 'run_hash')
@@ -194,8 +213,7 @@ def eval_job(workdir: str, config, *, tag: str | None = None, stats_path: str | 
   samples = common.read_manifest(sample_dir)
   if samples is None:
     raise FileNotFoundError(f'no sampling job output in {sample_dir}.')
-  missing = [s for s in range(samples['num_shards'])
-             if not os.path.exists(common.shard_path(sample_dir, s))]
+  missing = unfinished_shards(sample_dir, samples)
   if missing:
     raise FileNotFoundError(f'the sampling job in {sample_dir} is unfinished (shards {missing} '
                             f'are missing); run the same launch.py sample command again to '
