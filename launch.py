@@ -76,7 +76,8 @@ flags.DEFINE_integer('num_samples', 64, 'sample: number of samples.')
 flags.DEFINE_integer('shard_size', 0, 'sample: samples per shard file (0: config.eval.batch_size).')
 flags.DEFINE_integer('checkpoint', None, 'sample / bpd: checkpoint step (default: newest).')
 flags.DEFINE_integer('seed', None, 'sample: PRNG seed (default: config.seed).')
-flags.DEFINE_string('tag', None, 'sample: output folder name under <workdir>/samples.')
+flags.DEFINE_string('tag', None, 'sample: output folder name under <workdir>/samples; eval: the '
+                    'folder to evaluate (default: the newest finished one).')
 flags.DEFINE_bool('save_floats', False, 'sample: also store the float samples.')
 flags.DEFINE_enum('split', 'test', ['train', 'test'], 'bpd: which split.')
 flags.DEFINE_integer('num_repeats', 1, 'bpd: dequantisation repeats (fresh noise each).')
@@ -432,6 +433,25 @@ def _check_trained_workdir(command: str) -> None:
                                    if command == 'cond_sample' else '.'))
 
 
+# The sampling.* keys a normalizing flow's one inverse pass reads.
+FLOW_SAMPLING_KEYS = ('sampling.temperature',)
+
+
+def _check_flow_overrides(command: str, args) -> None:
+  """One line for a --config.sampling.<key> override that a flow's sampler would ignore."""
+  if command not in ('train', 'sample') or FLAGS.config is None:
+    return
+  from score_sde import experiment
+  if not experiment.is_flow(FLAGS.config):
+    return
+  for arg in args:
+    key = arg[len('--config.'):].split('=', 1)[0] if arg.startswith('--config.') else ''
+    if key.startswith('sampling.') and key not in FLOW_SAMPLING_KEYS:
+      raise ValueError(f'{arg}: {FLAGS.config.model.name!r} is a normalizing flow, which samples '
+                       f'by one inverse pass; of the sampling.* keys only '
+                       f'{", ".join(FLOW_SAMPLING_KEYS)} applies to it.')
+
+
 # Integer flags and the least value each may take (0 where the flag's help says what 0
 # means); checked before any folder is made or any work starts.
 FLAG_MINIMUMS = {'num_samples': 1, 'num_repeats': 1, 'samples_per_image': 1,
@@ -487,6 +507,7 @@ def main(argv):
       raise ValueError(f'--workdir {FLAGS.workdir} is a file; a workdir is a folder (give a '
                        f'new path, or an existing workdir).')
     _check_trained_workdir(argv[1])
+    _check_flow_overrides(argv[1], sys.argv)
     compile_cache.enable(FLAGS.compilation_cache)
     parallel.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes,
                                     FLAGS.process_id, FLAGS.cpu_collectives)

@@ -54,6 +54,21 @@ def test_a_classifier_workdir_given_to_a_score_model_command(tmp_path):
                   r'holds a noise-conditional classifier .* sample needs a score-model workdir')
 
 
+def test_a_sampler_override_on_a_flow_is_refused_not_ignored(tmp_path):
+  _stored_config(str(tmp_path), 'digits/realnvp.py')
+  _one_line_error(_run('sample', f'--workdir={tmp_path}', '--config.sampling.method=ode'),
+                  r"--config.sampling.method=ode: 'realnvp' is a normalizing flow, which "
+                  r"samples by one inverse pass; of the sampling.\* keys only "
+                  r"sampling.temperature applies")
+  _one_line_error(_run('train', '--config=configs/digits/nice.py', f'--workdir={tmp_path / "w"}',
+                       '--config.sampling.num_steps=10'),
+                  r"--config.sampling.num_steps=10: 'nice' is a normalizing flow")
+  assert not os.path.exists(tmp_path / 'w')
+  # the temperature reaches the sampler: the command goes on to find no checkpoint
+  out = _run('sample', f'--workdir={tmp_path}', '--config.sampling.temperature=0.7')
+  _one_line_error(out, r'checkpoint')
+
+
 def test_a_config_that_is_no_file(tmp_path):
   for path, what in (('configs/digits/nonexist.py', 'no such file'),
                      ('configs/digits', 'a folder, not a config file')):
