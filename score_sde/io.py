@@ -80,14 +80,19 @@ def atomic_json(path: str, value) -> None:
 # Images and PNG grids
 # ----------------------------------------------------------------------------
 
-def image_grid(images: np.ndarray, ncols: int | None = None, padding: int = 1) -> np.ndarray:
-  """[N, H, W, C] values in [0, 1] -> one uint8 [rows (H+p), cols (W+p), C] grid."""
+def image_grid(images: np.ndarray, ncols: int | None = None, padding: int = 1,
+               padding_color: tuple[float, ...] | float = 1.0) -> np.ndarray:
+  """[N, H, W, C] values in [0, 1] -> one uint8 [rows (H+p), cols (W+p), C] grid.
+
+  padding_color: the lines between images, one value or one per channel.
+  """
   images = np.clip(np.asarray(images, np.float32), 0.0, 1.0)
   n, h, w, c = images.shape
   ncols = ncols or int(math.ceil(math.sqrt(n)))
   nrows = int(math.ceil(n / ncols))
-  grid = np.ones((nrows * (h + padding) + padding, ncols * (w + padding) + padding, c),
-                 np.float32)
+  grid = np.empty((nrows * (h + padding) + padding, ncols * (w + padding) + padding, c),
+                  np.float32)
+  grid[...] = np.broadcast_to(np.asarray(padding_color, np.float32), (c,))
   for i in range(n):
     r, col = divmod(i, ncols)
     top, left = padding + r * (h + padding), padding + col * (w + padding)
@@ -96,10 +101,10 @@ def image_grid(images: np.ndarray, ncols: int | None = None, padding: int = 1) -
 
 
 def save_image_grid(path: str, images: np.ndarray, ncols: int | None = None,
-                    scale: int = 1) -> str:
+                    scale: int = 1, padding_color: tuple[float, ...] | float = 1.0) -> str:
   """Writes a PNG grid of [N, H, W, C] images in [0, 1]; `scale` enlarges pixels."""
   from PIL import Image
-  grid = image_grid(images, ncols)
+  grid = image_grid(images, ncols, padding_color=padding_color)
   if scale > 1:
     grid = grid.repeat(scale, axis=0).repeat(scale, axis=1)
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -177,15 +182,22 @@ def load_images(path: str, image_size: int, num_channels: int, *,
   return images[:max_images] if max_images else images
 
 
+# the lines between a panel's tiles: a blue that no grey image (masks, masked inputs,
+# grey digits) contains, so a white or black tile edge stays visible
+PANEL_LINE_COLOR = (0.25, 0.45, 0.85)
+
+
 def panel_grid(path: str, columns: list[np.ndarray], scale: int | None = None) -> str:
-  """PNG of examples in rows and `columns` ([N, H, W, C] each, [0, 1]) side by side."""
+  """RGB PNG of examples in rows and `columns` ([N, H, W, C] each, [0, 1]) side by side.
+
+  Grey columns are repeated to 3 channels; blue lines (PANEL_LINE_COLOR) part the tiles.
+  """
   n = columns[0].shape[0]
-  channels = max(c.shape[-1] for c in columns)
-  columns = [np.repeat(c, channels, axis=-1) if c.shape[-1] != channels else c
-             for c in columns]
+  columns = [np.repeat(c, 3, axis=-1) if c.shape[-1] == 1 else c for c in columns]
   tiles = np.stack(columns, axis=1).reshape((n * len(columns),) + columns[0].shape[1:])
   scale = scale or max(1, 64 // columns[0].shape[1])
-  return save_image_grid(path, tiles, ncols=len(columns), scale=scale)
+  return save_image_grid(path, tiles, ncols=len(columns), scale=scale,
+                         padding_color=PANEL_LINE_COLOR)
 
 
 # ----------------------------------------------------------------------------

@@ -53,6 +53,21 @@ def test_outputs_npz_and_png_grid(tmp_path):
   assert os.path.exists(paths['npz'])
 
 
+def test_grey_panels_part_their_tiles_with_lines_no_grey_image_has(tmp_path):
+  # A mask that is white at its edges used to blend into white padding.
+  white, black = np.ones((2, 3, 3, 1), np.float32), np.zeros((2, 3, 3, 1), np.float32)
+  path = io.panel_grid(str(tmp_path / 'panel.png'), [white, black], scale=1)
+  grid = np.asarray(Image.open(path))
+  assert grid.shape == (2 * 4 + 1, 2 * 4 + 1, 3)
+  line = np.round(np.asarray(io.PANEL_LINE_COLOR) * 255)
+  lines = np.zeros(grid.shape[:2], bool)
+  lines[::4, :] = lines[:, ::4] = True
+  np.testing.assert_array_equal(grid[lines], np.broadcast_to(line, (lines.sum(), 3)))
+  tiles = grid[~lines].reshape(2, 3, 2, 3, 3).transpose(0, 2, 1, 3, 4)   # row, column, H, W, C
+  assert (tiles[:, 0] == 255).all() and (tiles[:, 1] == 0).all()
+  assert len(set(line)) == 3                      # a colour, not a grey
+
+
 def tiny_rgb_config():
   from configs import defaults
   config = defaults.digits_ncsnpp(defaults.cifar10(), nf=8)
