@@ -28,16 +28,33 @@ from score_sde import sampling
 from score_sde.models import utils as model_utils
 
 
+def check_levels(images_uint, levels: int) -> np.ndarray:
+  """`images_uint` as an array of whole levels in [0, levels - 1]; ValueError otherwise
+  (0..255 images given to a 17-level digits model would otherwise give wrong bits/dim)."""
+  images = np.asarray(images_uint)
+  if images.size and not np.issubdtype(images.dtype, np.integer):
+    if not np.all(np.isfinite(images)) or np.any(images != np.round(images)):
+      raise ValueError(f'bits_per_dim takes integer levels 0..{levels - 1}; got non-integer '
+                       f'values (dtype {images.dtype}); for images in [0, 1] pass '
+                       f'np.round(x * {levels - 1}).')
+  if images.size and (images.min() < 0 or images.max() > levels - 1):
+    raise ValueError(f'bits_per_dim takes integer levels 0..{levels - 1} (this model\'s data '
+                     f'has {levels} levels); got values in [{images.min()}, {images.max()}].')
+  return images
+
+
 class _ImageModelMethods:
   """What a trained score model and a trained flow share: bits/dim from `log_likelihood`,
   and the map between model space and [0, 1]."""
 
   def bits_per_dim(self, key, images_uint, **likelihood_options) -> np.ndarray:
-    """Bits/dim [B] of integer-level images (uniformly dequantised with `key`);
-    options as for `log_likelihood`."""
+    """Bits/dim [B] of integer-level images [B, H, W, C] (levels 0 .. num_levels - 1,
+    e.g. `data.load_split_uint`; uniformly dequantised with `key`); options as for
+    `log_likelihood`."""
     levels = self.experiment.num_levels
+    images = check_levels(images_uint, levels)
     k_deq, k_probe = jax.random.split(key)
-    x = np.asarray(images_uint, np.float32) / (levels - 1)
+    x = images.astype(np.float32) / (levels - 1)
     x = data_lib.get_data_scaler(self.config)(likelihood.uniform_dequantize(k_deq, x, levels))
     logp, _, _ = self.log_likelihood(k_probe, x, **likelihood_options)
     dim = int(np.prod(x.shape[1:]))

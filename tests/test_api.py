@@ -136,6 +136,14 @@ def test_bad_options_raise_clear_errors(model):
   with pytest.raises(ValueError, match=r"unknown option\(s\) \['rtol'\] for sampling method "
                                        r"'pc'"):
     model.sample(KEY, 2, rtol=1e-3)
+  # bits/dim of 8-bit images on a 17-level model, or of floats, would be wrong numbers
+  with pytest.raises(ValueError, match=r'integer levels 0..16 \(this model.s data has 17 '
+                                       r'levels\); got values in \[0, 255\]'):
+    model.bits_per_dim(KEY, np.array([[0, 255]], np.uint8))
+  with pytest.raises(ValueError, match=r'got non-integer values .* np.round\(x \* 16\)'):
+    model.bits_per_dim(KEY, np.array([[0.5, 0.25]]))
+  with pytest.raises(ValueError, match=r'got values in \[-1, 3\]'):
+    model.bits_per_dim(KEY, np.array([[-1, 3]]))
 
 
 def test_load_refuses_a_classifier_workdir(tmp_path):
