@@ -20,6 +20,7 @@ from score_sde import parallel
 from score_sde import train
 from score_sde.jobs import common
 from score_sde.models import utils as model_utils
+from tests.readme_examples import python_blocks, run_example
 from tests.train_worker import small_flow_config, start_worker
 
 N_ITERS = 200
@@ -62,6 +63,17 @@ def test_the_loops_flow_losses_train_with_dropout_and_evaluate_exactly(trained):
                                   data_lib.get_data_inverse_scaler(config),
                                   data_lib.num_levels(config))
   np.testing.assert_allclose(eval_values[0], float(np.mean(exact)), rtol=1e-5)
+
+
+def test_the_readme_flow_example_runs_on_a_flow_workdir(trained):
+  """README 'Normalizing flows' example, as written, with 4 samples and images instead of 64."""
+  (block,) = python_blocks('Normalizing flows (NICE, RealNVP, Glow)')
+  workdir, config, _ = trained['realnvp']
+  names = run_example('import jax, score_sde\n' + block,
+                      {"'runs/realnvp'": repr(workdir), ', 64': ', 4'})
+  assert names['x'].shape == (4, 8, 8, 1) and names['z'].shape == (4, 64)   # flat latents
+  bpd = names['bpd']
+  assert bpd.shape == (4,) and np.all((bpd > 0) & (bpd < np.log2(data_lib.num_levels(config))))
 
 
 @pytest.mark.parametrize('name', ['nice', 'realnvp', 'glow'])

@@ -27,6 +27,7 @@ from score_sde import parallel
 from score_sde import train
 from score_sde import experiment as experiment_lib
 from score_sde import io
+from tests.readme_examples import python_blocks, run_example
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -283,6 +284,20 @@ def test_eval_without_a_stats_file_names_the_command(workdir, tmp_path):
     jobs.eval_job(workdir, config, tag='for_eval')
   with pytest.raises(FileNotFoundError, match='no sampling job output'):
     jobs.eval_job(workdir, config, tag='never_sampled')
+
+
+def test_the_readme_script_examples_run_on_a_workdir(workdir):
+  """README 'In scripts' and the few-step line, as written, with 4 samples instead of 64."""
+  (scripts,) = python_blocks('In scripts')
+  names = run_example(scripts, {"'runs/digits'": repr(workdir), ', 64)': ', 4)',
+                                ', 64,': ', 4,'})
+  assert names['x_pc'].shape == names['x_ode'].shape == (4, 8, 8, 1)
+  assert names['info']['nfe'] > 0 and np.all(np.isfinite(names['logp']))
+  assert names['logp'].shape == (4,) and names['z'].shape == (4, 8, 8, 1)
+  assert names['images'].shape == (4, 8, 8, 1)
+  (few_step,) = python_blocks('Few-step samplers')
+  names = run_example(few_step, {', 64,': ', 4,'}, names)
+  assert names['x'].shape == (4, 8, 8, 1) and names['info']['nfe'] == 10
 
 
 def test_eval_without_a_tag_takes_the_newest_finished_sampling_job(tmp_path):
