@@ -438,6 +438,136 @@ def test_a_tensor_on_something_other_than_a_storage_is_refused(tmp_path):
     torch_pickle.load(path)
 
 
+def test_a_view_one_element_past_its_storage_is_refused(tmp_path):
+  # The last element a view reads is offset + sum((n - 1) * stride); it must be < numel.
+  storage = _Storage(np.arange(6, dtype=np.float32), 'FloatStorage', '0')
+  path = _write_pth(str(tmp_path / 'edge.pth'), {'w': _Tensor(storage, 1, (2, 3), (3, 1))})
+  with pytest.raises(ValueError, match=r'reaches element 6 of a storage of 6'):
+    torch_pickle.load(path)
+  fits = _write_pth(str(tmp_path / 'fits.pth'), {'w': _Tensor(storage, 0, (2, 3), (3, 1))})
+  np.testing.assert_array_equal(torch_pickle.load(fits)['w'], np.arange(6).reshape(2, 3))
+
+
+@pytest.mark.parametrize('offset,size,stride', [
+    (0, (3,), (-1,)),         # would read before the storage
+    (5, (3,), (-1,)),         # in bounds, but torch never writes negative strides
+    (-1, (2,), (1,)),
+    (0, (2, -1), (1, 1)),
+    (0, (2, 2), (1,)),        # one stride for two dimensions
+])
+def test_a_negative_or_inconsistent_layout_is_refused(tmp_path, offset, size, stride):
+  storage = _Storage(np.arange(6, dtype=np.float32), 'FloatStorage', '0')
+  path = _write_pth(str(tmp_path / 'neg.pth'), {'w': _Tensor(storage, offset, size, stride)})
+  with pytest.raises(ValueError, match=r'neg\.pth: a tensor has an invalid layout'):
+    torch_pickle.load(path)
+
+
+def test_a_file_without_a_byteorder_record_is_little_endian(tmp_path):
+  # torch versions before the byteorder record wrote little-endian storages only.
+  values = np.array([1.5, -2.0, 3e-5, 7.0], np.float32)
+  path = _write_pth(str(tmp_path / 'old.pth'),
+                    {'w': _Tensor(_Storage(values, 'FloatStorage', '0'), 0, (4,), (1,))})
+  with zipfile.ZipFile(path) as archive:
+    entries = {n: archive.read(n) for n in archive.namelist() if n != 'archive/byteorder'}
+  with zipfile.ZipFile(path, 'w') as archive:
+    for name, data in entries.items():
+      archive.writestr(name, data)
+  np.testing.assert_array_equal(torch_pickle.load(path)['w'], values)
+
+
+def _op_global(module, name):
+  """Pickle opcode GLOBAL module.name (what protocol 2 writes for a class or function)."""
+  return b'c' + module.encode() + b'\n' + name.encode() + b'\n'
+
+
+def _op_value(value):
+  """The opcodes that push `value` (plain Python data) onto the unpickler's stack."""
+  return pickle.dumps(value, protocol=2)[2:-1]
+
+
+def _op_storage(type_name, key, numel):
+  """A persistent id ('storage', torch.<type_name>, key, 'cpu', numel), as torch.save writes it."""
+  return (b'(' + _op_value('storage') + _op_global('torch', type_name) + _op_value(key)
+          + _op_value('cpu') + _op_value(numel) + b't' + pickle.BINPERSID)
+
+
+def _write_raw(path, body, storages=None):
+  """A torch.save-style zip whose data.pkl is protocol 2 `body` (a value, then STOP)."""
+  with zipfile.ZipFile(path, 'w') as archive:
+    archive.writestr('archive/data.pkl', b'\x80\x02' + body + pickle.STOP)
+    archive.writestr('archive/byteorder', 'little')
+    for key, values in (storages or {}).items():
+      archive.writestr(f'archive/data/{key}', np.asarray(values).astype('<f4').tobytes())
+  return str(path)
+
+
+def _op_tensor_v2(storage_ops, offset, size, stride):
+  return (_op_global('torch._utils', '_rebuild_tensor_v2') + b'(' + storage_ops
+          + _op_value(offset) + _op_value(size) + _op_value(stride) + _op_value(False)
+          + _op_global('collections', 'OrderedDict') + b')R' + b't' + pickle.REDUCE)
+
+
+def test_tensors_and_parameters_with_python_attributes_load_as_their_values(tmp_path):
+  # What torch.save writes for a tensor / Parameter with attributes set on it
+  # (_rebuild_from_type_v2, _rebuild_parameter_with_state): values kept, attributes dropped.
+  storage = _op_storage('FloatStorage', '0', 4)
+  tensor = _op_tensor_v2(storage, 1, (3,), (1,))
+  with_attribute = (_op_global('torch._tensor', '_rebuild_from_type_v2') + b'('
+                    + _op_global('torch._utils', '_rebuild_tensor_v2')
+                    + _op_global('torch', 'Tensor')
+                    + b'(' + storage + _op_value(0) + _op_value((2,)) + _op_value((2,))
+                    + _op_value(False) + _op_global('collections', 'OrderedDict') + b')R'
+                    + b't' + _op_value({'note': 'x'}) + b't' + pickle.REDUCE)
+  parameter = (_op_global('torch._utils', '_rebuild_parameter_with_state') + b'(' + tensor
+               + _op_value(True) + _op_global('collections', 'OrderedDict') + b')R'
+               + _op_value({'note': 'y'}) + b't' + pickle.REDUCE)
+  body = (b'(' + _op_value('with_attribute') + with_attribute + _op_value('parameter')
+          + parameter + _op_value('raw') + _op_value(b'\x00\xe9\xff') + b'd')
+  loaded = torch_pickle.load(_write_raw(tmp_path / 'attrs.pth', body,
+                                        {'0': [0.5, 1.5, 2.5, 3.5]}))
+  np.testing.assert_array_equal(loaded['with_attribute'], np.float32([0.5, 2.5]))
+  np.testing.assert_array_equal(loaded['parameter'], np.float32([1.5, 2.5, 3.5]))
+  assert loaded['raw'] == b'\x00\xe9\xff'        # protocol 2 bytes: _codecs.encode(.., 'latin1')
+
+
+@pytest.mark.parametrize('func,new_type', [
+    (('torch', 'Size'), ('torch', 'Tensor')),             # not a tensor rebuilder
+    (('_codecs', 'encode'), ('torch', 'Tensor')),
+    (('torch._utils', '_rebuild_tensor_v2'), ('collections', 'OrderedDict')),  # not a tensor type
+])
+def test_rebuild_from_type_takes_only_a_tensor_rebuilder_and_a_tensor_type(tmp_path, func,
+                                                                             new_type):
+  args = ((2, 3),) if func[1] == 'Size' else ('text', 'latin1') if func[1] == 'encode' else ()
+  body = (_op_global('torch._tensor', '_rebuild_from_type_v2') + b'(' + _op_global(*func)
+          + _op_global(*new_type) + _op_value(args) + _op_value({}) + b't' + pickle.REDUCE)
+  with pytest.raises(UnsafeCheckpointError,
+                     match=r'typed\.pth: a tensor subclass is rebuilt with something other'):
+    torch_pickle.load(_write_raw(tmp_path / 'typed.pth', body))
+
+
+@pytest.mark.parametrize('encoding', ['utf-8', 'rot13', 'base64'])
+def test_codecs_encode_is_allowed_only_for_latin1(tmp_path, encoding):
+  body = _op_global('_codecs', 'encode') + _op_value(('\xe9t\xe9', encoding)) + pickle.REDUCE
+  with pytest.raises(UnsafeCheckpointError, match=rf"encoding '{encoding}'"):
+    torch_pickle.load(_write_raw(tmp_path / 'codec.pth', body))
+
+
+@pytest.mark.parametrize('module,name', [
+    ('torch.hub', 'load'),                         # downloads and runs a repository's code
+    ('torch.storage', '_load_from_bytes'),         # torch.load without weights_only
+    ('torch.serialization', 'load'),
+    ('torch._ops', 'ops'),
+    ('torch', 'Generator'),
+])
+def test_torch_globals_outside_the_allow_list_are_refused_without_importing(tmp_path, module,
+                                                                            name):
+  body = _op_global(module, name) + _op_value(('x',)) + pickle.REDUCE
+  before = set(sys.modules)
+  with pytest.raises(UnsafeCheckpointError, match=rf'refused global {module}\.{name} '):
+    torch_pickle.load(_write_raw(tmp_path / 'torchy.pth', body))
+  assert not {m for m in set(sys.modules) - before if m.split('.')[0] == 'torch'}
+
+
 # ----------------------------------------------------------------------------
 # Files that are not torch.save zip archives
 # ----------------------------------------------------------------------------
