@@ -1,5 +1,6 @@
 """One writer per workdir (score_sde/locks.py): a second writer is refused in one line, a
 killed holder leaves no stale lock."""
+import json
 import os
 import signal
 import subprocess
@@ -58,3 +59,25 @@ def test_the_lock_is_released_after_the_block_and_inactive_processes_skip_it(tmp
   with locks.hold(str(tmp_path), 'bpd'):
     pass
   assert time.time() - start < 5
+
+
+def test_the_record_names_only_the_current_holder(tmp_path):
+  # A shorter record must replace a longer one whole, or the file is no longer JSON and a
+  # refused writer could not say who holds the workdir.
+  with locks.hold(str(tmp_path), 'import_checkpoint --original=/a/very/long/path/checkpoint_26'):
+    pass
+  with locks.hold(str(tmp_path), 'bpd'):
+    with open(tmp_path / locks.LOCK_FILE) as f:
+      record = json.load(f)
+    assert record['what'] == 'bpd' and record['pid'] == os.getpid()
+
+
+def test_hold_for_all_refuses_when_the_lock_is_held(tmp_path):
+  with locks.hold(str(tmp_path), 'train'):   # another open file: flock excludes it too
+    with pytest.raises(locks.WorkdirLockedError, match=r'in use by `train` \(host'):
+      with locks.hold_for_all(str(tmp_path), 'sample job'):
+        pytest.fail('the body ran without the lock')
+  with locks.hold_for_all(str(tmp_path), 'sample job'):
+    with pytest.raises(locks.WorkdirLockedError, match=r'in use by `sample job`'):
+      with locks.hold(str(tmp_path), 'train'):
+        pass
