@@ -87,3 +87,56 @@ def test_when_no_step_restores_nothing_is_moved(tmp_path):
   assert checkpoints.existing_steps(workdir) == [10, 20]
   assert not os.path.exists(os.path.join(workdir, checkpoints.UNREADABLE_DIR))
   manager.close()
+
+
+def test_a_step_asked_for_is_the_one_restored(tmp_path):
+  workdir = str(tmp_path)
+  manager = checkpoints.make_manager(workdir, keep_period=10)
+  _save(manager, 10, 20)
+  state, step = checkpoints.restore(manager, _state(0), step=10)
+  assert step == 10 and int(state['step']) == 10
+  np.testing.assert_array_equal(state['w'], np.full(3, 10.0))
+  with pytest.raises(checkpoints.NoCheckpointError,
+                     match=r'no checkpoint at step 15 .*available steps: \[10, 20\]'):
+    checkpoints.restore(manager, _state(0), step=15)
+  manager.close()
+
+
+def test_a_step_made_unreadable_twice_is_moved_aside_twice_and_both_kept(tmp_path):
+  workdir = str(tmp_path)
+  manager = checkpoints.make_manager(workdir, keep_period=10)
+  _save(manager, 10, 20)
+  for _ in range(2):                          # within the same second
+    _truncate_every_file(os.path.join(checkpoints.checkpoint_dir(workdir), '20'))
+    assert checkpoints.restore(manager, _state(0), move_unreadable=True)[1] == 10
+    _save(manager, 20)
+  moved = sorted(os.listdir(os.path.join(workdir, checkpoints.UNREADABLE_DIR)))
+  assert len(moved) == 2 and all(name.startswith('20_') for name in moved)
+  assert checkpoints.restore(manager, _state(0))[1] == 20
+  manager.close()
+
+
+def test_the_data_position_is_restored_with_the_state(tmp_path):
+  grain = pytest.importorskip('grain')
+
+  def iterator():
+    return iter(grain.MapDataset.range(100).shuffle(seed=3).to_iter_dataset())
+
+  workdir = str(tmp_path)
+  manager = checkpoints.make_manager(workdir, keep_period=1)
+  data = iterator()
+  for _ in range(7):
+    next(data)
+  _save(manager, 5)                           # a step without a data position: from the start
+  checkpoints.save(manager, 7, _state(7), data)
+  manager.wait_until_finished()
+  following = [next(data) for _ in range(3)]
+  fresh = iterator()
+  state, step = checkpoints.restore(manager, _state(0), fresh)
+  assert step == 7 and float(state['w'][0]) == 7.0
+  assert [next(fresh) for _ in range(3)] == following
+  assert checkpoints.has_data_position(manager, 7) and not checkpoints.has_data_position(manager, 5)
+  from_start = iterator()
+  checkpoints.restore(manager, _state(0), from_start, step=5)
+  assert next(from_start) == next(iterator())
+  manager.close()
