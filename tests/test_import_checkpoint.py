@@ -280,3 +280,43 @@ def test_a_flow_config_is_refused_before_the_file_is_read(tmp_path):
                                        r"checkpoints hold score models"):
     import_lib.import_checkpoint(str(tmp_path / 'missing'), glow.get_config(),
                                  str(tmp_path / 'workdir'))
+
+
+def test_a_flax_file_gives_its_adam_moments_count_and_settings(tmp_path):
+  """The Flax fixtures hold zero Adam moments (their optimiser never stepped), so this
+  file is built by hand in flax.optim's layout, each moment distinct: grad_ema is mu,
+  grad_sq_ema nu, optimizer.state.step Adam's own count (not the training step)."""
+  from flax import serialization
+  from score_sde.convert import flax_msgpack
+  rng = np.random.default_rng(0)
+  shapes = {'Conv_0/kernel': (3, 3, 1, 2), 'Conv_0/bias': (2,),
+            'ResidualBlock_0/InstanceNorm2dPlus_0/alpha': (1, 1, 1, 2)}
+
+  def arrays(scale):
+    return {p: (scale * rng.standard_normal(s)).astype(np.float32) for p, s in shapes.items()}
+
+  params, ema, mu = arrays(1.0), arrays(1.0), arrays(1e-3)
+  nu = {p: np.square(v) for p, v in arrays(1e-2).items()}
+  states = original_lib.unflatten({f'{p}/{kind}': moments[p] for p in shapes
+                                   for kind, moments in (('grad_ema', mu), ('grad_sq_ema', nu))})
+  state = {'step': np.int64(1200), 'lr': np.float32(2e-4), 'model_state': {},
+           'ema_rate': np.float32(0.999), 'params_ema': original_lib.unflatten(ema),
+           'rng': np.zeros(2, np.uint32),
+           'optimizer': {'target': original_lib.unflatten(params),
+                         'state': {'step': np.int64(300), 'param_states': states}}}
+  path = tmp_path / 'checkpoint_3'
+  path.write_bytes(serialization.msgpack_serialize(state))
+  assert original_lib.detect_format(str(path)) == original_lib.FLAX
+  checkpoint = flax_msgpack.read(str(path))
+  assert checkpoint.step == 1200 and checkpoint.adam_count == 300
+  assert checkpoint.learning_rate == pytest.approx(2e-4)
+  assert checkpoint.ema_rate == pytest.approx(0.999)
+  for got, want in ((checkpoint.params, params), (checkpoint.ema_params, ema),
+                    (checkpoint.adam_mu, mu), (checkpoint.adam_nu, nu)):
+    assert sorted(got) == sorted(want)
+    for key in want:
+      np.testing.assert_array_equal(got[key], want[key])
+  mapped = flax_msgpack.to_ours(checkpoint.adam_nu, [
+      ('ResidualBlock_0/InstanceNormPlus_0/alpha', (2,)), ('Conv_0/kernel', (3, 3, 1, 2))])
+  np.testing.assert_array_equal(mapped['ResidualBlock_0/InstanceNormPlus_0/alpha'],
+                                nu['ResidualBlock_0/InstanceNorm2dPlus_0/alpha'].reshape(2))

@@ -199,3 +199,26 @@ def test_unknown_model_name_lists_the_refinenets():
   with pytest.raises(ValueError, match=r"'ncsnpp' is not a RefineNet model .*valid: "
                                        r"\['ncsn', 'ncsnv2'"):
     torch_refinenet.to_ours({}, [], 'ncsnpp')
+
+
+def test_adam_moments_and_ema_settings_are_read_by_parameter_index():
+  """torch's Adam state_dict indexes parameters in parameters() order (the state dict
+  without buffers). These fixtures' moments are non-zero (the shared NCSN++ / DDPM ones
+  hold zeros), so exp_avg and exp_avg_sq cannot be confused unseen."""
+  from score_sde.convert import torch_pickle
+  name = 've_ncsnv2_cifar10'
+  raw = torch_pickle.load(os.path.join(DATA, name, _fixture(name)['checkpoint']))
+  checkpoint = _checkpoint(name)
+  names = [key[len('module.'):] for key in raw['model'] if key != 'module.sigmas']
+  adam = raw['optimizer']
+  assert adam['param_groups'][0]['params'] == list(range(len(names)))
+  assert sorted(checkpoint.adam_mu) == sorted(checkpoint.adam_nu) == sorted(names)
+  for index, key in enumerate(names):
+    np.testing.assert_array_equal(checkpoint.adam_mu[key], adam['state'][index]['exp_avg'])
+    np.testing.assert_array_equal(checkpoint.adam_nu[key], adam['state'][index]['exp_avg_sq'])
+  # Independent of the file's names: second moments are squares, first ones are not.
+  assert all((v >= 0).all() for v in checkpoint.adam_nu.values())
+  assert any((m < 0).any() for m in checkpoint.adam_mu.values())
+  assert checkpoint.adam_count == int(adam['state'][0]['step']) > 0
+  assert checkpoint.learning_rate == adam['param_groups'][0]['lr']
+  assert checkpoint.ema_rate == raw['ema']['decay'] and checkpoint.step == raw['step']
