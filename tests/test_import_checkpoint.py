@@ -320,3 +320,17 @@ def test_a_flax_file_gives_its_adam_moments_count_and_settings(tmp_path):
       ('ResidualBlock_0/InstanceNormPlus_0/alpha', (2,)), ('Conv_0/kernel', (3, 3, 1, 2))])
   np.testing.assert_array_equal(mapped['ResidualBlock_0/InstanceNormPlus_0/alpha'],
                                 nu['ResidualBlock_0/InstanceNorm2dPlus_0/alpha'].reshape(2))
+
+
+def test_a_frozen_parameter_has_no_adam_moments_and_the_others_keep_their_index():
+  """Adam keeps no state for GaussianFourierProjection.W (no gradient): the moments of
+  parameter k stay with parameter k, not shifted onto the frozen one."""
+  from score_sde.convert import torch_state
+  checkpoint = torch_state.read(
+      os.path.join(FIXTURES, 'torch', 've_cifar10_ncsnpp_continuous', 'checkpoint_5.pth'))
+  assert 'all_modules.0.W' in checkpoint.params
+  trainable = [name for name in checkpoint.params if name != 'all_modules.0.W']
+  assert list(checkpoint.adam_mu) == list(checkpoint.adam_nu) == trainable
+  for name in trainable:
+    assert checkpoint.adam_mu[name].shape == checkpoint.adam_nu[name].shape == \
+        checkpoint.params[name].shape, name
