@@ -186,3 +186,62 @@ def test_a_second_job_on_the_same_folder_is_refused_and_names_are_plain(tmp_path
     with pytest.raises(ValueError, match='must be a plain folder name'):
       common.check_folder_name(bad)
   assert common.check_folder_name('step_10_pc') == 'step_10_pc'
+
+
+def _read_json(path):
+  with open(path) as f:
+    return json.load(f)
+
+
+def _failing_replace(src, dst):
+  raise OSError(f'killed before renaming {src} to {dst}')
+
+
+@pytest.mark.parametrize('write,read', [
+    (lambda path, v: io.savez_atomic(path, x=np.full(3, v)),
+     lambda path: float(io.load_npz(path)['x'][0])),
+    (lambda path, v: io.atomic_json(path, {'x': v}),
+     lambda path: _read_json(path)['x']),
+])
+def test_atomic_writes_leave_the_old_file_whole_until_the_rename(tmp_path, monkeypatch,
+                                                                  write, read):
+  path = str(tmp_path / 'written')
+  write(path, 1.0)
+  renames = []
+  replace = os.replace
+
+  def watched_replace(src, dst):
+    # The complete new file sits next to the old one (same folder: an atomic rename).
+    assert os.path.dirname(src) == os.path.dirname(dst) and src != dst
+    assert read(src) == 3.0 and read(dst) == 1.0
+    renames.append(dst)
+    replace(src, dst)
+
+  monkeypatch.setattr(os, 'replace', watched_replace)
+  write(path, 3.0)
+  assert renames == [path] and read(path) == 3.0
+  monkeypatch.setattr(os, 'replace', _failing_replace)     # a kill just before the rename
+  with pytest.raises(OSError, match='killed before renaming'):
+    write(path, 5.0)
+  assert read(path) == 3.0
+
+
+def test_a_json_value_that_fails_half_way_leaves_the_old_file(tmp_path):
+  path = str(tmp_path / 'manifest.json')
+  io.atomic_json(path, {'done': [0, 1]})
+  with pytest.raises(TypeError):
+    io.atomic_json(path, {'a_first': 1, 'done': [0, 1, 2], 'z': object()})
+  with open(path) as f:
+    assert json.load(f) == {'done': [0, 1]}
+
+
+def test_sizes_round_up_to_the_devices_and_replicate_places_every_leaf(mesh):
+  assert [parallel.round_up_to_devices(n, mesh) for n in (0, 1, 2, 3, 5)] == [2, 2, 2, 4, 6]
+  sharded = parallel.host_to_global(np.arange(8.0).reshape(4, 2), mesh)
+  assert not sharded.sharding.is_equivalent_to(parallel.replicated(mesh), 2)
+  placed = parallel.replicate({'sharded': sharded, 'host': np.ones(3)}, mesh)
+  for leaf, want in ((placed['sharded'], np.arange(8.0).reshape(4, 2)),
+                     (placed['host'], np.ones(3))):
+    assert leaf.sharding.is_equivalent_to(parallel.replicated(mesh), leaf.ndim)
+    np.testing.assert_array_equal(leaf, want)
+  assert parallel.replicate(placed, mesh)['sharded'] is placed['sharded']   # kept as it is
