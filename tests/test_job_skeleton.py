@@ -202,7 +202,7 @@ def _failing_replace(src, dst):
      lambda path: float(io.load_npz(path)['x'][0])),
     (lambda path, v: io.atomic_json(path, {'x': v}),
      lambda path: _read_json(path)['x']),
-])
+], ids=['savez_atomic', 'atomic_json'])
 def test_atomic_writes_leave_the_old_file_whole_until_the_rename(tmp_path, monkeypatch,
                                                                   write, read):
   path = str(tmp_path / 'written')
