@@ -1,8 +1,9 @@
 """Files: atomic writes, plain npz reads, images and PNG grids, stored configs, metric logs.
 
-Everything a job or the training loop writes goes through a temporary file and
-a rename, so a file under its final name is always complete. Nothing here
-unpickles: npz files are read with allow_pickle=False.
+Everything a job or the training loop writes goes through a temporary file, an
+fsync and a rename, so a file under its final name is always complete (also
+after a power loss). Nothing here unpickles: npz files are read with
+allow_pickle=False.
 """
 from __future__ import annotations
 
@@ -19,16 +20,45 @@ import numpy as np
 # Atomic writes and plain reads
 # ----------------------------------------------------------------------------
 
-def savez_atomic(path: str, **arrays) -> str:
-  """Writes an .npz at exactly `path` (no '.npz' appended) via a temporary file and a
-  rename, so a file at `path` is always complete; returns the path."""
+def _sync_directory(directory: str) -> None:
+  """Makes a rename in `directory` durable (a file system that cannot sync folders skips it)."""
+  try:
+    fd = os.open(directory, os.O_RDONLY)
+  except OSError:
+    return
+  try:
+    os.fsync(fd)
+  except OSError:
+    pass
+  finally:
+    os.close(fd)
+
+
+def _write_atomic(path: str, write, mode: str) -> str:
+  """Calls write(file) on a temporary file beside `path`, syncs it to disk and renames it
+  to `path`, so a file at `path` is always complete, also after a power loss; a write
+  that fails leaves the old file and no temporary."""
   directory = os.path.dirname(os.path.abspath(path))
   os.makedirs(directory, exist_ok=True)
   temporary = os.path.join(directory, f'.{os.path.basename(path)}.{os.getpid()}.tmp')
-  with open(temporary, 'wb') as f:
-    np.savez(f, **arrays)
-  os.replace(temporary, path)
+  try:
+    with open(temporary, mode) as f:
+      write(f)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(temporary, path)
+  except BaseException:
+    if os.path.exists(temporary):
+      os.remove(temporary)
+    raise
+  _sync_directory(directory)
   return path
+
+
+def savez_atomic(path: str, **arrays) -> str:
+  """Writes an .npz at exactly `path` (no '.npz' appended) via a temporary file and a
+  rename, so a file at `path` is always complete; returns the path."""
+  return _write_atomic(path, lambda f: np.savez(f, **arrays), 'wb')
 
 
 def load_npz_plain(path: str, what: str, error: type = ValueError,
@@ -68,12 +98,7 @@ def load_npz(path: str) -> dict:
 def atomic_json(path: str, value) -> None:
   """Writes `value` as JSON at `path` via a temporary file (unique to this process) and a
   rename, so a file at `path` is always complete."""
-  directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
-  tmp = os.path.join(directory, f'.{os.path.basename(path)}.{os.getpid()}.tmp')
-  with open(tmp, 'w') as f:
-    json.dump(value, f, indent=2, sort_keys=True)
-  os.replace(tmp, path)
+  _write_atomic(path, lambda f: json.dump(value, f, indent=2, sort_keys=True), 'w')
 
 
 # ----------------------------------------------------------------------------
@@ -107,9 +132,8 @@ def save_image_grid(path: str, images: np.ndarray, ncols: int | None = None,
   grid = image_grid(images, ncols, padding_color=padding_color)
   if scale > 1:
     grid = grid.repeat(scale, axis=0).repeat(scale, axis=1)
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid).save(path)
-  return path
+  image = Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid)
+  return _write_atomic(path, lambda f: image.save(f, format='PNG'), 'wb')
 
 
 IMAGE_SUFFIXES = ('.png', '.jpg', '.jpeg', '.bmp', '.gif', '.tif', '.tiff', '.webp')

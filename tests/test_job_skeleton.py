@@ -226,13 +226,39 @@ def test_atomic_writes_leave_the_old_file_whole_until_the_rename(tmp_path, monke
   assert read(path) == 3.0
 
 
-def test_a_json_value_that_fails_half_way_leaves_the_old_file(tmp_path):
+def test_a_json_value_that_fails_half_way_leaves_the_old_file_and_no_temporary(tmp_path):
   path = str(tmp_path / 'manifest.json')
   io.atomic_json(path, {'done': [0, 1]})
   with pytest.raises(TypeError):
     io.atomic_json(path, {'a_first': 1, 'done': [0, 1, 2], 'z': object()})
   with open(path) as f:
     assert json.load(f) == {'done': [0, 1]}
+  assert os.listdir(tmp_path) == ['manifest.json']
+
+
+def test_atomic_writes_reach_the_disk_before_the_rename(tmp_path, monkeypatch):
+  """The new file's data is synced before it takes the old name, and the folder after
+  (a power loss then leaves the old or the new file, never an empty one)."""
+  events = []
+  fsync, replace = os.fsync, os.replace
+
+  def watched_fsync(fd):
+    events.append(('fsync', os.path.isdir(f'/proc/self/fd/{fd}')))
+    fsync(fd)
+
+  def watched_replace(src, dst):
+    events.append(('rename', False))
+    replace(src, dst)
+
+  monkeypatch.setattr(os, 'fsync', watched_fsync)
+  monkeypatch.setattr(os, 'replace', watched_replace)
+  for write in (lambda: io.savez_atomic(str(tmp_path / 'a.npz'), x=np.ones(2)),
+                lambda: io.atomic_json(str(tmp_path / 'a.json'), {'x': 1}),
+                lambda: io.save_image_grid(str(tmp_path / 'a.png'), np.ones((1, 2, 2, 1)))):
+    events.clear()
+    write()
+    assert events == [('fsync', False), ('rename', False), ('fsync', True)]
+  assert sorted(os.listdir(tmp_path)) == ['a.json', 'a.npz', 'a.png']
 
 
 def test_sizes_round_up_to_the_devices_and_replicate_places_every_leaf(mesh):
