@@ -1,9 +1,8 @@
 """JAX's persistent compilation cache for the launcher: a run reloads the XLA
 programs an earlier run with the same shapes, config and JAX version compiled.
 
-Measured on the 2-core CPU (benchmarks/train.py, small NCSN++ train step):
-lowering plus compile 11.8 s on first use, 3.3 s from the cache (tracing and
-lowering remain); an entry is ~1-2 MB.
+Tracing and lowering remain; the XLA compile is what is saved (README, 'Speed on
+this machine', has the figures measured with benchmarks/train.py).
 """
 from __future__ import annotations
 

@@ -1,23 +1,22 @@
 """A parameter tree as one flat vector, and back: the layout the CPU train step updates.
 
-Why the train step works on flat vectors on XLA:CPU (measured on the 2-core CPU of
-issue 8, benchmarks/train.py, batch 8): XLA:CPU compiles one kernel per
-distinct fused computation. Updating a tree leaf by leaf (clipping, Adam,
+Why the train step works on flat vectors on XLA:CPU: XLA:CPU compiles one kernel
+per distinct fused computation. Updating a tree leaf by leaf (clipping, Adam,
 EMA) costs ~6 kernels per parameter shape, and every program then carries
 four arrays per parameter array (paper NCSN++: 571 of them). On one flat vector
-[P] the whole update is a handful of kernels, and the train step compiled
-in 23.5 instead of 33.5 s (paper NCSN++) and 9.4 instead of 13.2 s (small
-NCSN++), at the same step time.
+[P] the whole update is a handful of kernels: the train step compiles in about
+two thirds of the time, at the same step time (the figures: README, 'Speed on
+this machine'; benchmarks/train.py measures them).
 
 The network still needs the tree. `FlatLayout.unravel` cuts it out of the
 vector with *dynamic* slices whose offsets are program inputs
 (`FlatLayout.offsets`, kept in the train state): a fused kernel that reads a
 parameter is then the same computation for every layer of that shape, and
 XLA compiles it once. With static offsets each such kernel carries its own
-constant offset and is compiled again (paper NCSN++: 1496 kernels, compile
-29.6 s). The gradient of `unravel` is one concatenation of the leaves'
-gradients (a custom VJP; the generic transpose of a dynamic slice would add
-P-sized zero vectors, one per parameter).
+constant offset and is compiled again (paper NCSN++: 1496 kernels). The
+gradient of `unravel` is one concatenation of the leaves' gradients (a custom
+VJP; the generic transpose of a dynamic slice would add P-sized zero vectors,
+one per parameter).
 """
 from __future__ import annotations
 

@@ -102,9 +102,8 @@ def upfirdn2d(x: jax.Array, kernel, up: int = 1, down: int = 1, pad: Pad = (0, 0
   # separable, as setup_kernel's are). XLA fuses it into one elementwise loop.
   # It replaces a depthwise conv_general_dilated (feature_group_count = C),
   # which XLA:CPU runs slowly: with it the FIR resampling took about half of a
-  # small NCSN++ train step. Measured with benchmarks/train.py at batch 8 on 2
-  # cores: small NCSN++ 0.442 -> 0.258 s/step, paper NCSN++ 5.76 -> 4.94 s/step,
-  # with the same loss value.
+  # small NCSN++ train step (the figures: README, 'Speed on this machine';
+  # benchmarks/train.py measures them), with the same loss value.
   flipped = k[::-1, ::-1]
   size_h, size_w = out_h // down + 1, out_w // down + 1
   column, row = _rank_one_factors(flipped)
