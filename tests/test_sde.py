@@ -5,6 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import scipy.integrate
 import scipy.stats
 
 from score_sde import analytic
@@ -153,6 +154,27 @@ def test_cosine_schedule_values():
   np.testing.assert_allclose(beta, grad, rtol=1e-3)
   cap = -math.log(1 - 0.999) * 1000
   assert float(sde.beta_and_integral(1.0)[0]) == pytest.approx(cap, rel=1e-5)
+
+
+@pytest.mark.parametrize('sde', [sde_lib.VPSDE(schedule='cosine'),
+                                 sde_lib.SubVPSDE(schedule='cosine', N=100)], ids=['vp', 'subvp'])
+def test_capped_cosine_integral_and_marginals_up_to_t_equals_1(sde):
+  """Above the rate cap (t > ~0.9997 at N = 1000), B(t) = int_0^t min(beta, cap) keeps
+  growing at the cap rate: float64 quadrature of the capped rate, not the closed form."""
+  scale = np.pi / (2 * 1.008)
+  cap = -math.log(1 - 0.999) * sde.N
+  rate = lambda s: min(2 * scale * math.tan((s + 0.008) / 1.008 * np.pi / 2), cap)  # noqa: E731
+  t_cap = ((math.atan(cap / (2 * scale)) / (np.pi / 2)) * 1.008 - 0.008)
+  ts = np.array([0.5, 0.99, t_cap, 0.5 * (t_cap + 1), 1.0])
+  B = np.array([scipy.integrate.quad(rate, 0.0, t, points=[min(t_cap, t)], limit=200)[0]
+                for t in ts])
+  _, integral = sde.beta_and_integral(jnp.asarray(ts))
+  np.testing.assert_allclose(integral, B, rtol=1e-4)
+  mean, std = sde.marginal_prob(jnp.ones((len(ts), 2)), jnp.asarray(ts))
+  m = np.exp(-0.5 * B)
+  np.testing.assert_allclose(mean[:, 0], m, rtol=1e-3)
+  s = 1 - m ** 2 if isinstance(sde, sde_lib.SubVPSDE) else np.sqrt(1 - m ** 2)
+  np.testing.assert_allclose(std[:, 0], s, rtol=1e-5)
 
 
 def test_geometric_sigmas_are_ncsn_ladder():
