@@ -80,6 +80,27 @@ def test_vp_discrete_uses_ddpm_timesteps_and_chain_std():
   np.testing.assert_allclose(score[:, 0, 0, 0], -3.0 / std, rtol=1e-5)
 
 
+@pytest.mark.parametrize('sde', [sde_lib.VPSDE(N=100), sde_lib.SubVPSDE(N=20)], ids=['vp', 'subvp'])
+def test_vp_family_continuous_labels_are_999_t_whatever_n(sde):
+  """The reference conditions continuous VP / sub-VP networks on 999 t, not t (N - 1)."""
+  model_fn, seen = _recording_model()
+  score_fn.get_score_model_fn(sde, model_fn, continuous=True)(None, X, jnp.array([0.25, 1.0]))
+  np.testing.assert_allclose(seen['labels'], [0.25 * 999, 999.0], rtol=1e-6)
+
+
+def test_vp_discrete_chain_std_truncates_fractional_timesteps():
+  """Between DDPM timesteps the network sees the fractional label t (N - 1) and the std
+  is that of timestep floor(t (N - 1)) (the reference's astype(int32)), not the nearest."""
+  sde = sde_lib.VPSDE(N=50)
+  model_fn, seen = _recording_model()
+  t = jnp.array([10.8 / 49, 48.6 / 49])
+  score = score_fn.get_score_model_fn(sde, model_fn, continuous=False)(None, X, t)
+  np.testing.assert_allclose(seen['labels'], [10.8, 48.6], rtol=1e-6)
+  betas = np.linspace(0.1 / 50, 20 / 50, 50)
+  std = np.sqrt(1 - np.cumprod(1 - betas))[[10, 48]]
+  np.testing.assert_allclose(score[:, 0, 0, 0], -3.0 / std, rtol=1e-5)
+
+
 def test_learned_variance_uses_the_eps_half():
   sde = sde_lib.VPSDE()
   model_fn, _ = _recording_model()
