@@ -34,6 +34,19 @@ def test_exact_diameter_of_known_point_sets():
   assert noise_scales.data_diameter(cloud, block_size=256).estimate == pytest.approx(expected)
 
 
+def test_exact_diameter_is_independent_of_the_block_size():
+  """Every block of rows is compared with all points: the farthest pair is found
+  wherever the blocks cut (brute-force pairwise distances as the reference)."""
+  rng = np.random.default_rng(3)
+  points = rng.normal(size=(7, 4))
+  for shift in range(7):
+    rolled = np.roll(points, shift, axis=0)
+    expected = np.max(np.linalg.norm(rolled[:, None] - rolled[None], axis=-1))
+    for block_size in range(1, 9):
+      d = noise_scales.data_diameter(rolled, exact=True, block_size=block_size)
+      assert d.estimate == pytest.approx(expected, rel=1e-12), (shift, block_size)
+
+
 def test_approximate_diameter_brackets_the_truth():
   rng = np.random.default_rng(1)
   points = rng.uniform(-1, 1, size=(2500, 8)) * np.linspace(1, 3, 8)
