@@ -287,6 +287,46 @@ def test_group_norm_normalises_groups(norm_input):
   np.testing.assert_allclose(y.var(axis=(1, 2, 4)), 1.0, rtol=1e-3)
 
 
+def test_group_norm_uses_gcd_32_c_groups_spanning_channels(norm_input):
+  """24 channels -> gcd(32, 24) = 8 groups of 3 channels, statistics pooled over each
+  group's channels (not per channel): NumPy rebuild."""
+  x = jnp.concatenate([norm_input] * 5, axis=-1)[..., :24] * jnp.linspace(0.5, 2.0, 24)
+  layer = norms.GroupNorm()
+  y = np.asarray(layer.apply(layer.init(jax.random.PRNGKey(0), x), x), np.float64)
+  g = np.asarray(x, np.float64).reshape(4, 6, 7, 8, 3)
+  mean, var = g.mean(axis=(1, 2, 4), keepdims=True), g.var(axis=(1, 2, 4), keepdims=True)
+  np.testing.assert_allclose(y, ((g - mean) / np.sqrt(var + EPS)).reshape(y.shape),
+                             rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize('name', ['InstanceNorm', 'InstanceNorm++', 'VarianceNorm'])
+def test_norm_epsilon_is_1e_5_at_small_activations(name):
+  """eps = 1e-5 as in both reference code bases, visible when variances are ~1e-5."""
+  x = 3e-3 * jax.random.normal(jax.random.PRNGKey(5), (2, 4, 4, 6)) + 1e-3 * jnp.arange(6.0)
+  layer = norms.get_normalization(name)()
+  params = layer.init(jax.random.PRNGKey(1), x)['params']
+  params = {k: jnp.ones_like(v) if k in ('scale', 'gamma', 'alpha') else jnp.zeros_like(v)
+            for k, v in params.items()}
+  y = np.asarray(layer.apply({'params': params}, x))
+  x64 = np.asarray(x, np.float64)
+  mean, var = np_instance_stats(x64)
+  if name == 'VarianceNorm':
+    expected = x64 / np.sqrt(var + 1e-5)
+  else:
+    expected = (x64 - mean) / np.sqrt(var + 1e-5)
+    if name == 'InstanceNorm++':
+      m, v = mean.mean(axis=-1, keepdims=True), mean.var(axis=-1, keepdims=True)
+      expected = expected + (mean - m) / np.sqrt(v + 1e-5)
+  np.testing.assert_allclose(y, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_instance_norm_starts_with_unit_scale_and_zero_bias(norm_input):
+  """Unconditional InstanceNorm: scale = 1 exactly (not 1 + N(0, 0.02^2)), bias = 0."""
+  params = norms.InstanceNorm().init(jax.random.PRNGKey(0), norm_input)['params']
+  np.testing.assert_array_equal(params['scale'], 1.0)
+  np.testing.assert_array_equal(params['bias'], 0.0)
+
+
 @pytest.mark.parametrize('name, bias, per_class', [
     ('InstanceNorm++', True, 3), ('InstanceNorm++', False, 2),
     ('InstanceNorm', True, 2), ('VarianceNorm', False, 1)])
