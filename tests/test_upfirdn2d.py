@@ -48,6 +48,17 @@ def test_upfirdn2d_matches_direct_computation(up, down, pad, kernel):
   np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize('up,down', [(1, 1), (2, 1), (1, 2)])
+def test_upfirdn2d_with_an_asymmetric_separable_kernel(up, down):
+  """A rank-one kernel outer(col, row) with col != row takes the two-pass path: the
+  column taps must filter the rows (H) and the row taps the columns (W)."""
+  k = np.outer([1., 2., 4.], [1., 0., -3.]).astype(np.float32)
+  x = np.random.RandomState(1).randn(2, 7, 9, 2).astype(np.float32)
+  got = fir.upfirdn2d(jnp.asarray(x), k, up=up, down=down, pad=(1, 2))
+  want = direct_upfirdn2d(x, k, up, down, (1, 2))
+  np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
+
+
 def test_upfirdn2d_is_a_true_convolution():
   """An impulse comes out as the (unflipped) kernel."""
   x = np.zeros((1, 5, 5, 1), np.float32)
