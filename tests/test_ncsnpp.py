@@ -3,6 +3,7 @@ import copy
 import importlib
 
 import flax
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -211,6 +212,55 @@ def test_timestep_embedding_formula():
   freqs = np.exp(-np.log(10000) * np.arange(4) / 3)
   want = np.concatenate([np.sin(np.asarray(t)[:, None] * freqs), np.cos(np.asarray(t)[:, None] * freqs)], 1)
   np.testing.assert_allclose(np.asarray(emb), want, rtol=1e-5, atol=1e-5)
+
+
+def _np_group_norm(x, groups, eps):
+  x = np.asarray(x, np.float64)
+  b, h, w, c = x.shape
+  g = x.reshape(b, h, w, groups, c // groups)
+  mean = g.mean(axis=(1, 2, 4), keepdims=True)
+  var = g.var(axis=(1, 2, 4), keepdims=True)
+  return ((g - mean) / np.sqrt(var + eps)).reshape(x.shape)
+
+
+@pytest.mark.parametrize('channels, groups', [(16, 4), (256, 32)])
+def test_group_norm_default_groups_and_epsilon(channels, groups):
+  """NCSN++'s GroupNorm: min(C // 4, 32) groups, eps 1e-6 (felt at small activations)."""
+  x = 1e-3 * jax.random.normal(jax.random.PRNGKey(0), (2, 4, 4, channels))
+
+  class Wrapped(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      return layers.group_norm(x)
+
+  params = Wrapped().init(jax.random.PRNGKey(1), x)
+  y = Wrapped().apply(params, x)        # scale 1, bias 0 at initialisation
+  np.testing.assert_allclose(np.asarray(y), _np_group_norm(x, groups, 1e-6), rtol=2e-4, atol=2e-4)
+
+
+def test_gaussian_fourier_projection_formula():
+  layer = layers.GaussianFourierProjection(embedding_size=6, scale=16.0)
+  sigmas = jnp.array([0.01, 0.5, 50.0])
+  params = layer.init(jax.random.PRNGKey(0), jnp.log(sigmas))
+  w = np.asarray(params['params']['W'], np.float64)
+  proj = np.log(np.asarray(sigmas, np.float64))[:, None] * w[None, :] * 2 * np.pi
+  want = np.concatenate([np.sin(proj), np.cos(proj)], axis=-1)
+  np.testing.assert_allclose(np.asarray(layer.apply(params, jnp.log(sigmas))), want,
+                             rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize('method', ['cat', 'sum'])
+def test_combine_is_conv1x1_of_the_skip_then_cat_or_sum(method):
+  """Combine(x, y) = [Conv1x1(x), y] ('cat', skip first as in the reference) or Conv1x1(x) + y."""
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 4, 4, 3))
+  y = jax.random.normal(jax.random.PRNGKey(1), (2, 4, 4, 5))
+  layer = layers.Combine(method=method)
+  params = layer.init(jax.random.PRNGKey(2), x, y)['params']
+  kernel = np.asarray(params['Conv_0']['kernel'], np.float64)[0, 0]        # [3, 5]
+  h = np.asarray(x, np.float64) @ kernel + np.asarray(params['Conv_0']['bias'])
+  want = np.concatenate([h, y], axis=-1) if method == 'cat' else h + np.asarray(y)
+  np.testing.assert_allclose(np.asarray(layer.apply({'params': params}, x, y)), want,
+                             rtol=1e-5, atol=1e-5)
 
 
 def test_from_config_gives_an_immutable_typed_module():
