@@ -352,7 +352,9 @@ def test_statistics_with_random_weights_end_to_end(params, images, tmp_path):
   np.testing.assert_allclose(loaded.mu, features.mean(0), rtol=1e-5, atol=1e-6 * scale)
   np.testing.assert_allclose(loaded.sigma, np.cov(features, rowvar=False), rtol=1e-4,
                              atol=1e-5 * scale ** 2)
-  np.testing.assert_array_equal(loaded.features, features.astype(np.float32))
+  # the kept features, batch by batch in order (equal to round-off: on some CPUs a
+  # row's features depend on its place in the padded batch in the last bits)
+  np.testing.assert_allclose(loaded.features, features, rtol=1e-5, atol=1e-6 * scale)
   result = metrics.evaluate_samples(network, images, loaded, kid_subset_size=2, is_splits=2)
   assert result['fid'] == pytest.approx(0.0, abs=1e-3 * np.trace(stats.sigma))
   assert result['is'] == pytest.approx(metrics.inception_score(logits, 2)[0], rel=1e-5)
