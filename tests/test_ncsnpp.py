@@ -11,6 +11,7 @@ import pytest
 
 from score_sde.models import get_model, layers
 from score_sde.models.ncsnpp import NCSNpp
+from tests.test_ncsn_models import np_group_norm
 
 SMALL = dict(image_size=16, nf=8, ch_mult=(1, 2, 2), num_res_blocks=1, attn_resolutions=(8,))
 SIGMAS = jnp.array([0.05, 3.0])
@@ -214,15 +215,6 @@ def test_timestep_embedding_formula():
   np.testing.assert_allclose(np.asarray(emb), want, rtol=1e-5, atol=1e-5)
 
 
-def _np_group_norm(x, groups, eps):
-  x = np.asarray(x, np.float64)
-  b, h, w, c = x.shape
-  g = x.reshape(b, h, w, groups, c // groups)
-  mean = g.mean(axis=(1, 2, 4), keepdims=True)
-  var = g.var(axis=(1, 2, 4), keepdims=True)
-  return ((g - mean) / np.sqrt(var + eps)).reshape(x.shape)
-
-
 @pytest.mark.parametrize('channels, groups', [(16, 4), (256, 32)])
 def test_group_norm_default_groups_and_epsilon(channels, groups):
   """NCSN++'s GroupNorm: min(C // 4, 32) groups, eps 1e-6 (felt at small activations)."""
@@ -235,7 +227,7 @@ def test_group_norm_default_groups_and_epsilon(channels, groups):
 
   params = Wrapped().init(jax.random.PRNGKey(1), x)
   y = Wrapped().apply(params, x)        # scale 1, bias 0 at initialisation
-  np.testing.assert_allclose(np.asarray(y), _np_group_norm(x, groups, 1e-6), rtol=2e-4, atol=2e-4)
+  np.testing.assert_allclose(np.asarray(y), np_group_norm(x, groups, 1e-6), rtol=2e-4, atol=2e-4)
 
 
 def test_gaussian_fourier_projection_formula():
