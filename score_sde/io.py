@@ -260,29 +260,78 @@ def read_config_json(workdir: str) -> ml_collections.ConfigDict:
 # ----------------------------------------------------------------------------
 
 class MetricWriter:
-  """Scalars to <workdir>/logs/metrics.jsonl and TensorBoard event files (process 0)."""
+  """Scalars to <workdir>/logs/metrics.jsonl and TensorBoard event files (process 0).
+
+  Each row is one JSON line, written by one append. A line cut short by an
+  earlier run's interruption (a power loss mid-write) is closed with a newline
+  before the first new row, so it never swallows one; `read_metrics` skips it.
+  """
 
   def __init__(self, workdir: str):
     self._active = jax.process_index() == 0
     self._dir = os.path.join(workdir, 'logs')
+    self._path = os.path.join(self._dir, 'metrics.jsonl')
     self._tb = None
     if self._active:
       os.makedirs(self._dir, exist_ok=True)
+      if _ends_without_newline(self._path):
+        _append(self._path, '\n')
       from tensorboardX import SummaryWriter
       self._tb = SummaryWriter(self._dir)
 
   def write(self, step: int, scalars: dict) -> None:
     if not self._active:
       return
-    with open(os.path.join(self._dir, 'metrics.jsonl'), 'a') as f:
-      f.write(json.dumps({'step': int(step), **{k: float(v) for k, v in scalars.items()}})
-              + '\n')
+    _append(self._path, json.dumps({'step': int(step),
+                                    **{k: float(v) for k, v in scalars.items()}}) + '\n')
     for name, value in scalars.items():
       self._tb.add_scalar(name, float(value), int(step))
 
   def close(self):
     if self._tb is not None:
       self._tb.close()
+
+
+def _ends_without_newline(path: str) -> bool:
+  if not os.path.exists(path) or os.path.getsize(path) == 0:
+    return False
+  with open(path, 'rb') as f:
+    f.seek(-1, os.SEEK_END)
+    return f.read(1) != b'\n'
+
+
+def _append(path: str, text: str) -> None:
+  """Appends `text` with one write call (O_APPEND: never interleaved with another append)."""
+  fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+  try:
+    data = text.encode()
+    while data:
+      data = data[os.write(fd, data):]
+  finally:
+    os.close(fd)
+
+
+def read_metrics(workdir: str) -> list[dict]:
+  """The rows of <workdir>/logs/metrics.jsonl by step: [{'step': int, name: float, ...}].
+
+  A resumed run recomputes the steps after its checkpoint, so a step logged
+  before an interruption is logged again; the later row replaces the earlier
+  one with the same step and names (their values agree: resume is exact). A
+  line that is not a JSON row (one cut short by an interruption) is skipped.
+  """
+  path = os.path.join(workdir, 'logs', 'metrics.jsonl')
+  if not os.path.exists(path):
+    raise FileNotFoundError(f'{path} does not exist; train with --workdir {workdir} first.')
+  latest = {}
+  with open(path) as f:
+    for line in f:
+      try:
+        row = json.loads(line)
+      except json.JSONDecodeError:
+        continue                        # a line cut short by an interrupted write
+      if isinstance(row, dict) and 'step' in row:
+        latest[(row['step'], tuple(sorted(row)))] = row   # keeps the first row's place
+  return sorted(latest.values(), key=lambda row: row['step'])
 
 
 def format_seconds(seconds: float) -> str:

@@ -13,6 +13,7 @@ import pytest
 
 from score_sde import checkpoints
 from score_sde import experiment as experiment_lib
+from score_sde import io
 from score_sde import likelihood
 from score_sde import parallel
 from score_sde import sampling
@@ -136,8 +137,7 @@ def _trained(name, dtype, data_dir, workdir):
   config.training.n_iters = BF16_STEPS
   config.training.snapshot_freq = BF16_STEPS           # one checkpoint, at the end
   state = train.train_and_evaluate(config, workdir, final_evaluation=False)
-  with open(os.path.join(workdir, 'logs', 'metrics.jsonl')) as f:
-    loss = np.array([r['loss'] for r in map(json.loads, f) if 'loss' in r])
+  loss = np.array([r['loss'] for r in io.read_metrics(workdir) if 'loss' in r])
   return config, state, loss
 
 

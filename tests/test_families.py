@@ -1,5 +1,4 @@
 """Every model family of configs/digits trains through the one loop and samples with its sampler."""
-import json
 import os
 
 import jax
@@ -7,6 +6,7 @@ import numpy as np
 import pytest
 
 import configs
+from score_sde import io
 from score_sde import sampling
 from score_sde import train
 from score_sde.models import utils as model_utils
@@ -54,8 +54,7 @@ def data_dir(tmp_path_factory):
 def test_family_trains_and_samples(name, data_dir, tmp_path):
   config = _small(name, data_dir)
   state = train.train_and_evaluate(config, str(tmp_path), final_evaluation=False)
-  with open(tmp_path / 'logs' / 'metrics.jsonl') as f:
-    loss = [r['loss'] for r in map(json.loads, f) if 'loss' in r]
+  loss = [r['loss'] for r in io.read_metrics(str(tmp_path)) if 'loss' in r]
   assert len(loss) == 100
   first, last = np.mean(loss[:20]), np.mean(loss[-20:])
   assert last < 0.8 * first, (name, first, last)

@@ -13,6 +13,7 @@ import score_sde
 from configs import defaults
 from score_sde import data as data_lib
 from score_sde import experiment as experiment_lib
+from score_sde import io
 from score_sde import jobs
 from score_sde import losses
 from score_sde import models
@@ -27,9 +28,7 @@ N_ITERS = 200
 
 
 def _logged_losses(workdir) -> dict:
-  with open(os.path.join(workdir, 'logs', 'metrics.jsonl')) as f:
-    rows = [json.loads(line) for line in f]
-  return {row['step']: row['loss'] for row in rows if 'loss' in row}
+  return {row['step']: row['loss'] for row in io.read_metrics(workdir) if 'loss' in row}
 
 
 @pytest.fixture(scope='module')

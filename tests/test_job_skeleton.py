@@ -261,6 +261,29 @@ def test_atomic_writes_reach_the_disk_before_the_rename(tmp_path, monkeypatch):
   assert sorted(os.listdir(tmp_path)) == ['a.json', 'a.npz', 'a.png']
 
 
+def test_metrics_log_survives_a_torn_line_and_a_resume_reads_as_one_run(tmp_path):
+  """A line cut short by a power loss does not swallow the next run's first row, and the
+  steps a resumed run logs again replace the earlier rows of the same step and names."""
+  writer = io.MetricWriter(str(tmp_path))
+  for step in (1, 2, 3):
+    writer.write(step, {'loss': 1.0 / step})
+  writer.write(3, {'eval_loss': 9.0})
+  writer.close()
+  path = tmp_path / 'logs' / 'metrics.jsonl'
+  with open(path, 'a') as f:
+    f.write('{"step": 4, "loss": 0.2')              # the interrupted run's last, torn write
+  resumed = io.MetricWriter(str(tmp_path))          # resumed from a checkpoint at step 2
+  for step in (3, 4):
+    resumed.write(step, {'loss': 10.0 + step})      # told apart here (resume is exact)
+  resumed.close()
+  assert path.read_text().splitlines()[-3] == '{"step": 4, "loss": 0.2'   # kept, closed
+  assert io.read_metrics(str(tmp_path)) == [
+      {'step': 1, 'loss': 1.0}, {'step': 2, 'loss': 0.5}, {'step': 3, 'loss': 13.0},
+      {'step': 3, 'eval_loss': 9.0}, {'step': 4, 'loss': 14.0}]
+  with pytest.raises(FileNotFoundError, match='train with --workdir'):
+    io.read_metrics(str(tmp_path / 'elsewhere'))
+
+
 def test_sizes_round_up_to_the_devices_and_replicate_places_every_leaf(mesh):
   assert [parallel.round_up_to_devices(n, mesh) for n in (0, 1, 2, 3, 5)] == [2, 2, 2, 4, 6]
   sharded = parallel.host_to_global(np.arange(8.0).reshape(4, 2), mesh)

@@ -18,6 +18,7 @@ import pytest
 
 from score_sde import checkpoints
 from score_sde import data as data_lib
+from score_sde import io
 from score_sde import losses
 from score_sde import parallel
 from score_sde import train
@@ -299,9 +300,7 @@ def test_auto_param_layout_is_flat_on_the_cpu_backend_only(monkeypatch):
 
 def _logged(workdir, name) -> dict:
   """{step: value} of one metric in a workdir's metrics log."""
-  with open(os.path.join(workdir, 'logs', 'metrics.jsonl')) as f:
-    rows = [json.loads(line) for line in f]
-  return {row['step']: row[name] for row in rows if name in row}
+  return {row['step']: row[name] for row in io.read_metrics(str(workdir)) if name in row}
 
 
 def test_tree_and_flat_forms_train_alike_and_a_run_may_switch_form_on_resume(
@@ -422,6 +421,8 @@ def test_sigkill_and_resume_is_bitwise_exact(tmp_path):
         break
   victim.wait(timeout=60)
   assert killed_after is not None and victim.returncode == -signal.SIGKILL
+  with open(tmp_path / 'resumed' / 'logs' / 'metrics.jsonl', 'a') as f:
+    f.write('{"step": 99, "lo')                # as if the power had gone mid-write
   resumed = _run_worker(tmp_path / 'resumed', n_iters)
   output = resumed.communicate(timeout=300)[0]
   assert resumed.returncode == 0, output
@@ -433,6 +434,10 @@ def test_sigkill_and_resume_is_bitwise_exact(tmp_path):
   assert ref_step == new_step == n_iters
   _assert_trees_equal(ref_state, new_state, exact=True)   # params, EMA, opt state, step, key
   np.testing.assert_array_equal(ref_next, new_next)
+  # The log reads as one run: every step once, the logged losses those of the reference.
+  assert _logged(tmp_path / 'resumed', 'loss') == _logged(tmp_path / 'reference', 'loss')
+  assert _logged(tmp_path / 'resumed', 'eval_loss') == _logged(tmp_path / 'reference',
+                                                                'eval_loss')
 
 
 # ----------------------------------------------------------------------------
@@ -619,9 +624,7 @@ def test_ema_warmup_and_learning_rate_schedule():
 def test_metrics_logs_written(tmp_path):
   config = small_toy_config(3)
   train.train_and_evaluate(config, str(tmp_path))
-  with open(tmp_path / 'logs' / 'metrics.jsonl') as f:
-    lines = [l for l in f if '"loss"' in l]
-  assert len(lines) == 3
+  assert len([row for row in io.read_metrics(str(tmp_path)) if 'loss' in row]) == 3
   assert any(name.startswith('events.out.tfevents') for name in os.listdir(tmp_path / 'logs'))
   assert os.path.exists(tmp_path / 'config.json')
 
@@ -646,8 +649,7 @@ def test_snapshot_samples_and_eval_see_the_checkpointed_ema(tmp_path, monkeypatc
   for step in (2, 4):
     state, _, _ = _load(tmp_path, config, step=step)
     _assert_trees_equal(seen[step], state.ema_params)
-  with open(tmp_path / 'logs' / 'metrics.jsonl') as f:
-    eval_losses = [json.loads(l)['eval_loss'] for l in f if 'eval_loss' in l]
+  eval_losses = [row['eval_loss'] for row in io.read_metrics(str(tmp_path)) if 'eval_loss' in row]
   # The eval loss, recomputed from the checkpoint's EMA tree (the loop reads the flat one).
   experiment = experiment_lib.build_experiment(config)
   eval_loss_fn = train.loss_fns(config, experiment)[1]
@@ -682,8 +684,8 @@ def test_jitted_steps_as_calls_of_one_step_or_unrolled_train_alike(tmp_path, mon
   assert int(looped.step) == int(unrolled.step) == 4
   _assert_trees_equal(looped.params, unrolled.params, exact=False)
   _assert_trees_equal(looped.ema_params, unrolled.ema_params, exact=False)
-  with open(tmp_path / 'looped' / 'logs' / 'metrics.jsonl') as f:
-    assert sum('"loss"' in line for line in f) == 2    # one line per call of 2 steps
+  rows = io.read_metrics(str(tmp_path / 'looped'))
+  assert sum('loss' in row for row in rows) == 2        # one row per call of 2 steps
   # Unrolling changes no maths, so a run may resume with the other setting.
   resumed = train.train_and_evaluate(config_for(True, n_iters=6), str(tmp_path / 'looped'),
                                      extend=True)
