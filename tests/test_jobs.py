@@ -325,6 +325,12 @@ def test_eval_without_a_tag_takes_the_newest_finished_sampling_job(tmp_path):
   assert quality.latest_sample_dir(str(tmp_path)) == newer
   os.utime(os.path.join(older, 'manifest.json'), (2500, 2500))
   assert quality.latest_sample_dir(str(tmp_path)) == older
+  for damage in (b'{"num_shards": 2, "sha', b'[1, 2]', b'\xff\xfe'):
+    with open(os.path.join(newer, 'manifest.json'), 'wb') as f:
+      f.write(damage)                            # changed by something other than a job
+    with pytest.raises(ValueError, match=f'{newer}/manifest.json (is not valid JSON|holds a '
+                                         f'list).*move {newer} aside and run the job again'):
+      quality.latest_sample_dir(str(tmp_path))
 
 
 def test_statistics_files_name_their_data_and_are_never_overwritten(tmp_path, monkeypatch):
