@@ -191,8 +191,8 @@ def training_data_splits(workdir: str) -> dict | None:
   path = os.path.join(workdir, DATA_SPLITS_FILE)
   if not os.path.exists(path):
     return None
-  with open(path) as f:
-    return json.load(f)
+  return io.read_json_object(path, f'the tfds splits the run in {workdir} trained on',
+                             'restore it from a backup, or start a new --workdir')
 
 
 def check_config(config, mesh=None) -> None:

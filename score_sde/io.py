@@ -236,22 +236,28 @@ def _tuples(tree):
   return tree
 
 
+def read_json_object(path: str, what: str, fix: str) -> dict:
+  """The JSON object in `path`; a file that is not one stops with a ValueError naming the
+  file, `what` it should hold and the `fix` (files are written atomically, so a damaged
+  one was changed by something else)."""
+  try:
+    with open(path, 'rb') as f:
+      value = json.loads(f.read())
+  except (ValueError, UnicodeDecodeError) as error:
+    raise ValueError(f'{path} is not valid JSON ({error}); it holds {what}: {fix}.') from None
+  if not isinstance(value, dict):
+    raise ValueError(f'{path} holds a {type(value).__name__}, not {what}; {fix}.')
+  return value
+
+
 def read_config_json(workdir: str) -> ml_collections.ConfigDict:
   """The resolved config a training run stored in <workdir>/config.json."""
   path = os.path.join(workdir, 'config.json')
   if not os.path.exists(path):
     raise FileNotFoundError(f'{workdir} has no config.json: it is not a score_sde '
                             f'workdir (train into it with launch.py train first).')
-  try:
-    with open(path) as f:
-      stored = json.load(f)
-  except (ValueError, UnicodeDecodeError) as error:
-    raise ValueError(f'{path} is not valid JSON ({error}); it is the stored config of the '
-                     f'run in {workdir}: restore it from a backup, or start a new --workdir.'
-                     ) from None
-  if not isinstance(stored, dict):
-    raise ValueError(f'{path} holds a {type(stored).__name__}, not a config; restore it from '
-                     f'a backup, or start a new --workdir.')
+  stored = read_json_object(path, f'the stored config of the run in {workdir}',
+                            'restore it from a backup, or start a new --workdir')
   return ml_collections.ConfigDict(_tuples(stored))
 
 

@@ -23,6 +23,7 @@ from score_sde import data as data_lib
 from score_sde.cpu import hugepages
 from score_sde import jobs
 from score_sde.jobs import common
+from score_sde.jobs import quality as quality_lib
 from score_sde import parallel
 from score_sde import train
 from score_sde import experiment as experiment_lib
@@ -325,12 +326,31 @@ def test_eval_without_a_tag_takes_the_newest_finished_sampling_job(tmp_path):
   assert quality.latest_sample_dir(str(tmp_path)) == newer
   os.utime(os.path.join(older, 'manifest.json'), (2500, 2500))
   assert quality.latest_sample_dir(str(tmp_path)) == older
-  for damage in (b'{"num_shards": 2, "sha', b'[1, 2]', b'\xff\xfe'):
-    with open(os.path.join(newer, 'manifest.json'), 'wb') as f:
-      f.write(damage)                            # changed by something other than a job
-    with pytest.raises(ValueError, match=f'{newer}/manifest.json (is not valid JSON|holds a '
-                                         f'list).*move {newer} aside and run the job again'):
-      quality.latest_sample_dir(str(tmp_path))
+  with open(os.path.join(newer, 'manifest.json'), 'wb') as f:
+    f.write(b'{"num_shards": 2, "sha')            # changed by something other than a job
+  with pytest.raises(ValueError, match=f'{newer}/manifest.json is not valid JSON .*move '
+                                       f'{newer} aside and run the job again'):
+    quality.latest_sample_dir(str(tmp_path))
+
+
+@pytest.mark.parametrize('name, read, fix', [
+    ('samples/s/manifest.json', lambda w: common.read_manifest(os.path.join(w, 'samples/s')),
+     'move .*samples/s aside and run the job again'),
+    ('config.json', io.read_config_json, 'start a new --workdir'),
+    ('data_splits.json', experiment_lib.training_data_splits, 'start a new --workdir'),
+    ('eval/final_10.json',
+     lambda w: quality_lib._keep_earlier_summary(os.path.join(w, 'eval/final_10.json'), {}),
+     'restore it from a backup, or move it aside'),
+], ids=['manifest', 'config', 'data_splits', 'final_summary'])
+def test_a_damaged_json_file_stops_with_one_line_naming_it(tmp_path, name, read, fix):
+  path = tmp_path / name
+  path.parent.mkdir(parents=True, exist_ok=True)
+  for damage, problem in [(b'{"num_shards": 2, "sha', 'is not valid JSON'),
+                          (b'\xff\xfe{}', 'is not valid JSON'), (b'[1, 2]', 'holds a list')]:
+    path.write_bytes(damage)
+    with pytest.raises(ValueError, match=f'{re.escape(str(path))} {problem}.*{fix}') as error:
+      read(str(tmp_path))
+    assert '\n' not in str(error.value)
 
 
 def test_statistics_files_name_their_data_and_are_never_overwritten(tmp_path, monkeypatch):

@@ -160,26 +160,14 @@ class Job:
 
 
 def read_manifest(out_dir: str) -> dict | None:
-  """A job folder's manifest.json (None where there is none yet).
-
-  Raises ValueError naming the file when it is not a JSON object: jobs write it
-  atomically, so something else has changed it.
-  """
+  """A job folder's manifest.json (None where there is none yet); a damaged one stops
+  with a ValueError naming it."""
   path = os.path.join(out_dir, 'manifest.json')
   if not os.path.exists(path):
     return None
-  with open(path) as f:
-    try:
-      manifest = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-      manifest = e
-  if not isinstance(manifest, dict):
-    problem = (f'is not valid JSON ({manifest})' if isinstance(manifest, Exception)
-               else f'holds a {type(manifest).__name__}, not a manifest')
-    raise ValueError(f'{path} {problem}; jobs write it atomically, so something else changed '
-                     f'it: restore it from a backup, or move {out_dir} aside and run the job '
-                     f'again.')
-  return manifest
+  return io.read_json_object(path, f'the manifest of the job in {out_dir}',
+                             f'restore it from a backup, or move {out_dir} aside and run '
+                             f'the job again')
 
 
 def open_manifest(job: Job) -> dict:

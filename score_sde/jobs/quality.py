@@ -4,7 +4,6 @@ grid + bits/dim + baselines summary printed after training.
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 
@@ -74,8 +73,8 @@ def _keep_earlier_summary(path: str, result: dict) -> None:
   """Moves an earlier final_<step>.json made from other files to final_<step>_<id>.json."""
   if not os.path.exists(path):
     return
-  with open(path) as f:
-    earlier = json.load(f)
+  earlier = io.read_json_object(path, 'an earlier final evaluation',
+                                'restore it from a backup, or move it aside')
 
   def names(summary):      # the files' names: the same workdir spelled another way matches
     return {k: os.path.basename(str(summary.get(k))) for k in ('result_file', 'sample_dir')}

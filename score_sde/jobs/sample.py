@@ -11,7 +11,6 @@ Also the training loop's snapshot samples (`snapshot_sampler`).
 from __future__ import annotations
 
 import glob
-import json
 import os
 
 import jax
@@ -157,8 +156,9 @@ def _check_float_copies(out_dir: str, save_floats: bool) -> None:
 
 def load_samples(out_dir: str, limit: int | None = None, floats: bool = False) -> np.ndarray:
   """The samples of a sampling job, in shard order (uint8 images or float samples)."""
-  with open(os.path.join(out_dir, 'manifest.json')) as f:
-    manifest = json.load(f)
+  manifest = common.read_manifest(out_dir)
+  if manifest is None:
+    raise FileNotFoundError(f'no sampling job output in {out_dir} (no manifest.json).')
   parts, count = [], 0
   for shard in range(manifest['num_shards']):
     arrays = io.load_npz(common.shard_path(out_dir, shard))
