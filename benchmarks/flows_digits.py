@@ -32,13 +32,17 @@ FLOWS = ('nice', 'realnvp', 'glow')
 
 
 def train_seconds(workdir: str) -> float:
-  """Wall time of the training loop: sum over log intervals of steps / (steps per second)."""
-  with open(os.path.join(workdir, 'logs', 'metrics.jsonl')) as f:
-    rows = [json.loads(line) for line in f]
-  rows = [r for r in rows if 'steps_per_s' in r]
+  """Wall time of the training loop from its metrics log: each run's first call
+  (compilation included) plus, per log interval after it, steps / (steps per second)."""
+  from score_sde import io
   total, previous = 0.0, 0
-  for row in rows:
-    total += (row['step'] - previous) / max(row['steps_per_s'], 1e-9)
+  for row in io.read_metrics(workdir):
+    if 'first_call_s' in row:
+      total += row['first_call_s']
+    elif 'steps_per_s' in row:
+      total += (row['step'] - previous) / max(row['steps_per_s'], 1e-9)
+    else:
+      continue
     previous = row['step']
   return total
 

@@ -363,12 +363,13 @@ def _train_and_evaluate(config, workdir: str, mesh, *, final_evaluation: bool,
   # ---- loop ----------------------------------------------------------------
   writer = io.MetricWriter(workdir)
   n_iters = int(training.n_iters)
-  t_start, last_log = time.time(), (time.time(), step)
+  t_start = time.time()
+  last_log = None     # (time, step) the next rate counts from: the end of the first call
   try:
     while step < n_iters:
       state, metrics = p_train(state, (next(train_iter) for _ in range(n_jit)))
       previous, step = step, step + n_jit
-      bad = ~(np.isfinite(metrics['loss']) & np.isfinite(metrics['grad_norm']))
+      bad = ~(np.isfinite(metrics['loss']) & np.isfinite(metrics['grad_norm']))   # syncs
       if bad.any():
         first = previous + 1 + int(np.argmax(bad))
         good = manager.latest_step()
@@ -379,20 +380,29 @@ def _train_and_evaluate(config, workdir: str, mesh, *, final_evaluation: bool,
             + (f'step {good} in {checkpoints.checkpoint_dir(workdir)}.' if good is not None
                else 'none (no checkpoint was written yet).')
             + ' Lower config.optim.lr or check the data.')
+      if last_log is None:      # the first call compiled the step: timed apart from the rates
+        last_log = (time.time(), step)
+        writer.write(step, {'first_call_s': last_log[0] - t_start})
+        if is_main:
+          print(f'step {step}: the first call (compiling the train step) took '
+                f'{last_log[0] - t_start:.1f} s; the rates below count from here.', flush=True)
 
       if _crossed(previous, step, training.log_freq) or step >= n_iters:
         now = time.time()
-        steps_per_s = (step - last_log[1]) / max(now - last_log[0], 1e-9)
-        last_log = (now, step)
         scalars = {k: float(np.mean(v)) for k, v in metrics.items()}
-        scalars.update(steps_per_s=steps_per_s, examples_per_s=steps_per_s * global_batch)
+        rate = ''
+        if step > last_log[1]:
+          steps_per_s = (step - last_log[1]) / max(now - last_log[0], 1e-9)
+          scalars.update(steps_per_s=steps_per_s, examples_per_s=steps_per_s * global_batch)
+          eta = (n_iters - step) / max(steps_per_s, 1e-9)
+          rate = (f' | {steps_per_s:.2f} steps/s, {steps_per_s * global_batch:.0f} examples/s '
+                  f'| eta {io.format_seconds(eta)}')
+        last_log = (now, step)
         writer.write(step, scalars)
         if is_main:
-          eta = (n_iters - step) / max(steps_per_s, 1e-9)
           print(f'step {step}/{n_iters} | loss {scalars["loss"]:.5g} | grad norm '
-                f'{scalars["grad_norm"]:.3g} | lr {scalars["learning_rate"]:.2e} | '
-                f'{steps_per_s:.2f} steps/s, {steps_per_s * global_batch:.0f} examples/s | '
-                f'eta {io.format_seconds(eta)}', flush=True)
+                f'{scalars["grad_norm"]:.3g} | lr {scalars["learning_rate"]:.2e}{rate}',
+                flush=True)
 
       if _crossed(previous, step, training.eval_freq):
         eval_batch = _global_batches(next(eval_iter), mesh)

@@ -4,6 +4,7 @@ import json
 import os
 
 import numpy as np
+import pytest
 
 from score_sde import io
 from score_sde.jobs import common
@@ -30,6 +31,19 @@ def test_per_example_bpd_reads_only_the_results_repeats(tmp_path):
   result = {'shard_dir': shard_dir, 'num_repeats': 2, 'num_examples': n,
             'shard_size': shard_size}          # the 2-repeat result: the third is not its own
   np.testing.assert_array_equal(_benchmark().per_example_bpd(result), [2.0, 3.0, 4.0])
+
+
+def test_train_seconds_adds_each_runs_first_call_to_its_log_intervals(tmp_path):
+  writer = io.MetricWriter(str(tmp_path))
+  writer.write(1, {'first_call_s': 10.0})     # compiled, ran step 1
+  writer.write(1, {'loss': 1.0})              # no rate: no step since the first call
+  writer.write(3, {'loss': 1.0, 'steps_per_s': 1.0})          # steps 2..3: 2 s
+  writer.write(5, {'eval_loss': 1.0})
+  writer.write(7, {'loss': 1.0, 'steps_per_s': 2.0})          # replaced below
+  writer.write(4, {'first_call_s': 5.0})      # a resumed run (its rows replace 5..7)
+  writer.write(7, {'loss': 1.0, 'steps_per_s': 1.0})          # steps 5..7: 3 s
+  writer.close()
+  assert _benchmark().train_seconds(str(tmp_path)) == pytest.approx(10 + 2 + 5 + 3)
 
 
 def test_final_quality_is_the_newest_summary_on_the_same_split(tmp_path):

@@ -621,10 +621,31 @@ def test_ema_warmup_and_learning_rate_schedule():
                              [2e-6, 1e-4, 2e-4, 2e-4], rtol=1e-6)
 
 
-def test_metrics_logs_written(tmp_path):
-  config = small_toy_config(3)
+def test_metrics_logs_written_with_rates_that_leave_out_the_first_call(tmp_path, monkeypatch):
+  make_train_calls, first_call_s = train.make_train_calls, 3.0
+
+  def slow_first_call(*args, **kwargs):       # stands for a long compilation
+    calls = make_train_calls(*args, **kwargs)
+    seen = []
+
+    def call(state, batches):
+      if not seen:
+        seen.append(time.sleep(first_call_s))
+      return calls(state, batches)
+    return call
+
+  monkeypatch.setattr(train, 'make_train_calls', slow_first_call)
+  config = small_toy_config(3)                # log_freq 1, one step per call
+  t0 = time.time()
   train.train_and_evaluate(config, str(tmp_path))
-  assert len([row for row in io.read_metrics(str(tmp_path)) if 'loss' in row]) == 3
+  wall_s = time.time() - t0
+  rows = io.read_metrics(str(tmp_path))
+  assert [row['step'] for row in rows if 'loss' in row] == [1, 2, 3]
+  [first] = [row for row in rows if 'first_call_s' in row]
+  assert first['step'] == 1 and first_call_s <= first['first_call_s'] < wall_s
+  rates = [row['steps_per_s'] for row in rows if 'steps_per_s' in row]
+  assert len(rates) == 2 and min(rates) > 1 / first_call_s   # steps 2, 3: without the call 1
+  assert not any('steps_per_s' in row for row in rows if row['step'] == 1)
   assert any(name.startswith('events.out.tfevents') for name in os.listdir(tmp_path / 'logs'))
   assert os.path.exists(tmp_path / 'config.json')
 
