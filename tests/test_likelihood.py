@@ -138,6 +138,46 @@ def test_reported_nfe_counts_vector_field_calls(mixtures):
   assert len(calls) == int(info['nfe'])
 
 
+def test_batch_nfe_is_the_most_any_example_takes(mixtures, scores):
+  """Each example is solved with its own adaptive steps (exact divergence: no probe, so
+  an example's solve does not depend on its position); the batch reports per example what
+  that example takes alone, and as 'nfe' the largest (the batched solve runs that long)."""
+  mix, sde = mixtures[2], SDES['vp']
+  x = mix.sample(jax.random.PRNGKey(8), 6) * jnp.array([[1.0], [0.2], [3.0], [1.0], [0.5], [2.0]])
+  options = dict(divergence='exact', rtol=1e-3, atol=1e-3, eps=EPS)
+  _, _, info = likelihood.log_likelihood(KEY, scores[2, 'vp'], sde, x, **options)
+  alone = [int(likelihood.log_likelihood(KEY, scores[2, 'vp'], sde, x[i:i + 1], **options)[2]
+               ['nfe']) for i in range(len(x))]
+  assert len(set(alone)) > 1                       # the examples really differ
+  np.testing.assert_array_equal(info['nfe_per_example'], alone)
+  assert int(info['nfe']) == max(alone)
+
+
+def test_probe_distributions_on_a_linear_drift():
+  """Data N(0, v0 I): the drift is c(t) x, its Jacobian c(t) I, so a probe v (fixed during
+  the solve) gives |v|^2 / D times the exact integral of the divergence: exactly 1 for
+  Rademacher probes, chi^2_D / D for Gaussian ones (mean 1, variance 2 / D; a uniform
+  probe of unit variance would give 0.8 / D). 2000 copies of one point, D = 2: the
+  variance's standard error is sqrt(8 / 2000) = 0.063 (exponential fourth moment)."""
+  sde, dim, copies = SDES['vp'], 2, 2000
+  gauss = analytic.gaussian(np.zeros(dim), np.full(dim, 0.25))
+  score_fn = gauss.score_fn(sde)
+  x = jnp.tile(jnp.array([[0.3, -0.2]]), (copies, 1))
+  options = dict(eps=EPS, rtol=1e-5, atol=1e-5)
+  _, _, exact = likelihood.log_likelihood(KEY, score_fn, sde, x[:1], divergence='exact',
+                                          **options)
+  exact = float(exact['delta_logp'][0])
+  assert abs(exact) > 0.5                          # a divergence far from zero
+  _, _, rademacher = likelihood.log_likelihood(KEY, score_fn, sde, x,
+                                               divergence='hutchinson_rademacher', **options)
+  np.testing.assert_allclose(np.asarray(rademacher['delta_logp']) / exact, 1.0, rtol=1e-4)
+  _, _, gaussian = likelihood.log_likelihood(KEY, score_fn, sde, x,
+                                             divergence='hutchinson_gaussian', **options)
+  ratio = np.asarray(gaussian['delta_logp'], np.float64) / exact
+  assert abs(ratio.mean() - 1) < 5 * math.sqrt(2 / dim / copies)
+  assert abs(ratio.var() - 2 / dim) < 5 * math.sqrt(8 / copies)
+
+
 # ----------------------------------------------------------------------------
 # Encoding and decoding
 # ----------------------------------------------------------------------------
@@ -172,6 +212,27 @@ def test_encodings_are_distributed_as_p_T(mixtures, scores, sde_name):
   assert abs(np.corrcoef(z.T)[0, 1]) < 4 / np.sqrt(n)
   kurtosis = ((z - z.mean(0)) ** 4).mean(0) / z.var(0) ** 2
   np.testing.assert_array_less(np.abs(kurtosis - 3), 4 * np.sqrt(24 / n))
+
+
+@pytest.mark.parametrize('sde_name', ['ve', 'vp'])
+def test_encode_and_decode_follow_the_closed_form_flow_of_gaussian_data(sde_name):
+  """Data N(mu, v0) (diagonal): the probability-flow ODE is affine, x(t) = m(t) mu +
+  sqrt(v(t) / v(t')) (x(t') - m(t') mu) with v = m^2 v0 + s^2. eps = 0.2 makes the
+  end time of both maps matter (encode: eps -> T, decode: T -> eps)."""
+  sde, eps = SDES[sde_name], 0.2
+  mu, v0 = np.array([1.0, -0.5]), np.array([0.3, 0.1])
+  score_fn = analytic.gaussian(mu, v0).score_fn(sde)
+  coeffs = lambda t: [float(c) for c in sde_lib.transition_coeffs(sde, t)]  # noqa: E731
+  (m_eps, s_eps), (m_T, s_T) = coeffs(eps), coeffs(sde.T)
+  v_eps, v_T = m_eps ** 2 * v0 + s_eps ** 2, m_T ** 2 * v0 + s_T ** 2
+  x = jax.random.normal(jax.random.PRNGKey(9), (4, 2))
+  z = likelihood.encode(score_fn, sde, x, eps=eps)
+  x64 = np.asarray(x, np.float64)
+  expected_z = m_T * mu + np.sqrt(v_T / v_eps) * (x64 - m_eps * mu)
+  scale_z = np.sqrt(v_T)
+  np.testing.assert_allclose(np.asarray(z) / scale_z, expected_z / scale_z, atol=1e-4)
+  x_back = likelihood.decode(score_fn, sde, jnp.asarray(expected_z, jnp.float32), eps=eps)
+  np.testing.assert_allclose(np.asarray(x_back), x64, atol=1e-4 * np.sqrt(v_eps).max() + 1e-5)
 
 
 # ----------------------------------------------------------------------------
