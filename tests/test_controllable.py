@@ -208,6 +208,30 @@ def test_replacement_is_biased_for_correlated_parts_as_documented():
   assert abs(float(np.mean(x[:, 0])) - 1.25) < Z * np.sqrt(0.32 / 2000) + 0.01
 
 
+def test_replacement_draws_known_entries_from_the_diffused_observation():
+  """project(x, t, keys): x(Omega) <- m(t) y + s(t) z with z ~ N(0, I) from the keys alone
+  (the same z at every t), other entries untouched; finish puts y itself back."""
+  sde, n = SDES['vp'], 2000
+  observed = jnp.tile(jnp.asarray(OBSERVED, jnp.float32), (n, 1))
+  mask = jnp.tile(jnp.asarray(KNOWN, jnp.float32), (n, 1))
+  projection = controllable.replacement_projection(sde, observed, mask)
+  x = jax.random.normal(jax.random.PRNGKey(4), (n, 3))
+  keys = sampling.example_keys(jax.random.PRNGKey(5), n)
+  project = jax.jit(projection.project)
+  standardised = []
+  for t in (0.3, 0.7):
+    out = np.asarray(project(x, jnp.float32(t), keys), np.float64)
+    np.testing.assert_array_equal(out[:, ~KNOWN], np.asarray(x)[:, ~KNOWN])
+    m, s = (float(c) for c in sde_lib.transition_coeffs(sde, t))
+    standardised.append((out[:, KNOWN] - m * OBSERVED[KNOWN]) / s)
+  np.testing.assert_allclose(standardised[0], standardised[1], atol=1e-5)
+  z = standardised[0]
+  assert abs(z.mean()) < Z / np.sqrt(n) and abs(z.var() - 1) < Z * np.sqrt(2 / n)
+  finished = np.asarray(projection.finish(x))
+  np.testing.assert_array_equal(finished[:, KNOWN], np.asarray(observed)[:, KNOWN])
+  np.testing.assert_array_equal(finished[:, ~KNOWN], np.asarray(x)[:, ~KNOWN])
+
+
 def test_langevin_corrector_with_replacement_moves_towards_the_exact_conditional():
   x_none, _ = inpaint_vectors('vp', corrector='none')
   x_lang, _ = inpaint_vectors('vp', corrector='langevin', snr_norm='batch')
@@ -281,6 +305,14 @@ def colorize_1x1(gauss, sde, grey_value, n=NUM_SAMPLES, **options):
   grey = jnp.full((n, 1, 1, 1), grey_value, jnp.float32)
   rgb, _ = controllable.colorize(KEY, score_fn, sde, grey, **options)
   return np.asarray(rgb).reshape(n, 3)
+
+
+def test_to_grayscale_is_each_pixels_channel_mean():
+  images = np.random.default_rng(15).uniform(size=(3, 2, 2, 3)).astype(np.float32)
+  for given in (images, jnp.asarray(images)):
+    grey = controllable.to_grayscale(given)
+    assert grey.shape == (3, 2, 2, 1)
+    np.testing.assert_allclose(np.asarray(grey)[..., 0], images.mean(-1), rtol=1e-6)
 
 
 def test_colour_decoupling_matrix_is_orthogonal_with_a_grey_axis():
@@ -389,6 +421,23 @@ def test_classifier_gradient_is_per_example():
       exact_class_logits(v[None], t[:1]))[0, label]))
   for b in range(6):
     np.testing.assert_allclose(grad[b], single(x[b], labels[b]), rtol=1e-5, atol=1e-6)
+
+
+def test_classifier_gradient_normalises_unnormalised_logits():
+  """A linear classifier's logits W^T x + b are not log-probabilities:
+  grad_x log softmax(W^T x + b)_y = W_y - sum_k p_k W_k (float64 closed form)."""
+  rng = np.random.default_rng(14)
+  w, b = rng.normal(size=(2, 3)), rng.normal(size=3)
+  logits_fn = lambda x, t: x @ jnp.asarray(w, jnp.float32) + jnp.asarray(b, jnp.float32)  # noqa
+  x = rng.normal(size=(5, 2))
+  labels = np.array([0, 2, 1, 1, 0])
+  grad = controllable.classifier_log_likelihood_grad(
+      logits_fn, jnp.asarray(x, jnp.float32), jnp.full((5,), 0.3), jnp.asarray(labels))
+  logits = x @ w + b
+  p = np.exp(logits - logits.max(1, keepdims=True))
+  p /= p.sum(1, keepdims=True)
+  expected = w.T[labels] - p @ w.T
+  np.testing.assert_allclose(np.asarray(grad), expected, rtol=1e-5, atol=1e-6)
 
 
 # ----------------------------------------------------------------------------
