@@ -21,6 +21,7 @@ from score_sde import data as data_lib
 from score_sde import io
 from score_sde import losses
 from score_sde import parallel
+from score_sde import score_fn as score_fn_lib
 from score_sde import train
 from score_sde.cpu import flat_state
 from score_sde.cpu import xla_flags
@@ -557,6 +558,17 @@ def test_resume_with_a_different_config_is_refused(tmp_path):
   with pytest.raises(ValueError, match=r'different config \(model.nf: 32 -> 16\)'):
     train.train_and_evaluate(config, str(tmp_path))
   config.model.nf = 32
+  # The optimiser, the data's preprocessing, the batch and the seed pin a run as the model does.
+  for section, key, value in (('optim', 'lr', 5e-4), ('data', 'uniform_dequantization', True),
+                              ('training', 'batch_size', 32), (None, 'seed', 43)):
+    node = config[section] if section else config
+    before = node[key]
+    node[key] = value
+    name = f'{section}.{key}' if section else key
+    with pytest.raises(ValueError, match=rf'different config \({name}: {before!r} -> '
+                                         rf'{value!r}\)'):
+      train.train_and_evaluate(config, str(tmp_path))
+    node[key] = before
   config.training.n_iters = 4                 # extending a finished run is fine, when asked
   state = train.train_and_evaluate(config, str(tmp_path), extend=True)
   assert int(state.step) == 4
@@ -607,6 +619,57 @@ def test_train_step_is_clipped_adam_and_a_warmed_up_ema_written_out_in_numpy(wei
   for n in p:
     np.testing.assert_allclose(state.params[n], p[n], rtol=0, atol=2e-6)
     np.testing.assert_allclose(state.ema_params[n], ema[n], rtol=0, atol=2e-6)
+
+
+def test_the_loops_loss_is_the_configs_dsm_loss_from_the_reference_eps():
+  """train.loss_fns builds the continuous loss config.training names (reduce_mean,
+  likelihood_weighting, importance_sampling) with t ~ U(1e-5, T), the reference's eps
+  (yang-song/score_sde losses.get_sde_loss_fn): each key changes the loss, and the loop's
+  loss is the one built directly with it, train and eval alike."""
+  config = small_toy_config(2)
+  config.data.dim = 3                # reduce_mean: a mean, not half the sum (as in 2-D)
+  batch = next(data_lib.train_iterator(config, global_batch_size=16, seed=0))
+  experiment = experiment_lib.build_experiment(config)
+  params = model_utils.init_params(jax.random.PRNGKey(0), experiment.model, config)
+  score_model_fn = score_fn_lib.get_score_model_fn(experiment.sde, experiment.model_fn,
+                                                   continuous=True)
+  key = jax.random.PRNGKey(3)
+  seen = []
+  for reduce_mean, weighting, importance in [(True, False, False), (False, False, False),
+                                             (True, True, False), (True, True, True)]:
+    config.training.reduce_mean = reduce_mean
+    config.training.likelihood_weighting = weighting
+    config.training.importance_sampling = importance
+    loop_losses = train.loss_fns(config, experiment_lib.build_experiment(config))
+    for loop_loss, is_train in zip(loop_losses, (True, False)):
+      direct = losses.get_dsm_loss_fn(experiment.sde, score_model_fn, train=is_train,
+                                      reduce_mean=reduce_mean, likelihood_weighting=weighting,
+                                      importance_sampling=importance, eps=1e-5)
+      value = float(jax.jit(loop_loss)(params, key, batch))
+      np.testing.assert_allclose(value, float(jax.jit(direct)(params, key, batch)), rtol=1e-6,
+                                 err_msg=str((reduce_mean, weighting, importance, is_train)))
+    seen.append(value)
+  assert len(set(seen)) == len(seen), seen
+
+
+def test_the_loop_starts_from_the_config_seed(tmp_path):
+  """The first step of train_and_evaluate is the state initialised from PRNGKey(config.seed)
+  after one step on the first batch of that seed's data stream: config.seed picks the
+  initial parameters as it picks the data order and the noise."""
+  config = small_toy_config(1)
+  config.seed = 7
+  config.training.param_layout = 'tree'
+  state = train.train_and_evaluate(config, str(tmp_path))
+  experiment = experiment_lib.build_experiment(config)
+  optimizer, schedule = experiment_lib.get_optimizer(config)
+  init = experiment_lib.init_train_state(jax.random.PRNGKey(7), model=experiment.model,
+                                         config=config, optimizer=optimizer)
+  step = train.make_train_step(train.loss_fns(config, experiment)[0], optimizer, schedule,
+                               ema_rate=float(config.model.ema_rate),
+                               ema_warmup=bool(config.training.ema_warmup))
+  batch = next(data_lib.train_iterator(config, global_batch_size=16, seed=7))
+  expected, _ = jax.jit(step)(init, batch)
+  _assert_trees_equal(jax.device_get(state), jax.device_get(expected), exact=False)
 
 
 def test_ema_warmup_and_learning_rate_schedule():
