@@ -79,6 +79,9 @@ def test_epoch_order_is_a_fresh_permutation_each_epoch(digits_config):
   second = [int(stream._order[n + i]) for i in range(n)]
   assert sorted(first) == list(range(n)) and sorted(second) == list(range(n))
   assert first != second
+  # The seed picks the order (config.seed; the loop's eval stream reads seed + 1).
+  other = data._GlobalStream(digits_config, source, seed=1)
+  assert [int(other._order[i]) for i in range(n)] != first
 
 
 def test_process_shards_are_disjoint_and_make_the_global_batch(digits_config):
@@ -158,6 +161,12 @@ def test_cifar10_through_tfds_with_flips(cifar_config):
     np.testing.assert_array_equal(x, plain[index][:, ::-1])
     flipped += 1
   assert 16 < flipped < 48                      # ~ half, binomial(64, 1/2)
+  # Without augmentation (the loop's eval stream) no example is flipped, whatever
+  # config.data.random_flip says.
+  assert cifar_config.data.random_flip
+  unflipped = next(data.train_iterator(cifar_config, global_batch_size=64, seed=1,
+                                       augment=False))
+  np.testing.assert_array_equal(unflipped, plain[[int(stream._order[p]) for p in range(64)]])
   batch = next(data.train_iterator(cifar_config, global_batch_size=4, seed=0))
   assert batch.shape == (4, 32, 32, 3) and batch.dtype == np.float32
   assert 0.0 <= batch.min() and batch.max() <= 1.0
