@@ -177,6 +177,43 @@ def test_sample_job_of_a_flow_writes_images_at_the_config_temperature(trained):
   np.testing.assert_array_equal(images, expected)
 
 
+def test_sample_job_shards_draw_from_the_given_seed_with_their_own_keys(trained):
+  """Shard s of `sample_job(seed=...)` holds the API's samples from fold_in(PRNGKey(seed), s):
+  the --seed flag reaches the samples, no two shards repeat each other, and a job under the
+  same --tag with another seed is refused rather than extended."""
+  workdir, config, _ = trained['realnvp']
+  out_dir = jobs.sample_job(workdir, config, num_samples=8, shard_size=4, seed=5,
+                            save_floats=True, tag='seed5')
+  model = score_sde.load(workdir)
+  shards = [io.load_npz(common.shard_path(out_dir, s))['samples'] for s in range(2)]
+  for s, samples in enumerate(shards):
+    x, _ = model.sample(common.shard_key(jax.random.PRNGKey(5), s), 4)
+    np.testing.assert_allclose(samples, np.asarray(x), rtol=1e-5, atol=1e-6)
+  assert np.abs(shards[0] - shards[1]).max() > 0.1
+  with pytest.raises(ValueError, match=r'different seed \(5 vs 6\)'):   # never mixed in
+    jobs.sample_job(workdir, config, num_samples=12, shard_size=4, seed=6, save_floats=True,
+                    tag='seed5')
+
+
+def test_bpd_job_repeats_every_example_with_each_shards_own_noise(trained):
+  """Shard s = r * num_batches + b of the bpd job is batch b under repeat r's dequantisation
+  (the key of shard s): the reported mean and standard error are those of the per-example
+  averages over the repeats, rebuilt here from the API's bits/dim of each batch."""
+  workdir, config, _ = trained['glow']
+  result = jobs.bpd_job(workdir, config, split='test', num_repeats=2, batch_size=8,
+                        max_examples=16)
+  model = score_sde.load(workdir)
+  uint = data_lib.load_split_uint(config, 'test', 16)
+  base = jax.random.PRNGKey(config.seed + 7)
+  repeats = np.stack([np.concatenate([
+      model.bits_per_dim(common.shard_key(base, 2 * r + b), uint[8 * b:8 * (b + 1)])
+      for b in range(2)]) for r in range(2)]).astype(np.float64)     # [repeat, example]
+  per_example = repeats.mean(axis=0)
+  assert np.abs(repeats[0] - repeats[1]).max() > 0      # fresh noise in each repeat
+  assert result['bpd'] == pytest.approx(per_example.mean(), rel=1e-6)
+  assert result['bpd_stderr'] == pytest.approx(per_example.std(ddof=1) / 4, rel=1e-4)
+
+
 def test_controllable_jobs_refuse_a_flow_in_one_line(trained):
   workdir, config, _ = trained['nice']
   images = np.zeros((2, 8, 8, 1), np.float32)

@@ -327,6 +327,12 @@ def test_the_sampler_draws_latents_from_its_prior(prior, distribution):
   z = np.asarray(sampler(jax.random.PRNGKey(0), None)[0], np.float64).ravel()
   assert scipy.stats.kstest(z, distribution.cdf).pvalue > 1e-3
   assert z.var() == pytest.approx(distribution.var(), rel=0.05)
+  # One draw per example (no two share a latent), and example i's latent does not depend
+  # on the batch size: the first 8 of 5000 are a batch of 8.
+  latents = z.reshape(5000, 4)
+  assert len(np.unique(latents, axis=0)) == 5000
+  eight = flows.get_sampler(lambda params, z: z, 4, 8, prior=prior)
+  np.testing.assert_array_equal(np.asarray(eight(jax.random.PRNGKey(0), None)[0]), latents[:8])
   hot = flows.get_sampler(lambda params, z: z, 4, 5000, prior=prior, temperature=0.5)
   np.testing.assert_allclose(np.asarray(hot(jax.random.PRNGKey(0), None)[0]).ravel(),
                              0.5 * z, rtol=1e-6)
