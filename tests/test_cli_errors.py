@@ -1,5 +1,6 @@
 """Bad command lines end in one line that names the problem and the fix (launch.py), and
 nothing is written outside the workdir."""
+import json
 import os
 import re
 import subprocess
@@ -168,6 +169,49 @@ def test_a_full_disk_names_the_place_and_the_intact_checkpoint(tmp_path):
   _one_line_error(_run('sample', f'--workdir={tmp_path}', code=_FULL_DISK),
                   r'no space left on device under .*; the last checkpoint, step 200, is intact; '
                   r'free some space')
+
+
+_RECORDING = """
+import json, sys
+sys.argv = ['launch.py'] + sys.argv[1:]
+import launch
+from absl import app
+from score_sde import jobs, train
+
+def recorder(name):
+  def record(*args, **kwargs):
+    print('CALL ' + json.dumps({'name': name, **kwargs}), flush=True)
+    return {}
+  return record
+
+jobs.bpd_job = recorder('bpd_job')
+jobs.sample_job = recorder('sample_job')
+train.train_and_evaluate = lambda config, workdir, **kwargs: recorder('train')(**kwargs)
+app.run(launch.main, flags_parser=launch.parse_flags)
+"""
+
+
+def _library_calls(out):
+  assert out.returncode == 0, out.stderr[-2000:]
+  return [json.loads(line[len('CALL '):]) for line in out.stdout.splitlines()
+          if line.startswith('CALL ')]
+
+
+def test_job_and_train_flags_reach_the_library_call(tmp_path):
+  """Each flag a command documents is passed to the library, not dropped on the way."""
+  _stored_config(str(tmp_path), 'digits/ddpmpp_continuous.py')
+  bpd = _run('bpd', f'--workdir={tmp_path}', '--split=train', '--num_repeats=3',
+             '--batch_size=12', '--checkpoint=200', '--max_examples=40', code=_RECORDING)
+  assert _library_calls(bpd) == [{'name': 'bpd_job', 'split': 'train', 'num_repeats': 3,
+                                  'batch_size': 12, 'checkpoint': 200, 'max_examples': 40}]
+  sample = _run('sample', f'--workdir={tmp_path}', '--num_samples=10', '--shard_size=5',
+                '--checkpoint=100', '--seed=9', '--save_floats', '--tag=mine', code=_RECORDING)
+  assert _library_calls(sample) == [{'name': 'sample_job', 'num_samples': 10, 'shard_size': 5,
+                                     'checkpoint': 100, 'seed': 9, 'save_floats': True,
+                                     'tag': 'mine'}]
+  extended = _run('train', '--config=configs/digits/ddpmpp_continuous.py',
+                  f'--workdir={tmp_path / "run"}', '--extend', code=_RECORDING)
+  assert _library_calls(extended) == [{'name': 'train', 'extend': True}]
 
 
 def test_the_eval_summary_states_kid_units_and_warns_about_few_samples():
