@@ -33,14 +33,15 @@ FLOWS = ('nice', 'realnvp', 'glow')
 
 def train_seconds(workdir: str) -> float:
   """Wall time of the training loop from its metrics log: each run's first call
-  (compilation included) plus, per log interval after it, steps / (steps per second)."""
+  (compilation included) plus, per log interval after it, steps / (steps per second) and
+  the seconds spent in evaluation, checkpoints and snapshot samples."""
   from score_sde import io
   total, previous = 0.0, 0
   for row in io.read_metrics(workdir):
     if 'first_call_s' in row:
       total += row['first_call_s']
     elif 'steps_per_s' in row:
-      total += (row['step'] - previous) / max(row['steps_per_s'], 1e-9)
+      total += (row['step'] - previous) / max(row['steps_per_s'], 1e-9) + row.get('other_s', 0)
     else:
       continue
     previous = row['step']

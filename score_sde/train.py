@@ -365,6 +365,7 @@ def _train_and_evaluate(config, workdir: str, mesh, *, final_evaluation: bool,
   n_iters = int(training.n_iters)
   t_start = time.time()
   last_log = None     # (time, step) the next rate counts from: the end of the first call
+  other_s = 0.0       # since then: seconds in evaluation, checkpoints and snapshot samples
   try:
     while step < n_iters:
       state, metrics = p_train(state, (next(train_iter) for _ in range(n_jit)))
@@ -391,19 +392,21 @@ def _train_and_evaluate(config, workdir: str, mesh, *, final_evaluation: bool,
         now = time.time()
         scalars = {k: float(np.mean(v)) for k, v in metrics.items()}
         rate = ''
-        if step > last_log[1]:
-          steps_per_s = (step - last_log[1]) / max(now - last_log[0], 1e-9)
-          scalars.update(steps_per_s=steps_per_s, examples_per_s=steps_per_s * global_batch)
+        if step > last_log[1]:         # the train steps' rate: the other work is left out
+          steps_per_s = (step - last_log[1]) / max(now - last_log[0] - other_s, 1e-9)
+          scalars.update(steps_per_s=steps_per_s, examples_per_s=steps_per_s * global_batch,
+                         other_s=other_s)
           eta = (n_iters - step) / max(steps_per_s, 1e-9)
           rate = (f' | {steps_per_s:.2f} steps/s, {steps_per_s * global_batch:.0f} examples/s '
                   f'| eta {io.format_seconds(eta)}')
-        last_log = (now, step)
+        last_log, other_s = (now, step), 0.0
         writer.write(step, scalars)
         if is_main:
           print(f'step {step}/{n_iters} | loss {scalars["loss"]:.5g} | grad norm '
                 f'{scalars["grad_norm"]:.3g} | lr {scalars["learning_rate"]:.2e}{rate}',
                 flush=True)
 
+      other_start = time.time()
       if _crossed(previous, step, training.eval_freq):
         eval_batch = _global_batches(next(eval_iter), mesh)
         eval_loss = float(p_eval(state, eval_batch))
@@ -422,6 +425,7 @@ def _train_and_evaluate(config, workdir: str, mesh, *, final_evaluation: bool,
           sample_job_lib.write_snapshot_samples(experiment, snapshot_sampler, tree_state, step,
                                                 workdir, mesh)
         del tree_state
+      other_s += time.time() - other_start
   finally:
     manager.wait_until_finished()
     writer.close()

@@ -39,11 +39,11 @@ def test_train_seconds_adds_each_runs_first_call_to_its_log_intervals(tmp_path):
   writer.write(1, {'loss': 1.0})              # no rate: no step since the first call
   writer.write(3, {'loss': 1.0, 'steps_per_s': 1.0})          # steps 2..3: 2 s
   writer.write(5, {'eval_loss': 1.0})
-  writer.write(7, {'loss': 1.0, 'steps_per_s': 2.0})          # replaced below
+  writer.write(7, {'loss': 1.0, 'steps_per_s': 2.0, 'other_s': 0.5})    # replaced below
   writer.write(4, {'first_call_s': 5.0})      # a resumed run (its rows replace 5..7)
-  writer.write(7, {'loss': 1.0, 'steps_per_s': 1.0})          # steps 5..7: 3 s
+  writer.write(7, {'loss': 1.0, 'steps_per_s': 1.0, 'other_s': 0.25})   # 5..7: 3 s + 0.25 s
   writer.close()
-  assert _benchmark().train_seconds(str(tmp_path)) == pytest.approx(10 + 2 + 5 + 3)
+  assert _benchmark().train_seconds(str(tmp_path)) == pytest.approx(10 + 2 + 5 + 3.25)
 
 
 def test_final_quality_is_the_newest_summary_on_the_same_split(tmp_path):
