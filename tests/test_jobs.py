@@ -23,7 +23,7 @@ from score_sde import data as data_lib
 from score_sde.cpu import hugepages
 from score_sde import jobs
 from score_sde.jobs import common
-from score_sde.jobs import quality as quality_lib
+from score_sde.jobs import quality
 from score_sde import parallel
 from score_sde import train
 from score_sde import experiment as experiment_lib
@@ -302,7 +302,6 @@ def test_the_readme_script_examples_run_on_a_workdir(workdir):
 
 
 def test_eval_without_a_tag_takes_the_newest_finished_sampling_job(tmp_path):
-  from score_sde.jobs import quality
   root = tmp_path / 'samples'
 
   def sampling_job(name, num_shards, done, mtime):
@@ -339,7 +338,7 @@ def test_eval_without_a_tag_takes_the_newest_finished_sampling_job(tmp_path):
     ('config.json', io.read_config_json, 'start a new --workdir'),
     ('data_splits.json', experiment_lib.training_data_splits, 'start a new --workdir'),
     ('eval/final_10.json',
-     lambda w: quality_lib._keep_earlier_summary(os.path.join(w, 'eval/final_10.json'), {}),
+     lambda w: quality._keep_earlier_summary(os.path.join(w, 'eval/final_10.json'), {}),
      'restore it from a backup, or move it aside'),
 ], ids=['manifest', 'config', 'data_splits', 'final_summary'])
 def test_a_damaged_json_file_stops_with_one_line_naming_it(tmp_path, name, read, fix):
@@ -355,7 +354,6 @@ def test_a_damaged_json_file_stops_with_one_line_naming_it(tmp_path, name, read,
 
 def test_statistics_files_name_their_data_and_are_never_overwritten(tmp_path, monkeypatch):
   from score_sde.evaluation import metrics
-  from score_sde.jobs import quality
   church = configs.load(os.path.join(configs.CONFIG_DIR, 've', 'church_ncsnpp_continuous.py'))
   cifar = configs.load(os.path.join(configs.CONFIG_DIR, 've', 'cifar10_ncsnpp_continuous.py'))
   church.data.data_dir = cifar.data.data_dir = str(tmp_path)
@@ -396,7 +394,6 @@ def test_statistics_files_name_their_data_and_are_never_overwritten(tmp_path, mo
 
 
 def test_an_earlier_final_summary_made_from_other_files_is_kept(tmp_path):
-  from score_sde.jobs import quality
   path = str(tmp_path / 'final_10.json')
   first = {'result_file': 'bpd_test_10_x_r1.json', 'sample_dir': 'samples/s', 'bpd': 2.0}
   quality._keep_earlier_summary(path, first)              # nothing there yet

@@ -237,6 +237,18 @@ def test_error_shrinks_with_steps(sde_name, method, options, coarse, fine):
 # Interface-level formulas reduce to the reference's
 # ----------------------------------------------------------------------------
 
+def step_inputs(dim: int = 3):
+  """(x, z): [4, dim] states and noise for the one-step tests."""
+  return (jax.random.normal(jax.random.PRNGKey(1), (4, dim)),
+          jax.random.normal(jax.random.PRNGKey(2), (4, dim)))
+
+
+def affine_score(y, t):
+  """A score with a non-zero offset, so drift and score terms cannot cancel."""
+  del t
+  return -2.0 * y + 0.5
+
+
 def test_ancestral_step_is_the_ddpm_step_for_vp():
   sde = sde_lib.VPSDE(N=50)
   x = jax.random.normal(jax.random.PRNGKey(1), (4, 3))
@@ -278,11 +290,9 @@ def test_one_langevin_iteration_follows_the_snr_rule(snr_norm):
   |z| -> E|z| = sqrt(2) Gamma((D + 1) / 2) / Gamma(D / 2) and |s| per example
   ('example'), or the batch means of both norms ('batch', the reference's rule)."""
   sde, snr, dim = sde_lib.VPSDE(N=100), 0.16, 5
-  x = jax.random.normal(jax.random.PRNGKey(1), (4, dim))
-  noise = jax.random.normal(jax.random.PRNGKey(2), (4, dim))
+  x, noise = step_inputs(dim)
   t = jnp.full((4,), 30 / 99)
-  score_fn = lambda y, tt: -2.0 * y + 0.5   # noqa: E731
-  update = sampling.langevin_corrector(sde, score_fn, x, t, snr, snr_norm)
+  update = sampling.langevin_corrector(sde, affine_score, x, t, snr, snr_norm)
   out, mean = jax.jit(update)(x, noise)
   alpha = 1 - float(sde.discrete_betas[30])
   x64, z64 = np.asarray(x, np.float64), np.asarray(noise, np.float64)
@@ -302,10 +312,8 @@ def test_euler_maruyama_step_has_the_reference_step_length():
   """x - [f - g^2 s] dt + g sqrt(dt) z with dt = T / N (the reference's step), not the
   grid spacing (T - eps) / (N - 1); VP: f = -beta(t) x / 2, g^2 = beta(t) = 0.1 + 19.9 t."""
   sde, t_value = sde_lib.VPSDE(N=50), 0.6
-  x = jax.random.normal(jax.random.PRNGKey(1), (4, 3))
-  noise = jax.random.normal(jax.random.PRNGKey(2), (4, 3))
-  score_fn = lambda y, tt: -2.0 * y + 0.5   # noqa: E731
-  step = jax.jit(lambda *a: sampling.euler_maruyama_predictor(sde, score_fn, *a, False))
+  x, noise = step_inputs()
+  step = jax.jit(lambda *a: sampling.euler_maruyama_predictor(sde, affine_score, *a, False))
   out, mean = step(x, jnp.full((4,), t_value), noise)
   x64, z64 = np.asarray(x, np.float64), np.asarray(noise, np.float64)
   beta, dt = 0.1 + 19.9 * t_value, 1.0 / 50
@@ -320,10 +328,8 @@ def test_one_ald_iteration_follows_the_ncsn_rule():
   square of the chain's signal factor (VP: std(t)^2 = 1 - exp(-0.1 t - 9.95 t^2))."""
   sde, snr, index = sde_lib.VPSDE(N=100), 0.16, 30
   t_value = index / 99
-  x = jax.random.normal(jax.random.PRNGKey(1), (4, 3))
-  noise = jax.random.normal(jax.random.PRNGKey(2), (4, 3))
-  score_fn = lambda y, tt: -2.0 * y + 0.5   # noqa: E731
-  update = sampling.ald_corrector(sde, score_fn, x, jnp.full((4,), t_value), snr)
+  x, noise = step_inputs()
+  update = sampling.ald_corrector(sde, affine_score, x, jnp.full((4,), t_value), snr)
   out, mean = jax.jit(update)(x, noise)
   alpha = 1 - float(sde.discrete_betas[index])
   var = 1 - math.exp(-0.1 * t_value - 9.95 * t_value ** 2)
