@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import time
 
 import jax
 import ml_collections
@@ -271,9 +272,14 @@ class MetricWriter:
   Each row is one JSON line, written by one append. A line cut short by an
   earlier run's interruption (a power loss mid-write) is closed with a newline
   before the first new row, so it never swallows one; `read_metrics` skips it.
+
+  `start_step`: the step a training run starts from (its checkpoint's step, 0
+  for a new run). Rows an interrupted run logged after it are computed again;
+  TensorBoard is told to hide the earlier ones (a restart event at start_step +
+  1), so its curves do not run back in step. `read_metrics` keeps the later row.
   """
 
-  def __init__(self, workdir: str):
+  def __init__(self, workdir: str, start_step: int | None = None):
     self._active = jax.process_index() == 0
     self._dir = os.path.join(workdir, 'logs')
     self._path = os.path.join(self._dir, 'metrics.jsonl')
@@ -283,7 +289,12 @@ class MetricWriter:
       if _ends_without_newline(self._path):
         _append(self._path, '\n')
       from tensorboardX import SummaryWriter
-      self._tb = SummaryWriter(self._dir)
+      # tensorboardX names its file by the second and opens it with 'wb': a suffix in
+      # nanoseconds keeps a writer started within the same second from truncating an
+      # earlier one's file, and keeps the files in order of creation.
+      self._tb = SummaryWriter(
+          self._dir, purge_step=None if start_step is None else int(start_step) + 1,
+          filename_suffix=f'.{time.time_ns()}')
 
   def write(self, step: int, scalars: dict) -> None:
     if not self._active:
@@ -292,6 +303,11 @@ class MetricWriter:
                                     **{k: float(v) for k, v in scalars.items()}}) + '\n')
     for name, value in scalars.items():
       self._tb.add_scalar(name, float(value), int(step))
+
+  def flush(self) -> None:
+    """Hands the TensorBoard events queued so far to the OS (the JSON rows already are)."""
+    if self._tb is not None:
+      self._tb.flush()
 
   def close(self):
     if self._tb is not None:

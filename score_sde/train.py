@@ -361,7 +361,7 @@ def _train_and_evaluate(config, workdir: str, mesh, *, final_evaluation: bool,
   snapshot_sampler = None
 
   # ---- loop ----------------------------------------------------------------
-  writer = io.MetricWriter(workdir)
+  writer = io.MetricWriter(workdir, start_step=step)
   n_iters = int(training.n_iters)
   t_start = time.time()
   last_log = None     # (time, step) the next rate counts from: the end of the first call
@@ -419,6 +419,7 @@ def _train_and_evaluate(config, workdir: str, mesh, *, final_evaluation: bool,
           or _crossed(previous, step, training.snapshot_freq) or step >= n_iters):
         tree_state = to_tree(state)     # a copy: the next step donates `state`
         checkpoints.save(manager, step, tree_state, train_iter)
+        writer.flush()                  # TensorBoard holds every step a resume will keep
         if (training.snapshot_sampling and not classifier
             and _crossed(previous, step, training.snapshot_freq)):
           snapshot_sampler = snapshot_sampler or sample_job_lib.snapshot_sampler(experiment, mesh)

@@ -12,6 +12,7 @@ import pytest
 from score_sde import io
 from score_sde import parallel
 from score_sde.jobs import common
+from tests import tensorboard_events
 
 NUM_ROWS, SHARD_SIZE = 10, 4          # 3 shards, the last one padded from 2 rows
 
@@ -263,8 +264,9 @@ def test_atomic_writes_reach_the_disk_before_the_rename(tmp_path, monkeypatch):
 
 def test_metrics_log_survives_a_torn_line_and_a_resume_reads_as_one_run(tmp_path):
   """A line cut short by a power loss does not swallow the next run's first row, and the
-  steps a resumed run logs again replace the earlier rows of the same step and names."""
-  writer = io.MetricWriter(str(tmp_path))
+  steps a resumed run logs again replace the earlier rows of the same step and names, in
+  the JSON log and in TensorBoard (whose files, here both of the same second, are kept)."""
+  writer = io.MetricWriter(str(tmp_path), start_step=0)
   for step in (1, 2, 3):
     writer.write(step, {'loss': 1.0 / step})
   writer.write(3, {'eval_loss': 9.0})
@@ -272,7 +274,7 @@ def test_metrics_log_survives_a_torn_line_and_a_resume_reads_as_one_run(tmp_path
   path = tmp_path / 'logs' / 'metrics.jsonl'
   with open(path, 'a') as f:
     f.write('{"step": 4, "loss": 0.2')              # the interrupted run's last, torn write
-  resumed = io.MetricWriter(str(tmp_path))          # resumed from a checkpoint at step 2
+  resumed = io.MetricWriter(str(tmp_path), start_step=2)   # from a checkpoint at step 2
   for step in (3, 4):
     resumed.write(step, {'loss': 10.0 + step})      # told apart here (resume is exact)
   resumed.close()
@@ -280,6 +282,8 @@ def test_metrics_log_survives_a_torn_line_and_a_resume_reads_as_one_run(tmp_path
   assert io.read_metrics(str(tmp_path)) == [
       {'step': 1, 'loss': 1.0}, {'step': 2, 'loss': 0.5}, {'step': 3, 'loss': 13.0},
       {'step': 3, 'eval_loss': 9.0}, {'step': 4, 'loss': 14.0}]
+  shown = tensorboard_events.visible_scalars(str(tmp_path / 'logs'))
+  assert shown == {'loss': [(1, 1.0), (2, 0.5), (3, 13.0), (4, 14.0)], 'eval_loss': []}
   with pytest.raises(FileNotFoundError, match='train with --workdir'):
     io.read_metrics(str(tmp_path / 'elsewhere'))
 

@@ -28,6 +28,7 @@ from score_sde.cpu import xla_flags
 from score_sde.models import utils as model_utils
 from score_sde import experiment as experiment_lib
 from score_sde.jobs import sample as sample_job_lib
+from tests import tensorboard_events
 from tests.train_worker import small_toy_config, start_worker
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -427,7 +428,7 @@ def test_sigkill_and_resume_is_bitwise_exact(tmp_path):
   resumed = _run_worker(tmp_path / 'resumed', n_iters)
   output = resumed.communicate(timeout=300)[0]
   assert resumed.returncode == 0, output
-  assert 'Resumed from the checkpoint at step' in output
+  [resumed_from] = re.findall(r'Resumed from the checkpoint at step (\d+)', output)
 
   config = small_toy_config(n_iters)
   ref_state, ref_step, ref_next = _load(tmp_path / 'reference', config, with_data=True)
@@ -439,6 +440,19 @@ def test_sigkill_and_resume_is_bitwise_exact(tmp_path):
   assert _logged(tmp_path / 'resumed', 'loss') == _logged(tmp_path / 'reference', 'loss')
   assert _logged(tmp_path / 'resumed', 'eval_loss') == _logged(tmp_path / 'reference',
                                                                 'eval_loss')
+  # TensorBoard hides what the killed run logged after the checkpoint; what it shows runs
+  # forward in step and its losses are the reference's (the killed run's last unflushed
+  # events may be missing; everything the resumed run logged is there).
+  logs = str(tmp_path / 'resumed' / 'logs')
+  assert tensorboard_events.restart_steps(logs) == [1, int(resumed_from) + 1]
+  reference_shown = tensorboard_events.visible_scalars(str(tmp_path / 'reference' / 'logs'))
+  shown = tensorboard_events.visible_scalars(logs)
+  for tag, points in shown.items():
+    steps = [step for step, _ in points]
+    assert steps == sorted(set(steps)), tag
+    if tag in ('loss', 'grad_norm', 'learning_rate', 'eval_loss'):   # not the timings
+      assert set(points) <= set(reference_shown[tag]), tag
+  assert set(range(int(resumed_from) + 1, n_iters + 1)) <= {step for step, _ in shown['loss']}
 
 
 # ----------------------------------------------------------------------------
