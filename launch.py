@@ -66,20 +66,23 @@ config_flags.DEFINE_config_file('config', None, 'Experiment config file (configs
 flags.DEFINE_string('workdir', None, 'Experiment directory (checkpoints, samples, logs).')
 flags.DEFINE_string('original', None, 'import_checkpoint / describe: a checkpoint file of '
                     'yang-song/score_sde (checkpoint_<k>) or score_sde_pytorch (.pth).')
-flags.DEFINE_bool('extend', False, 'train: continue a finished run to a larger '
-                  'config.training.n_iters (otherwise refused).')
+flags.DEFINE_bool('extend', False, 'train / train_classifier: continue a finished run to a '
+                  'larger config.training.n_iters (otherwise refused).')
 flags.DEFINE_bool('exact', False, 'noise_scales: exact sigma_max even for large datasets.')
 flags.DEFINE_integer('n_steps_each', 5, 'noise_scales: Langevin steps per noise scale.')
-flags.DEFINE_integer('max_examples', 0, 'noise_scales / bpd: use at most this many examples '
-                     '(0: all).')
+flags.DEFINE_integer('max_examples', 0, 'noise_scales / bpd / stats: use at most this many '
+                     'examples (0: all).')
 flags.DEFINE_integer('num_samples', 64, 'sample: number of samples.')
 flags.DEFINE_integer('shard_size', 0, 'sample: samples per shard file (0: config.eval.batch_size).')
-flags.DEFINE_integer('checkpoint', None, 'sample / bpd: checkpoint step (default: newest).')
-flags.DEFINE_integer('seed', None, 'sample: PRNG seed (default: config.seed).')
+flags.DEFINE_integer('checkpoint', None, 'sample / bpd / inpaint / colorize / cond_sample: '
+                     'checkpoint step (default: newest).')
+flags.DEFINE_integer('seed', None, 'sample / inpaint / colorize / cond_sample: PRNG seed '
+                     '(default: config.seed).')
 flags.DEFINE_string('tag', None, 'sample: output folder name under <workdir>/samples; eval: the '
                     'folder to evaluate (default: the newest finished one).')
 flags.DEFINE_bool('save_floats', False, 'sample: also store the float samples.')
-flags.DEFINE_enum('split', 'test', ['train', 'test'], 'bpd: which split.')
+flags.DEFINE_enum('split', None, ['train', 'test'], 'bpd: which split (default test); '
+                  'stats: which split (default train, the one eval compares samples with).')
 flags.DEFINE_integer('num_repeats', 1, 'bpd: dequantisation repeats (fresh noise each).')
 flags.DEFINE_integer('batch_size', 0, 'bpd: examples per shard (0: config.eval.batch_size).')
 flags.DEFINE_string('stats_file', None, 'stats / eval: dataset statistics file (default: '
@@ -337,7 +340,7 @@ def cmd_bpd(argv):
   import json
   from score_sde import jobs
   workdir = _require_workdir()
-  result = jobs.bpd_job(workdir, _require_config(), split=FLAGS.split,
+  result = jobs.bpd_job(workdir, _require_config(), split=FLAGS.split or 'test',
                         num_repeats=FLAGS.num_repeats, batch_size=FLAGS.batch_size or None,
                         checkpoint=FLAGS.checkpoint, max_examples=FLAGS.max_examples or None)
   print(json.dumps(result, indent=2))
@@ -346,7 +349,8 @@ def cmd_bpd(argv):
 def cmd_stats(argv):
   del argv
   from score_sde import jobs
-  path = jobs.stats_job(_require_config(), split=FLAGS.split, out_path=FLAGS.stats_file,
+  path = jobs.stats_job(_require_config(), split=FLAGS.split or 'train',
+                        out_path=FLAGS.stats_file,
                         weights=FLAGS.inception_weights,
                         max_examples=FLAGS.max_examples or None)
   print(f'statistics: {path}')

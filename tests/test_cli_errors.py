@@ -6,6 +6,7 @@ import re
 import subprocess
 import sys
 
+import numpy as np
 
 import configs
 
@@ -178,23 +179,38 @@ import launch
 from absl import app
 from score_sde import jobs, train
 
-def recorder(name):
+def shown(value):      # a JSON stand-in: arrays by shape, dtype and values; configs by model
+
+  if hasattr(value, 'shape'):
+    return {'shape': list(value.shape), 'dtype': str(value.dtype),
+            'values': value.ravel()[:4].tolist()}
+  if hasattr(value, 'model'):
+    return 'config ' + value.model.name
+  return value
+
+def recorder(name, result=None):
   def record(*args, **kwargs):
-    print('CALL ' + json.dumps({'name': name, **kwargs}), flush=True)
-    return {}
+    call = {'name': name, 'args': [shown(a) for a in args],
+            **{k: shown(v) for k, v in kwargs.items()}}
+    print('CALL ' + json.dumps(call), flush=True)
+    return {} if result is None else result
   return record
 
-jobs.bpd_job = recorder('bpd_job')
-jobs.sample_job = recorder('sample_job')
-train.train_and_evaluate = lambda config, workdir, **kwargs: recorder('train')(**kwargs)
+for name in ('bpd_job', 'sample_job', 'inpaint_job', 'colorize_job', 'conditional_sample_job',
+             'stats_job'):
+  setattr(jobs, name, recorder(name))
+jobs.eval_job = recorder('eval_job', {'fid': 1.0, 'is': 9.0, 'is_std': 0.1, 'is_splits': 10,
+                                       'num_samples': 50000})
+train.train_and_evaluate = recorder('train')
 app.run(launch.main, flags_parser=launch.parse_flags)
 """
 
 
-def _library_calls(out):
+def _library_calls(out, with_args=False):
   assert out.returncode == 0, out.stderr[-2000:]
-  return [json.loads(line[len('CALL '):]) for line in out.stdout.splitlines()
-          if line.startswith('CALL ')]
+  calls = [json.loads(line[len('CALL '):]) for line in out.stdout.splitlines()
+           if line.startswith('CALL ')]
+  return calls if with_args else [{k: v for k, v in c.items() if k != 'args'} for c in calls]
 
 
 def test_job_and_train_flags_reach_the_library_call(tmp_path):
@@ -212,6 +228,64 @@ def test_job_and_train_flags_reach_the_library_call(tmp_path):
   extended = _run('train', '--config=configs/digits/ddpmpp_continuous.py',
                   f'--workdir={tmp_path / "run"}', '--extend', code=_RECORDING)
   assert _library_calls(extended) == [{'name': 'train', 'extend': True}]
+
+
+def test_the_other_commands_flags_reach_the_library_call(tmp_path):
+  """inpaint, colorize, cond_sample, stats, eval and train_classifier pass each flag on,
+  and --split means test for bpd but train for stats (what eval compares with)."""
+  workdir, classifier = str(tmp_path / 'model'), str(tmp_path / 'classifier')
+  _stored_config(workdir, 'digits/ddpmpp_continuous.py')
+  _stored_config(classifier, 'digits/wrn_classifier.py')
+  images = tmp_path / 'images.npy'
+  np.save(images, np.linspace(0, 1, 3 * 8 * 8, dtype=np.float32).reshape(3, 8, 8, 1))
+  image_array = {'shape': [2, 8, 8, 1], 'dtype': 'float32',
+                 'values': np.linspace(0, 1, 3 * 64, dtype=np.float32)[:4].tolist()}
+  inpaint = _run('inpaint', f'--workdir={workdir}', f'--images={images}', '--num_images=2',
+                 '--mask=left_half', '--mask_fraction=0.3', f'--out_dir={tmp_path / "o1"}',
+                 '--samples_per_image=2', '--seed=5', '--checkpoint=300', code=_RECORDING)
+  assert _library_calls(inpaint, with_args=True) == [{
+      'name': 'inpaint_job', 'args': [workdir, 'config ncsnpp', image_array, 'left_half'],
+      'mask_fraction': 0.3, 'out_dir': str(tmp_path / 'o1'), 'samples_per_image': 2,
+      'seed': 5, 'checkpoint': 300}]
+  colorize = _run('colorize', f'--workdir={workdir}', f'--images={images}', '--num_images=2',
+                  f'--out_dir={tmp_path / "o2"}', '--samples_per_image=3', '--seed=6',
+                  '--checkpoint=400', code=_RECORDING)
+  assert _library_calls(colorize, with_args=True) == [{
+      'name': 'colorize_job', 'args': [workdir, 'config ncsnpp', image_array],
+      'out_dir': str(tmp_path / 'o2'), 'samples_per_image': 3, 'seed': 6, 'checkpoint': 400}]
+  conditional = _run('cond_sample', f'--workdir={workdir}', f'--classifier_workdir={classifier}',
+                     '--labels=3,1,4', '--scale=2.5', f'--out_dir={tmp_path / "o3"}',
+                     '--seed=7', '--checkpoint=500', code=_RECORDING)
+  [call] = _library_calls(conditional, with_args=True)
+  assert call['args'][:4] == [workdir, 'config ncsnpp', classifier, 'config wideresnet']
+  assert call['args'][4]['shape'] == [3] and call['args'][4]['values'] == [3, 1, 4]
+  assert {k: v for k, v in call.items() if k != 'args'} == {
+      'name': 'conditional_sample_job', 'scale': 2.5, 'out_dir': str(tmp_path / 'o3'),
+      'seed': 7, 'checkpoint': 500}
+  every_class = _run('cond_sample', f'--workdir={workdir}',
+                     f'--classifier_workdir={classifier}', '--num_per_class=2', code=_RECORDING)
+  labels = _library_calls(every_class, with_args=True)[0]['args'][4]
+  assert labels['shape'] == [20] and labels['values'] == [0, 0, 1, 1]
+  config = 'configs/digits/ddpmpp_continuous.py'
+  for extra, split in (([], 'train'), (['--split=test'], 'test')):
+    stats = _run('stats', f'--config={config}', f'--stats_file={tmp_path / "s.npz"}',
+                 f'--inception_weights={tmp_path / "w.npz"}', '--max_examples=70', *extra,
+                 code=_RECORDING)
+    assert _library_calls(stats) == [{'name': 'stats_job', 'split': split,
+                                      'out_path': str(tmp_path / 's.npz'),
+                                      'weights': str(tmp_path / 'w.npz'), 'max_examples': 70}]
+  assert _library_calls(_run('bpd', f'--workdir={workdir}', code=_RECORDING))[0]['split'] == 'test'
+  evaluated = _run('eval', f'--workdir={workdir}', '--tag=mine',
+                   f'--stats_file={tmp_path / "s.npz"}', f'--inception_weights={tmp_path / "w.npz"}',
+                   code=_RECORDING)
+  assert _library_calls(evaluated) == [{'name': 'eval_job', 'tag': 'mine',
+                                        'stats_path': str(tmp_path / 's.npz'),
+                                        'weights': str(tmp_path / 'w.npz')}]
+  assert 'FID 1.00' in evaluated.stdout
+  trained = _run('train_classifier', '--config=configs/digits/wrn_classifier.py',
+                 f'--workdir={tmp_path / "c2"}', '--extend', code=_RECORDING)
+  assert _library_calls(trained, with_args=True) == [{
+      'name': 'train', 'args': ['config wideresnet', str(tmp_path / 'c2')], 'extend': True}]
 
 
 def test_the_eval_summary_states_kid_units_and_warns_about_few_samples():
