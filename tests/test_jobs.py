@@ -616,3 +616,29 @@ def test_every_job_on_two_processes_gives_the_one_process_files(job_runs):
   assert 'sampling' not in outputs['process_1']                  # process 1 does not
   assert 'worker: cond_sample done' in outputs['process_1']
   _assert_same_outputs(roots['one_process'], roots['two_processes'])
+
+
+@pytest.mark.slow
+def test_eval_scores_the_jobs_samples_and_not_the_last_shards_extra_ones(job_runs):
+  """The worker's 10 samples lie in 3 shards of 4 (the last one full): the metrics are those
+  of the 10 samples read back by load_samples, recomputed here without eval's shards."""
+  from score_sde.evaluation import digits_classifier
+  from score_sde.evaluation import metrics
+  from score_sde.jobs import sample as sample_lib
+  roots, _ = job_runs
+  workdir = os.path.join(roots['one_process'], 'wd')
+  config = experiment_lib.load_config(workdir)
+  [path] = glob.glob(os.path.join(workdir, 'eval', 'quality_t_*.json'))
+  with open(path) as f:
+    result = json.load(f)
+  images = sample_lib.load_samples(os.path.join(workdir, 'samples', 't'))
+  assert len(images) == result['num_samples'] == 10
+  classifier = digits_classifier.get_digits_classifier(config)
+  network = digits_classifier.feature_network(classifier)
+  features, logits = network.apply(images)
+  expected = metrics.evaluate_features(
+      np.asarray(features), np.asarray(logits),
+      digits_classifier.reference_stats(config, classifier, 'test'),
+      feature_network=network.name, kid_subset_size=50, is_splits=10, seed=0, prefix='digits_')
+  for name in ('digits_fid', 'digits_kid', 'digits_is'):
+    np.testing.assert_allclose(result[name], expected[name], rtol=1e-5, err_msg=name)
