@@ -307,11 +307,14 @@ def test_likelihood_fn_does_not_depend_on_device_count(mixtures, four_devices):
     logp, z, _ = fn(KEY, mix, x)
     assert len(logp.sharding.device_set) == num_devices
     results.append((np.asarray(logp), np.asarray(z)))
-  # Equal up to float32 round-off carried through ~100 adaptive ODE steps: with
-  # score_sde's LLVM -O1 (score_sde/xla_cpu.py) the separately compiled 1- and
-  # 4-device programs round differently in the last bits (6e-6 in z; at -O2 they agreed).
-  np.testing.assert_allclose(results[0][0], results[1][0], rtol=1e-6, atol=1e-5)
-  np.testing.assert_allclose(results[0][1], results[1][1], rtol=1e-6, atol=1e-5)
+  # The separately compiled 1- and 4-device programs round differently in the last bits
+  # (LLVM -O1, score_sde/cpu/xla_flags.py): measured 6.3e-6 in logp and z of size ~3.6,
+  # ~26 float32 ulps after ~100 adaptive steps. Round-off may also flip one step's
+  # accept / reject, which moves the solution within the solver's own tolerance, so that
+  # is the bound (rtol = atol = 1e-4, as solved). A program that depended on the device
+  # count (other probes or data per device) would differ by O(1).
+  np.testing.assert_allclose(results[0][0], results[1][0], rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(results[0][1], results[1][1], rtol=1e-4, atol=1e-4)
   assert fn._cache_size() == 1   # noqa: SLF001 - one compilation per mesh
 
 
