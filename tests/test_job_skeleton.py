@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import jax
+import ml_collections
 import numpy as np
 import pytest
 
@@ -290,6 +291,11 @@ def test_metrics_log_survives_a_torn_line_and_a_resume_reads_as_one_run(tmp_path
 
 def test_sizes_round_up_to_the_devices_and_replicate_places_every_leaf(mesh):
   assert [parallel.round_up_to_devices(n, mesh) for n in (0, 1, 2, 3, 5)] == [2, 2, 2, 4, 6]
+  # a controllable job's shard: no larger than its inputs need, nor than eval.batch_size
+  config = ml_collections.ConfigDict({'eval': {'batch_size': 8}})
+  assert [common.job_batch_size(config, n, mesh) for n in (1, 3, 8, 100)] == [2, 4, 8, 8]
+  config.eval.batch_size = 7
+  assert common.job_batch_size(config, 100, mesh) == 8
   sharded = parallel.host_to_global(np.arange(8.0).reshape(4, 2), mesh)
   assert not sharded.sharding.is_equivalent_to(parallel.replicated(mesh), 2)
   placed = parallel.replicate({'sharded': sharded, 'host': np.ones(3)}, mesh)
