@@ -9,7 +9,8 @@ Commands
   bpd           bits/dim of a split through the probability-flow ODE (a flow's:
                 exact, by the change of variables), resumable
                 (<workdir>/eval/bpd_<split>_<step>_<id>_r<repeats>.json)
-  stats         Inception feature statistics of a dataset split (for FID / KID)
+  stats         Inception feature statistics of a dataset split for FID / KID
+                (--split, default train: the split eval compares samples with)
   eval          FID / KID / IS of a sampling job against those statistics (digits:
                 a digits classifier's features) -> <workdir>/eval/quality_<tag>_<id>.json
   train_classifier
