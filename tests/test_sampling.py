@@ -411,6 +411,9 @@ def test_expected_normal_norm_matches_monte_carlo():
 @pytest.mark.parametrize('method,options', [
     ('pc', dict(num_steps=20, n_steps_each=2)),   # VP's DDPM chain needs N >= 20
     ('ode', dict(rtol=1e-3, atol=1e-3)),
+    ('ode', dict(ode_solver='dopri5', rtol=1e-3, atol=1e-3)),
+    ('ode', dict(ode_solver='heun', num_steps=7)),       # 2 calls a step, none first
+    ('ode', dict(ode_solver='euler', num_steps=5)),
     pytest.param('sde', dict(sde_solver='shark', num_steps=10), marks=pytest.mark.slow),
     ('ddim', dict(num_steps=10)),
 ])
