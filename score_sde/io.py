@@ -305,7 +305,8 @@ class MetricWriter:
       self._tb.add_scalar(name, float(value), int(step))
 
   def flush(self) -> None:
-    """Hands the TensorBoard events queued so far to the OS (the JSON rows already are)."""
+    """Writes out the TensorBoard events its thread has taken so far (the JSON rows are
+    written as they come); tensorboardX itself writes every 120 s and on close."""
     if self._tb is not None:
       self._tb.flush()
 

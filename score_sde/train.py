@@ -419,7 +419,7 @@ def _train_and_evaluate(config, workdir: str, mesh, *, final_evaluation: bool,
           or _crossed(previous, step, training.snapshot_freq) or step >= n_iters):
         tree_state = to_tree(state)     # a copy: the next step donates `state`
         checkpoints.save(manager, step, tree_state, train_iter)
-        writer.flush()                  # TensorBoard holds every step a resume will keep
+        writer.flush()                  # the events a resume keeps, out of the buffer
         if (training.snapshot_sampling and not classifier
             and _crossed(previous, step, training.snapshot_freq)):
           snapshot_sampler = snapshot_sampler or sample_job_lib.snapshot_sampler(experiment, mesh)
