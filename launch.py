@@ -373,7 +373,9 @@ FID_SAMPLES_FOR_COMPARISON = 10_000
 
 
 def _quality_summary(result: dict) -> str:
-  """One line of FID / KID / IS with units, and a note when the sample count is small."""
+  """One line of FID / KID / IS with units, a line saying what each +- is (KID: a
+  standard error; IS: a standard deviation over splits), and a note when the sample
+  count is small."""
   prefix = 'digits_' if 'digits_fid' in result else ''
   n = int(result['num_samples'])
   parts = [f'{prefix}FID {result[prefix + "fid"]:.2f}']
@@ -386,12 +388,18 @@ def _quality_summary(result: dict) -> str:
                  f'{1e3 * result["kid_stderr"]:.2f} (x 1e-3, the unit papers report)')
   parts.append(f'{prefix}IS {result[prefix + "is"]:.2f} +- {result[prefix + "is_std"]:.2f}')
   line = ' | '.join(parts) + f' on {n} samples'
+  splits = result.get(prefix + 'is_splits', '?')
+  kid_error = ("KID's +- is its standard error over disjoint blocks; "
+               if result.get(prefix + 'kid') is not None else '')
+  line += (f'\n({kid_error}IS\'s +- is the standard deviation of the score over its '
+           f'{splits} split(s), not an error of the mean)')
   if n < FID_SAMPLES_FOR_COMPARISON:
     line += (f'\nnote: FID on {n} samples is biased upwards (it falls as the sample count '
              f'grows; papers use 10,000-50,000): compare only FIDs computed on as many '
              f'samples; KID is unbiased but noisier. IS is biased downwards on few samples '
-             f'per split ({result.get(prefix + "is_splits", "?")} split(s) here; papers: '
-             f'50,000 samples in 10), down to exactly 1 with one sample per split.')
+             f'per split ({splits} split(s) here; Salimans et al.: 50,000 samples in 10, '
+             f'Song et al.\'s code: all samples in one), down to exactly 1 with one sample '
+             f'per split.')
   return line
 
 

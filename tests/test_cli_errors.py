@@ -303,3 +303,19 @@ def test_the_eval_summary_states_kid_units_and_warns_about_few_samples():
                      '"num_samples": 297}))')
   assert 'digits_KID 529.00 +- 104.70 (classifier features)' in digits.stdout, digits.stdout
   assert 'x 1e-3' not in digits.stdout
+
+
+def test_the_eval_summary_says_what_each_plus_minus_is():
+  """KID's +- is a standard error (metrics.kernel_inception_distance), IS's the standard
+  deviation over splits (metrics.inception_score): the line says which, with the split count."""
+  out = _run(code='import sys; sys.argv = ["launch.py"]; import launch; print(launch._quality_summary('
+                  '{"fid": 3.1, "kid": 0.0012, "kid_stderr": 0.0001, "is": 9.8, "is_std": 0.1, '
+                  '"is_splits": 10, "num_samples": 50000}))')
+  assert out.returncode == 0, out.stderr
+  assert "KID's +- is its standard error" in out.stdout, out.stdout
+  assert "IS's +- is the standard deviation of the score over its 10 split(s)" in out.stdout
+  assert 'note:' not in out.stdout                       # 50,000 samples: no small-sample note
+  no_kid = _run(code='import sys; sys.argv = ["launch.py"]; import launch; print(launch.'
+                     '_quality_summary({"fid": 3.1, "kid": None, "is": 9.8, "is_std": 0.1, '
+                     '"is_splits": 10, "num_samples": 50000}))')
+  assert "KID's" not in no_kid.stdout and "IS's +- is the standard deviation" in no_kid.stdout
