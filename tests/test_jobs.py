@@ -642,3 +642,18 @@ def test_eval_scores_the_jobs_samples_and_not_the_last_shards_extra_ones(job_run
       feature_network=network.name, kid_subset_size=50, is_splits=10, seed=0, prefix='digits_')
   for name in ('digits_fid', 'digits_kid', 'digits_is'):
     np.testing.assert_allclose(result[name], expected[name], rtol=1e-5, err_msg=name)
+
+
+def test_the_final_bits_per_dim_line_says_its_error_is_a_standard_error():
+  """Per-example bits/dim [1, 2, 3]: mean 2, standard error std(ddof 1) / sqrt(3) = 0.5774;
+  the printed line gives both and names the error."""
+  per_example = np.array([1.0, 2.0, 3.0])
+  result = {'tfds_split': 'test', 'held_out': True, 'num_levels': 17, 'num_examples': 3,
+            'bpd': float(per_example.mean()),
+            'bpd_stderr': float(per_example.std(ddof=1) / np.sqrt(3)), 'nfe_mean': 640.2}
+  line = quality.bpd_summary_line(result, is_flow=False)
+  assert line == ('Test bits/dim (probability-flow ODE, 17 levels, 3 examples): 2.0000 +- '
+                  '0.5774 (standard error) (mean NFE 640)'), line
+  flow = quality.bpd_summary_line(dict(result, held_out=False, tfds_split='train'), is_flow=True)
+  assert flow.startswith('Training-data (tfds train) bits/dim (exact change of variables')
+  assert flow.endswith('+- 0.5774 (standard error)'), flow

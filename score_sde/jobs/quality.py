@@ -44,15 +44,8 @@ def final_evaluation(experiment, state, workdir: str, mesh) -> dict:
     io.atomic_json(path, result)
     base = result['baselines']
     verdict = ('below' if result['bpd'] < base['pixel_histogram'] else 'not yet below')
-    how, cost = (('exact change of variables', '') if experiment.is_flow else
-                 ('probability-flow ODE', f' (mean NFE {result["nfe_mean"]:.0f})'))
-    split_label = ('Test' if source == 'test' and result.get('held_out') is not False else
-                   f'Training-data (tfds {source})' if result.get('held_out') is False else
-                   f'Held-out (tfds {source})')
     print(f'\nSamples: {os.path.join(out_dir, "grid.png")}\n'
-          f'{split_label} bits/dim ({how}, {result["num_levels"]} levels, '
-          f'{result["num_examples"]} examples): {result["bpd"]:.4f} +- '
-          f'{result["bpd_stderr"]:.4f}{cost}\n'
+          f'{bpd_summary_line(result, experiment.is_flow)}\n'
           f'  uniform baseline:             {base["uniform"]:.4f}\n'
           f'  per-pixel histogram baseline: {base["pixel_histogram"]:.4f}\n'
           f'The model is {verdict} the per-pixel baseline.', flush=True)
@@ -67,6 +60,21 @@ def final_evaluation(experiment, state, workdir: str, mesh) -> dict:
               f'{q["confident_fraction"]:.2f} | class entropy {q["class_entropy_bits"]:.2f} bits')
     print(f'Written to {path}', flush=True)
   return result
+
+
+def bpd_summary_line(result: dict, is_flow: bool) -> str:
+  """The final evaluation's bits/dim line from a bpd job's result: the mean over the
+  examples +- its standard error ('bpd_stderr': the examples' std / sqrt(n)), and for a
+  score model the mean NFE per example."""
+  source = result['tfds_split']
+  how, cost = (('exact change of variables', '') if is_flow else
+               ('probability-flow ODE', f' (mean NFE {result["nfe_mean"]:.0f})'))
+  split_label = ('Test' if source == 'test' and result.get('held_out') is not False else
+                 f'Training-data (tfds {source})' if result.get('held_out') is False else
+                 f'Held-out (tfds {source})')
+  return (f'{split_label} bits/dim ({how}, {result["num_levels"]} levels, '
+          f'{result["num_examples"]} examples): {result["bpd"]:.4f} +- '
+          f'{result["bpd_stderr"]:.4f} (standard error){cost}')
 
 
 def _keep_earlier_summary(path: str, result: dict) -> None:
