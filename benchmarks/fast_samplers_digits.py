@@ -7,8 +7,12 @@ digits config), each line is one JSON object: method, options, num_steps, nfe,
 digits_fid, digits_kid (in the classifier's squared feature units), confident_fraction, seconds (sampling, compiled),
 seed. Every sampler draws `--num_samples` samples (default 297, as many as the test
 digits the metrics compare with) from the EMA weights with the same seeds, so the
-methods see the same prior draws. `--seeds` repeats a line with other seeds: the
-spread over seeds is the noise of a number (reported as "fid_std" lines).
+methods see the same prior draws. `--seeds` repeats a line with other seeds; after the
+seeds of each setting a "summary" line gives the mean digits-FID over the seeds and
+its standard deviation (fid_std, the noise of one number), and, where the adaptive ODE
+baseline ran with the same seeds, the paired difference from it (mean over seeds) and
+that mean's standard error (std of the differences / sqrt(#seeds)): the README's
+"(vs ODE)" figures.
 
   python benchmarks/fast_samplers_digits.py --workdir runs/digits [--nfes 5,10,20,35,50]
       [--methods heun,edm,dpmpp_2m,dpmpp_3m,dpmpp_2m_sde,unipc,ddim,euler_ode,pc]
@@ -59,6 +63,28 @@ def emit(record: dict) -> None:
   print(json.dumps(record), flush=True)
 
 
+def seed_summary(lines: list[dict], ode_fid_by_seed: dict[int, float]) -> dict | None:
+  """Mean digits-FID of one setting's per-seed lines, its std over seeds (ddof 1) and,
+  where every seed has an adaptive-ODE line, the paired difference from it: mean and
+  standard error of the mean (std of the differences, ddof 1, / sqrt(#seeds)). None
+  without lines; std and standard error are None with one seed."""
+  lines = [r for r in lines if 'digits_fid' in r]
+  if not lines:
+    return None
+  fids = np.array([r['digits_fid'] for r in lines], np.float64)
+  seeds = [r['seed'] for r in lines]
+  many = len(fids) > 1
+  summary = {'summary': True, 'method': lines[0]['method'], 'nfe': lines[0]['nfe'],
+             'seeds': seeds, 'digits_fid_mean': float(fids.mean()),
+             'fid_std': float(fids.std(ddof=1)) if many else None}
+  if all(s in ode_fid_by_seed for s in seeds):
+    diffs = fids - np.array([ode_fid_by_seed[s] for s in seeds])
+    summary.update(fid_minus_ode=float(diffs.mean()),
+                   fid_minus_ode_stderr=(float(diffs.std(ddof=1) / np.sqrt(len(diffs)))
+                                         if many else None))
+  return summary
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--workdir', required=True)
@@ -82,26 +108,41 @@ def main() -> None:
         'digits_kid': floor['digits_kid'],
         'confident_fraction': floor['confident_fraction']})
   baselines = [b for b in args.baselines.split(',') if b]
+  ode_lines, pc_lines = [], []
   for seed in seeds:
     if 'ode' in baselines:
-      emit(measure(model, n, seed, {**base, 'method': 'ode_adaptive', 'rtol': 1e-3},
-                   method='ode', rtol=1e-3, atol=1e-3))
+      ode_lines.append(measure(model, n, seed, {**base, 'method': 'ode_adaptive',
+                                                'rtol': 1e-3}, method='ode', rtol=1e-3,
+                               atol=1e-3))
+      emit(ode_lines[-1])
     if 'pc' in baselines:
-      emit(measure(model, n, seed, {**base, 'method': 'pc', 'num_steps': model.sde.N},
-                   method='pc'))
+      pc_lines.append(measure(model, n, seed, {**base, 'method': 'pc',
+                                               'num_steps': model.sde.N}, method='pc'))
+      emit(pc_lines[-1])
+  ode_fid_by_seed = {r['seed']: r['digits_fid'] for r in ode_lines}
+  for lines in (ode_lines, pc_lines):
+    summary = seed_summary(lines, {} if lines is ode_lines else ode_fid_by_seed)
+    if summary:
+      emit({**base, **summary})
   for label in [m for m in args.methods.split(',') if m]:
     method, options, _, _ = SAMPLERS[label]
     for nfe in [int(v) for v in args.nfes.split(',')]:
       num_steps = steps_for(nfe, label, model.sde)
       record = {**base, 'method': label, 'options': options, 'num_steps': num_steps}
+      lines = []
       for seed in seeds:
         try:
-          emit(measure(model, n, seed, record, method=method, num_steps=num_steps, **options))
+          lines.append(measure(model, n, seed, record, method=method, num_steps=num_steps,
+                               **options))
+          emit(lines[-1])
         except ValueError as error:
           if not is_missing_discrete_chain(error):
             raise
           emit({**record, 'error': str(error).split('\n')[0]})
           break
+      summary = seed_summary(lines, ode_fid_by_seed)
+      if summary:
+        emit({**base, **summary})
 
 
 if __name__ == '__main__':

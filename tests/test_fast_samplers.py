@@ -495,3 +495,21 @@ def test_a_workdir_trained_before_these_samplers_takes_their_options(tmp_path):
   assert config.sampling.time_schedule == 'auto' and config.sampling.solver_order == 3
   assert (config.sampling.grid_sigma_min, config.sampling.grid_sigma_max) == (0.002, 80.0)
   assert config.model.to_json() == defaults.digits().model.to_json()
+
+
+def test_digits_benchmark_summary_gives_seed_spread_and_paired_ode_difference(monkeypatch):
+  """benchmarks/fast_samplers_digits.py's summary line, by hand: digits-FID 80, 82, 78 on
+  seeds 0-2 -> mean 80, std (ddof 1) 2; against the ODE's 79, 80, 79.5 on the same seeds
+  the differences 1, 2, -1.5 -> mean 0.5, standard error sqrt(3.25) / sqrt(3) = 1.0408."""
+  monkeypatch.syspath_prepend(os.path.join(ROOT, 'benchmarks'))
+  import fast_samplers_digits
+  lines = [{'method': 'unipc', 'nfe': 20, 'seed': s, 'digits_fid': f}
+           for s, f in zip((0, 1, 2), (80.0, 82.0, 78.0))]
+  summary = fast_samplers_digits.seed_summary(lines, {0: 79.0, 1: 80.0, 2: 79.5})
+  assert summary['method'] == 'unipc' and summary['nfe'] == 20 and summary['seeds'] == [0, 1, 2]
+  np.testing.assert_allclose([summary['digits_fid_mean'], summary['fid_std']], [80.0, 2.0])
+  np.testing.assert_allclose([summary['fid_minus_ode'], summary['fid_minus_ode_stderr']],
+                             [0.5, math.sqrt(3.25 / 3)])
+  alone = fast_samplers_digits.seed_summary(lines[:1], {})
+  assert alone['fid_std'] is None and 'fid_minus_ode' not in alone
+  assert fast_samplers_digits.seed_summary([{'error': 'N < 20'}], {}) is None
