@@ -16,8 +16,8 @@ median time is divided by the NFE the path reports:
                fixed-step Euler, --steps steps (one JVP-vector product each)
 
 The ratios (seconds per NFE / seconds per forward pass) show the per-step
-overhead of a sampler (ideal 1.0) and the price of the divergence (a
-vector-Jacobian product: about 2-3 forward passes).
+overhead of a sampler (ideal 1.0) and the price of the divergence (a forward-mode
+Jacobian-vector product from `jax.linearize`: about 2-3 forward passes).
 """
 from __future__ import annotations
 

@@ -635,3 +635,12 @@ def test_batch_not_divisible_by_devices_raises(four_devices):
                      match=r'number of samples 6 does not divide by the number of devices 4'):
     sampling.get_sampling_fn(_config('pc'), SDES['vp'], _mixture_score_model(SDES['vp']),
                              (6, 2), 1e-3, mesh)
+
+
+@pytest.mark.parametrize('noise_removal', [True, False])
+def test_pc_noise_removal_costs_no_score_evaluation(noise_removal):
+  """PC returns the last predictor step's mean: 20 steps x (1 predictor + 2 corrector
+  iterations) = 60 score calls with or without noise_removal (the other methods add one)."""
+  calls, info = count_score_calls('pc', num_steps=20, n_steps_each=2,
+                                  noise_removal=noise_removal)
+  assert calls == int(info['nfe']) == 20 * 3

@@ -26,9 +26,11 @@ the SDE's class. Each starts from the prior at T and stops at a small eps.
 
 num_steps is the number of time steps from T to eps for every method (0: the
 SDE's N). Score evaluations (`info['nfe']`, exact): pc num_steps x (1 +
-n_steps_each) for the predictor and corrector used; ddim, dpmpp_*, unipc and
-Euler ode num_steps; heun and edm 2 num_steps; adaptive ode as counted by the
-solver; each + 1 with noise_removal (one Tweedie step at eps).
+n_steps_each) with a corrector, num_steps without, whether or not noise_removal
+(it returns the last predictor step's mean: no evaluation); ddim, dpmpp_*, unipc
+and Euler ode num_steps; heun and edm 2 num_steps (one less where the first step
+is an Euler step); adaptive ode as counted by the solver, rejected steps included;
+each of these + 1 with noise_removal (one Tweedie step at eps).
 
 A new sampler is a module here with a pure function
 `sampler(key, score_fn, sde, shape, *, <options>, constrain) -> (x [B, ...],
