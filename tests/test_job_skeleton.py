@@ -1,5 +1,6 @@
 """The job skeleton (score_sde/jobs/common.py) on a toy job: shards by position, padding,
 the manifest, refusal of a changed setting, the progress bar."""
+import dataclasses
 import json
 import os
 import subprocess
@@ -304,3 +305,21 @@ def test_sizes_round_up_to_the_devices_and_replicate_places_every_leaf(mesh):
     assert leaf.sharding.is_equivalent_to(parallel.replicated(mesh), leaf.ndim)
     np.testing.assert_array_equal(leaf, want)
   assert parallel.replicate(placed, mesh)['sharded'] is placed['sharded']   # kept as it is
+
+
+def test_progress_bar_counts_real_rows_not_the_padding(tmp_path, mesh, noisy_double, capsys,
+                                                       monkeypatch):
+  """10 rows in shards of 4 (the last padded to 4): the bar ends at 10/10, not 12/12, and
+  with two passes (repeats, as the bpd job) at 20/20; rows_in gives 4, 4, 2 per pass."""
+  job = dataclasses.replace(toy_job(tmp_path / 'a'), num_rows=NUM_ROWS)
+  assert [job.rows_in(s) for s in range(3)] == [4, 4, 2]
+  twice = dataclasses.replace(job, out_dir=str(tmp_path / 'b'), num_shards=6)
+  assert [twice.rows_in(s) for s in range(6)] == [4, 4, 2, 4, 4, 2]
+  monkeypatch.setattr(sys.stdout, 'isatty', lambda: True, raising=False)
+  common.run(job, toy_compute(noisy_double, mesh, []))
+  bar = capsys.readouterr().out.split('\r')[-1]
+  assert 'toy: 100%' in bar and '10/10' in bar, bar
+  compute = toy_compute(noisy_double, mesh, [])
+  common.run(twice, lambda shard: compute(shard % 3))
+  bar = capsys.readouterr().out.split('\r')[-1]
+  assert '20/20' in bar, bar

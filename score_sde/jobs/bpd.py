@@ -108,7 +108,7 @@ def bpd_job(workdir: str, config, *, split: str = 'test', num_repeats: int = 1,
              f'{" (training data)" if held_out is False else ""} x {num_repeats} '
              f'repeat(s) from step {step} into {out_dir}'),
       what=f'bits/dim ({split})', unit='example',
-      retry_hint='run with the earlier settings')
+      retry_hint='run with the earlier settings', num_rows=n)
   if experiment.is_flow:        # exact: one forward pass, no solver
     progress = None
     likelihood_fn = flows.get_likelihood_fn(experiment.model_fn, precision=settings.precision,

@@ -143,6 +143,9 @@ class Job:
   title: the first line printed, e.g. 'sampling 64 samples (pc) ... into <dir>'.
   what / unit: the progress bar's label and the unit of its count (rows).
   retry_hint: the other way out named when a resume is refused.
+  num_rows: the real rows of one pass over the data, whose last shard is padded to
+    shard_size; shards past the first pass repeat it (the bpd job's repeats). The
+    progress bar counts and rates real rows only. None: every shard counts shard_size.
   """
   out_dir: str
   num_shards: int
@@ -153,10 +156,19 @@ class Job:
   what: str
   unit: str = 'example'
   retry_hint: str = 'pass another --out_dir'
+  num_rows: int | None = None
 
   @property
   def manifest_path(self) -> str:
     return os.path.join(self.out_dir, 'manifest.json')
+
+  def rows_in(self, shard: int) -> int:
+    """The real (unpadded) rows of `shard`."""
+    if self.num_rows is None:
+      return self.shard_size
+    per_pass = count_shards(self.num_rows, self.shard_size)
+    rows = shard_rows(shard % per_pass, self.shard_size, self.num_rows)
+    return rows.stop - rows.start
 
 
 def read_manifest(out_dir: str) -> dict | None:
@@ -348,11 +360,13 @@ def _run_locked(job: Job, compute: Callable[[int], tuple[dict, dict]],
     print(f'{job.title}: {job.num_shards} shard(s) of {job.shard_size}, '
           f'{job.num_shards - len(todo)} already done.', flush=True)
   if todo:
-    with progress_bar(job.num_shards * job.shard_size,
-                      (job.num_shards - len(todo)) * job.shard_size, job.what, job.unit) as bar:
+    total = sum(job.rows_in(s) for s in range(job.num_shards))
+    with progress_bar(total, total - sum(job.rows_in(s) for s in todo), job.what,
+                      job.unit) as bar:
       for shard in todo:
+        rows = job.rows_in(shard)
         if progress is not None:
-          progress.begin(bar, job.shard_size)
+          progress.begin(bar, rows)
         try:
           arrays, info = compute(shard)
         finally:
@@ -363,7 +377,7 @@ def _run_locked(job: Job, compute: Callable[[int], tuple[dict, dict]],
           save_shard(job.out_dir, shard, arrays)
         if 'nfe' in info:
           bar.set_postfix(NFE=info['nfe'], refresh=False)
-        bar.update(job.shard_size - shown)
+        bar.update(rows - shown)
   if main:
     io.atomic_json(job.manifest_path, manifest)
   parallel.barrier(f'score_sde job {job.out_dir}')   # every file written before reading

@@ -159,7 +159,8 @@ def _shards_job(out_dir: str, name: str, num_rows: int, shard_size: int, setting
       out_dir=os.path.join(out_dir, f'{name}_shards'),
       num_shards=common.count_shards(num_rows, shard_size), shard_size=shard_size,
       settings=settings, checked=tuple(sorted(settings)) + ('shard_size',),
-      title=f'{what}: {num_rows} result(s) into {out_dir}', what=what, unit='image')
+      title=f'{what}: {num_rows} result(s) into {out_dir}', what=what, unit='image',
+      num_rows=num_rows)
 
 
 def _replacement_settings(experiment, config, step: int, seed: int, inputs_digest: str,

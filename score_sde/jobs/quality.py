@@ -267,7 +267,8 @@ def eval_job(workdir: str, config, *, tag: str | None = None, stats_path: str | 
                                     if k in samples}},
       checked=('samples', 'feature_network', 'sample_settings', 'shard_size'),
       title=f'features of {samples["num_samples"]} samples in {sample_dir}',
-      what='features', unit='sample', retry_hint='sample under another --tag')
+      what='features', unit='sample', retry_hint='sample under another --tag',
+      num_rows=samples['num_samples'])
 
   def compute(shard):
     images = io.load_npz(common.shard_path(sample_dir, shard)).get('images')

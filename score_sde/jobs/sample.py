@@ -73,7 +73,7 @@ def sample_job(workdir: str, config, *, num_samples: int, shard_size: int | None
       checked=('sampler', 'checkpoint_step', 'seed', 'run_hash', 'shard_size'),
       title=(f'sampling {num_samples} samples ({description["method"]}) from step {step} '
              f'into {out_dir}'),
-      what='samples', unit='sample', retry_hint='pass another --tag')
+      what='samples', unit='sample', retry_hint='pass another --tag', num_rows=num_samples)
   if experiment.is_flow:                # one inverse pass: no progress inside a shard
     progress, sampler = None, flow_sampler(experiment, shard_size, mesh)
   else:
