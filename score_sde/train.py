@@ -398,7 +398,7 @@ def _train_and_evaluate(config, workdir: str, mesh, *, final_evaluation: bool,
                          other_s=other_s)
           eta = (n_iters - step) / max(steps_per_s, 1e-9)
           rate = (f' | {steps_per_s:.2f} steps/s, {steps_per_s * global_batch:.0f} examples/s '
-                  f'| eta {io.format_seconds(eta)}')
+                  f'| eta {io.format_seconds(eta)} (train steps only)')
         last_log, other_s = (now, step), 0.0
         writer.write(step, scalars)
         if is_main:

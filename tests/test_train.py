@@ -798,3 +798,12 @@ def test_jitted_steps_as_calls_of_one_step_or_unrolled_train_alike(tmp_path, mon
   resumed = train.train_and_evaluate(config_for(True, n_iters=6), str(tmp_path / 'looped'),
                                      extend=True)
   assert int(resumed.step) == 6
+
+
+def test_the_printed_eta_says_it_counts_the_train_steps_only(tmp_path, capsys):
+  """The ETA is (steps left) / (the train steps' own rate), which leaves out evaluation,
+  checkpoints, snapshots and the final evaluation: the line says so."""
+  train.train_and_evaluate(small_toy_config(3), str(tmp_path), final_evaluation=False)
+  lines = [line for line in capsys.readouterr().out.splitlines() if '| eta ' in line]
+  assert [line.split(' |')[0] for line in lines] == ['step 2/3', 'step 3/3'], lines
+  assert all(line.endswith(' (train steps only)') for line in lines), lines
