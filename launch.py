@@ -587,7 +587,7 @@ def _with_workdir_config(argv):
   if any(a == '--config' or a.startswith('--config=') for a in argv):
     return argv
   workdir = next((a.split('=', 1)[1] for a in argv if a.startswith('--workdir=')), None)
-  if workdir is None and '--workdir' in argv:
+  if workdir is None and '--workdir' in argv and argv.index('--workdir') + 1 < len(argv):
     workdir = argv[argv.index('--workdir') + 1]
   if workdir is None or not os.path.exists(os.path.join(workdir, 'config.json')):
     return argv

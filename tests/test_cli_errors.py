@@ -116,6 +116,12 @@ def test_a_workdir_that_is_a_file_and_an_unknown_command(tmp_path):
   assert "unknown command smaple; valid commands: ['bpd'" in out.stderr
 
 
+def test_a_flag_with_no_value_at_the_end_of_the_line():
+  """`--workdir` or `--config` as the last word: absl's one line, not an IndexError."""
+  for flag in ('--workdir', '--config'):
+    _one_line_error(_run('sample', flag), f'Missing value for flag {flag}')
+
+
 _INTERRUPTED = """
 import sys
 sys.argv = ['launch.py'] + sys.argv[1:]
