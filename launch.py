@@ -258,7 +258,7 @@ def _input_images(config):
   from score_sde import data
   from score_sde import io
   if FLAGS.images is None:
-    raise app.UsageError('this command needs --images=<file, folder, npz, or test / train>.')
+    raise ValueError('this command needs --images=<file, folder, npz, or test / train>.')
   if FLAGS.images in ('train', 'test'):
     levels = data.num_levels(config)
     images = data.load_split_uint(config, FLAGS.images, FLAGS.num_images or None)
@@ -302,7 +302,7 @@ def cmd_cond_sample(argv):
   workdir = _require_workdir()
   config = _require_config()
   if FLAGS.classifier_workdir is None:
-    raise app.UsageError('cond_sample needs --classifier_workdir=<a train_classifier workdir>.')
+    raise ValueError('cond_sample needs --classifier_workdir=<a train_classifier workdir>.')
   classifier_config = workdir_config.load_stored_config(FLAGS.classifier_workdir)
   if not experiment.is_classifier(classifier_config):
     raise ValueError(f'--classifier_workdir {FLAGS.classifier_workdir} holds a '

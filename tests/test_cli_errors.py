@@ -122,6 +122,16 @@ def test_a_flag_with_no_value_at_the_end_of_the_line():
     _one_line_error(_run('sample', flag), f'Missing value for flag {flag}')
 
 
+def test_a_missing_images_or_classifier_flag_is_one_line_not_the_help(tmp_path):
+  """inpaint / colorize without --images and cond_sample without --classifier_workdir:
+  the error line alone, not the 130-line flag listing with it at the bottom."""
+  _stored_config(str(tmp_path), 'digits/ddpmpp_continuous.py')
+  for command in ('inpaint', 'colorize'):
+    _one_line_error(_run(command, f'--workdir={tmp_path}'), r'needs --images=')
+  _one_line_error(_run('cond_sample', f'--workdir={tmp_path}'),
+                  r'cond_sample needs --classifier_workdir=')
+
+
 _INTERRUPTED = """
 import sys
 sys.argv = ['launch.py'] + sys.argv[1:]
