@@ -439,6 +439,10 @@ def _train_and_evaluate(config, workdir: str, mesh, *, final_evaluation: bool,
     jobs.evaluate_classifier(experiment, state, step, workdir, mesh)
   elif final_evaluation and config.eval.get('enable_bpd', False):
     jobs.final_evaluation(experiment, state, workdir, mesh)
+  elif final_evaluation and is_main:
+    print('No final evaluation: config.eval.enable_bpd is False (True adds samples, test '
+          'bits/dim and sample quality at the end; launch.py sample / bpd / eval run them on '
+          'this workdir).', flush=True)
   return state
 
 

@@ -532,6 +532,16 @@ def test_a_first_run_without_a_checkpoint_does_not_pin_its_config(tmp_path):
     assert json.load(f)['optim']['lr'] == 1e-3
 
 
+def test_a_run_without_final_evaluation_says_so(tmp_path, capsys):
+  """config.eval.enable_bpd False skips samples, bits/dim and quality at the end: one line
+  says so instead of ending silently after 'Training done'."""
+  config = small_toy_config(2)
+  train.train_and_evaluate(config, str(tmp_path))
+  out = capsys.readouterr().out
+  assert 'No final evaluation: config.eval.enable_bpd is False' in out
+  assert not os.path.exists(tmp_path / 'eval')
+
+
 def test_a_second_trainer_on_the_same_workdir_is_refused_in_one_line(tmp_path):
   holder = _run_worker(tmp_path, 100000)
   try:
