@@ -151,6 +151,22 @@ def test_resume_with_a_changed_setting_is_refused(tmp_path, mesh, noisy_double):
   common.run(unset, lambda s: ({'x': np.zeros(1)}, {}))    # unrecorded and unset: as before
 
 
+def test_a_changed_sampler_option_is_named_not_two_whole_dicts(tmp_path):
+  """The refusal names the option that differs ('temperature: 0.7 vs 0.5'), not the two
+  option dicts (12 entries for PC) for the user to compare by eye."""
+  def sampler_job(options):
+    return common.Job(out_dir=str(tmp_path), num_shards=1, shard_size=1,
+                      settings={'sampler': options}, checked=('sampler',), title='toy',
+                      what='toy')
+  before = {'method': 'flow', 'precision': 'highest', 'temperature': 0.7}
+  common.run(sampler_job(before), lambda s: ({'x': np.zeros(1)}, {}))
+  with pytest.raises(ValueError, match=r'different sampler \(temperature: 0\.7 vs 0\.5\); '):
+    common.run(sampler_job({**before, 'temperature': 0.5}), lambda s: ({}, {}))
+  assert common.describe_change({'a': 1, 'b': 2}, {'b': 3, 'c': 4}) == (
+      'a: 1 vs absent, b: 2 vs 3, c: absent vs 4')
+  assert common.describe_change(1.0, 2.0) == '1.0 vs 2.0'
+
+
 def test_progress_bar_is_quiet_off_a_terminal_and_shows_nfe_on_one(tmp_path, mesh,
                                                                     noisy_double, capsys,
                                                                     monkeypatch):

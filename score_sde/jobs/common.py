@@ -182,6 +182,18 @@ def read_manifest(out_dir: str) -> dict | None:
                              f'the job again')
 
 
+def describe_change(before, after) -> str:
+  """'before vs after' of one setting; for two dicts (a sampler's options) only the entries
+  that differ, each 'key: before vs after' ('absent' where one side lacks the key)."""
+  if not (isinstance(before, dict) and isinstance(after, dict)):
+    return f'{before!r} vs {after!r}'
+
+  def value(options, key):
+    return repr(options[key]) if key in options else 'absent'
+  keys = sorted(k for k in set(before) | set(after) if before.get(k, ...) != after.get(k, ...))
+  return ', '.join(f'{k}: {value(before, k)} vs {value(after, k)}' for k in keys)
+
+
 def open_manifest(job: Job) -> dict:
   """The job's manifest, keeping the shard info of an earlier run with the same settings.
 
@@ -201,7 +213,7 @@ def open_manifest(job: Job) -> dict:
                        f'(an older version wrote it), so they cannot be checked against '
                        f'{manifest[key]!r}; {job.retry_hint} or delete the folder.')
     raise ValueError(f'{job.out_dir} holds shards made with a different {key} '
-                     f'({previous[key]!r} vs {manifest[key]!r}); {job.retry_hint} or '
+                     f'({describe_change(previous[key], manifest[key])}); {job.retry_hint} or '
                      f'delete the folder.')
   manifest['shards'] = previous.get('shards', {})
   return manifest
