@@ -345,6 +345,19 @@ def cmd_bpd(argv):
                         num_repeats=FLAGS.num_repeats, batch_size=FLAGS.batch_size or None,
                         checkpoint=FLAGS.checkpoint, max_examples=FLAGS.max_examples or None)
   print(json.dumps(result, indent=2))
+  print(_bpd_summary(result))
+
+
+def _bpd_summary(result: dict) -> str:
+  """One line under the JSON: bits/dim +- its standard error, on what, and the file."""
+  exact = result['solver'].get('method') == 'change_of_variables'
+  how = ('exact change of variables' if exact else
+         f'probability-flow ODE, mean NFE {result["nfe_mean"]:.0f}')
+  data = ('training examples (no held-out split)' if result.get('held_out') is False else
+          f'{result["split"]} examples')
+  return (f'bits/dim {result["bpd"]:.4f} +- {result["bpd_stderr"]:.4f} on '
+          f'{result["num_examples"]} {data} x {result["num_repeats"]} repeat(s) ({how}; '
+          f'step {result["checkpoint_step"]}) -> {result["result_file"]}')
 
 
 def cmd_stats(argv):

@@ -212,9 +212,13 @@ def recorder(name, result=None):
     return {} if result is None else result
   return record
 
-for name in ('bpd_job', 'sample_job', 'inpaint_job', 'colorize_job', 'conditional_sample_job',
+for name in ('sample_job', 'inpaint_job', 'colorize_job', 'conditional_sample_job',
              'stats_job'):
   setattr(jobs, name, recorder(name))
+jobs.bpd_job = recorder('bpd_job', {'bpd': 2.0, 'bpd_stderr': 0.01, 'num_examples': 40,
+                                     'num_repeats': 3, 'split': 'train', 'nfe_mean': 600.0,
+                                     'checkpoint_step': 200, 'solver': {'solver': 'tsit5'},
+                                     'result_file': 'eval/bpd.json'})
 jobs.eval_job = recorder('eval_job', {'fid': 1.0, 'is': 9.0, 'is_std': 0.1, 'is_splits': 10,
                                        'num_samples': 50000})
 train.train_and_evaluate = recorder('train')
@@ -335,3 +339,22 @@ def test_the_eval_summary_says_what_each_plus_minus_is():
                      '_quality_summary({"fid": 3.1, "kid": None, "is": 9.8, "is_std": 0.1, '
                      '"is_splits": 10, "num_samples": 50000}))')
   assert "KID's" not in no_kid.stdout and "IS's +- is the standard deviation" in no_kid.stdout
+
+
+def test_the_bpd_command_ends_with_one_readable_line():
+  """After the JSON: bits/dim +- standard error, examples x repeats, how (ODE with its mean
+  NFE, or a flow's exact change of variables), the step and the result file."""
+  code = ('import sys; sys.argv = ["launch.py"]; import launch; print(launch._bpd_summary('
+          '{"bpd": 2.00431, "bpd_stderr": 0.01512, "num_examples": 297, "num_repeats": 5, '
+          '"split": "test", "held_out": True, "nfe_mean": 640.2, "checkpoint_step": 1700, '
+          '"solver": {"solver": "tsit5"}, "result_file": "w/eval/bpd_test_1700_ab_r5.json"}))')
+  out = _run(code=code)
+  assert out.returncode == 0, out.stderr
+  assert out.stdout.strip() == (
+      'bits/dim 2.0043 +- 0.0151 on 297 test examples x 5 repeat(s) (probability-flow ODE, '
+      'mean NFE 640; step 1700) -> w/eval/bpd_test_1700_ab_r5.json')
+  flow = _run(code=code.replace('"solver": {"solver": "tsit5"}',
+                                '"solver": {"method": "change_of_variables"}')
+              .replace('"held_out": True', '"held_out": False'))
+  assert '297 training examples (no held-out split) x 5 repeat(s) (exact change of variables; ' \
+         in flow.stdout, flow.stdout
