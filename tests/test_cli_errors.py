@@ -132,6 +132,21 @@ def test_a_missing_images_or_classifier_flag_is_one_line_not_the_help(tmp_path):
                   r'cond_sample needs --classifier_workdir=')
 
 
+def test_eval_with_a_mistyped_tag_lists_the_sampling_jobs(tmp_path):
+  """A --tag with no sampling job names the folders that have one (what --tag takes)."""
+  _stored_config(str(tmp_path), 'digits/ddpmpp_continuous.py')
+  _one_line_error(_run('eval', f'--workdir={tmp_path}', '--tag=odee'),
+                  r'no sampling job output in .*odee; .* has no sampling job yet: run '
+                  r'launch.py sample')
+  for tag in ('ode', 'step_200_pc_seed42_ab12'):
+    os.makedirs(tmp_path / 'samples' / tag)
+    (tmp_path / 'samples' / tag / 'manifest.json').write_text('{"num_shards": 1}')
+  (tmp_path / 'samples' / 'step_100.png').write_bytes(b'')          # a snapshot grid: no job
+  _one_line_error(_run('eval', f'--workdir={tmp_path}', '--tag=odee'),
+                  r'the sampling jobs of .* \(--tag\): ode, step_200_pc_seed42_ab12; or leave '
+                  r'--tag out for the newest finished one')
+
+
 _INTERRUPTED = """
 import sys
 sys.argv = ['launch.py'] + sys.argv[1:]

@@ -199,6 +199,17 @@ def latest_sample_dir(workdir: str) -> str:
       f'launch.py sample command again to finish it, or pass --tag.')
 
 
+def _sample_tags(workdir: str) -> str:
+  """What to pass as --tag instead: the workdir's sampling jobs (folders with a manifest)."""
+  root = os.path.join(workdir, 'samples')
+  tags = [d for d in (sorted(os.listdir(root)) if os.path.isdir(root) else [])
+          if common.read_manifest(os.path.join(root, d)) is not None]
+  if not tags:
+    return f'{workdir} has no sampling job yet: run launch.py sample --workdir {workdir} first.'
+  return (f'the sampling jobs of {workdir} (--tag): {", ".join(tags)}; or leave --tag out for '
+          f'the newest finished one.')
+
+
 # what determines a sampling job's shards ('config_hash': the address before 'run_hash')
 SAMPLE_SETTINGS = ('sampler', 'checkpoint_step', 'seed', 'run_hash', 'config_hash', 'shard_size')
 
@@ -219,7 +230,7 @@ def eval_job(workdir: str, config, *, tag: str | None = None, stats_path: str | 
                 else latest_sample_dir(workdir))
   samples = common.read_manifest(sample_dir)
   if samples is None:
-    raise FileNotFoundError(f'no sampling job output in {sample_dir}.')
+    raise FileNotFoundError(f'no sampling job output in {sample_dir}; {_sample_tags(workdir)}')
   missing = unfinished_shards(sample_dir, samples)
   if missing:
     raise FileNotFoundError(f'the sampling job in {sample_dir} is unfinished (shards {missing} '
