@@ -333,7 +333,22 @@ def cmd_sample(argv):
   out_dir = jobs.sample_job(workdir, _require_config(), num_samples=FLAGS.num_samples,
                             shard_size=FLAGS.shard_size or None, checkpoint=FLAGS.checkpoint,
                             seed=FLAGS.seed, save_floats=FLAGS.save_floats, tag=FLAGS.tag)
-  print(f'samples: {out_dir} (manifest.json, shard_*.npz, grid.png)')
+  from score_sde.jobs import common
+  print(f'samples: {out_dir} ({_sampling_cost(common.read_manifest(out_dir))}manifest.json, '
+        f'shard_*.npz, grid.png)')
+
+
+def _sampling_cost(manifest: dict | None) -> str:
+  """'<n> samples, <NFE> score evaluations each; ' from a sampling job's manifest (the mean
+  over shards: an adaptive ODE's NFE varies), '' without one (another host wrote it)."""
+  nfes = [shard['nfe'] for shard in ((manifest or {}).get('shards') or {}).values()
+          if 'nfe' in shard]
+  if not nfes:
+    return ''
+  if manifest.get('sampler', {}).get('method') == 'flow':
+    return f'{manifest["num_samples"]} samples, one inverse pass each; '
+  mean = sum(nfes) / len(nfes)
+  return f'{manifest["num_samples"]} samples, {mean:.0f} score evaluations each; '
 
 
 def cmd_bpd(argv):

@@ -227,9 +227,9 @@ def recorder(name, result=None):
     return {} if result is None else result
   return record
 
-for name in ('sample_job', 'inpaint_job', 'colorize_job', 'conditional_sample_job',
-             'stats_job'):
+for name in ('inpaint_job', 'colorize_job', 'conditional_sample_job', 'stats_job'):
   setattr(jobs, name, recorder(name))
+jobs.sample_job = recorder('sample_job', 'no/such/folder')    # the job's folder
 jobs.bpd_job = recorder('bpd_job', {'bpd': 2.0, 'bpd_stderr': 0.01, 'num_examples': 40,
                                      'num_repeats': 3, 'split': 'train', 'nfe_mean': 600.0,
                                      'checkpoint_step': 200, 'solver': {'solver': 'tsit5'},
@@ -373,3 +373,18 @@ def test_the_bpd_command_ends_with_one_readable_line():
               .replace('"held_out": True', '"held_out": False'))
   assert '297 training examples (no held-out split) x 5 repeat(s) (exact change of variables; ' \
          in flow.stdout, flow.stdout
+
+
+def test_the_sample_command_says_how_many_score_evaluations_each_sample_took():
+  """The few-step samplers are chosen by NFE: the last line states it (the shards' mean: an
+  adaptive ODE's varies), 'one inverse pass' for a flow, nothing without a manifest."""
+  code = ('import sys; sys.argv = ["launch.py"]; import launch; print(repr(launch._sampling_cost('
+          '{"num_samples": 297, "sampler": {"method": "%s"}, '
+          '"shards": {"0": {"nfe": 10}, "1": {"nfe": %d}}})))')
+  out = _run(code=code % ('dpmpp_2m', 10))
+  assert out.stdout.strip() == "'297 samples, 10 score evaluations each; '", out.stderr
+  assert "297 samples, 134 score evaluations each; " in _run(code=code % ('ode', 258)).stdout
+  assert "297 samples, one inverse pass each; " in _run(code=code % ('flow', 1)).stdout
+  none = _run(code='import sys; sys.argv = ["launch.py"]; import launch; '
+                   'print(repr(launch._sampling_cost(None)))')
+  assert none.stdout.strip() == "''"
