@@ -164,6 +164,8 @@ def test_a_changed_sampler_option_is_named_not_two_whole_dicts(tmp_path):
     common.run(sampler_job({**before, 'temperature': 0.5}), lambda s: ({}, {}))
   assert common.describe_change({'a': 1, 'b': 2}, {'b': 3, 'c': 4}) == (
       'a: 1 vs absent, b: 2 vs 3, c: absent vs 4')
+  assert common.describe_change({'method': 'ode', 'rtol': 1e-3},
+                                {'method': 'pc', 'snr': 0.16}) == "method: 'ode' vs 'pc'"
   assert common.describe_change(1.0, 2.0) == '1.0 vs 2.0'
 
 

@@ -184,13 +184,16 @@ def read_manifest(out_dir: str) -> dict | None:
 
 def describe_change(before, after) -> str:
   """'before vs after' of one setting; for two dicts (a sampler's options) only the entries
-  that differ, each 'key: before vs after' ('absent' where one side lacks the key)."""
+  that differ, each 'key: before vs after' ('absent' where one side lacks the key), or only
+  'method: ...' where the method differs."""
   if not (isinstance(before, dict) and isinstance(after, dict)):
     return f'{before!r} vs {after!r}'
 
   def value(options, key):
     return repr(options[key]) if key in options else 'absent'
   keys = sorted(k for k in set(before) | set(after) if before.get(k, ...) != after.get(k, ...))
+  if 'method' in keys:         # another sampler: its options differ as a matter of course
+    keys = ['method']
   return ', '.join(f'{k}: {value(before, k)} vs {value(after, k)}' for k in keys)
 
 
