@@ -368,8 +368,8 @@ def _bpd_summary(result: dict) -> str:
   exact = result['solver'].get('method') == 'change_of_variables'
   how = ('exact change of variables' if exact else
          f'probability-flow ODE, mean NFE {result["nfe_mean"]:.0f}')
-  data = ('training examples (no held-out split)' if result.get('held_out') is False else
-          f'{result["split"]} examples')
+  data = f'{result["split"]} examples' + (' (the model trained on them)'
+                                          if result.get('held_out') is False else '')
   return (f'bits/dim {result["bpd"]:.4f} +- {result["bpd_stderr"]:.4f} on '
           f'{result["num_examples"]} {data} x {result["num_repeats"]} repeat(s) ({how}; '
           f'step {result["checkpoint_step"]}) -> {result["result_file"]}')

@@ -371,8 +371,8 @@ def test_the_bpd_command_ends_with_one_readable_line():
   flow = _run(code=code.replace('"solver": {"solver": "tsit5"}',
                                 '"solver": {"method": "change_of_variables"}')
               .replace('"held_out": True', '"held_out": False'))
-  assert '297 training examples (no held-out split) x 5 repeat(s) (exact change of variables; ' \
-         in flow.stdout, flow.stdout
+  assert '297 test examples (the model trained on them) x 5 repeat(s) (exact change of ' \
+         'variables; ' in flow.stdout, flow.stdout
 
 
 def test_the_sample_command_says_how_many_score_evaluations_each_sample_took():
