@@ -493,6 +493,20 @@ def _check_flow_overrides(command: str, args) -> None:
                        f'{", ".join(FLOW_SAMPLING_KEYS)} applies to it.')
 
 
+def _check_pc_only_overrides(command: str, args) -> None:
+  """One line for a --config.sampling.method override that inpaint / colorize would ignore:
+  their replacement step runs in the PC loop only."""
+  if command not in ('inpaint', 'colorize') or FLAGS.config is None:
+    return
+  method = FLAGS.config.sampling.get('method', 'pc')
+  given = any(a.startswith('--config.sampling.method') for a in args)
+  if given and method != 'pc':
+    raise ValueError(f'--config.sampling.method={method}: {command} runs the PC sampler only '
+                     f'(its replacement step re-noises the known pixels after every predictor '
+                     f'and corrector update); leave the method out and set the PC keys '
+                     f'instead (sampling.predictor, corrector, num_steps, snr).')
+
+
 # Integer flags and the least value each may take (0 where the flag's help says what 0
 # means); checked before any folder is made or any work starts.
 FLAG_MINIMUMS = {'num_samples': 1, 'num_repeats': 1, 'samples_per_image': 1,
@@ -549,6 +563,7 @@ def main(argv):
                        f'new path, or an existing workdir).')
     _check_trained_workdir(argv[1])
     _check_flow_overrides(argv[1], sys.argv)
+    _check_pc_only_overrides(argv[1], sys.argv)
     compile_cache.enable(FLAGS.compilation_cache)
     parallel.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes,
                                     FLAGS.process_id, FLAGS.cpu_collectives)

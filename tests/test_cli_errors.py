@@ -147,6 +147,18 @@ def test_eval_with_a_mistyped_tag_lists_the_sampling_jobs(tmp_path):
                   r'--tag out for the newest finished one')
 
 
+def test_another_sampling_method_for_inpaint_or_colorize_is_refused_not_ignored(tmp_path):
+  """inpaint / colorize run the PC loop only: a method override would silently be PC."""
+  _stored_config(str(tmp_path), 'digits/ddpmpp_continuous.py')
+  for command in ('inpaint', 'colorize'):
+    _one_line_error(_run(command, f'--workdir={tmp_path}', '--images=test',
+                         '--config.sampling.method=dpmpp_2m'),
+                    rf'--config.sampling.method=dpmpp_2m: {command} runs the PC sampler only')
+  # 'pc' itself passes the check: the command goes on to find no checkpoint
+  _one_line_error(_run('inpaint', f'--workdir={tmp_path}', '--images=test',
+                       '--config.sampling.method=pc'), r'checkpoint')
+
+
 _INTERRUPTED = """
 import sys
 sys.argv = ['launch.py'] + sys.argv[1:]
