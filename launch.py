@@ -364,15 +364,12 @@ def cmd_bpd(argv):
 
 
 def _bpd_summary(result: dict) -> str:
-  """One line under the JSON: bits/dim +- its standard error, on what, and the file."""
-  exact = result['solver'].get('method') == 'change_of_variables'
-  how = ('exact change of variables' if exact else
-         f'probability-flow ODE, mean NFE {result["nfe_mean"]:.0f}')
-  data = f'{result["split"]} examples' + (' (the model trained on them)'
-                                          if result.get('held_out') is False else '')
-  return (f'bits/dim {result["bpd"]:.4f} +- {result["bpd_stderr"]:.4f} on '
-          f'{result["num_examples"]} {data} x {result["num_repeats"]} repeat(s) ({how}; '
-          f'step {result["checkpoint_step"]}) -> {result["result_file"]}')
+  """One line under the JSON: the final evaluation's bits/dim line (mean +- standard error,
+  on what, how), the repeats, the step and the result file."""
+  from score_sde.jobs import quality
+  is_flow = result['solver'].get('method') == 'change_of_variables'
+  return (f'{quality.bpd_summary_line(result, is_flow)}; {result["num_repeats"]} repeat(s), '
+          f'step {result["checkpoint_step"]} -> {result["result_file"]}')
 
 
 def cmd_stats(argv):

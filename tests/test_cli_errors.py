@@ -243,7 +243,8 @@ for name in ('inpaint_job', 'colorize_job', 'conditional_sample_job', 'stats_job
   setattr(jobs, name, recorder(name))
 jobs.sample_job = recorder('sample_job', 'no/such/folder')    # the job's folder
 jobs.bpd_job = recorder('bpd_job', {'bpd': 2.0, 'bpd_stderr': 0.01, 'num_examples': 40,
-                                     'num_repeats': 3, 'split': 'train', 'nfe_mean': 600.0,
+                                     'num_repeats': 3, 'split': 'train', 'tfds_split': 'train',
+                                     'held_out': False, 'num_levels': 17, 'nfe_mean': 600.0,
                                      'checkpoint_step': 200, 'solver': {'solver': 'tsit5'},
                                      'result_file': 'eval/bpd.json'})
 jobs.eval_job = recorder('eval_job', {'fid': 1.0, 'is': 9.0, 'is_std': 0.1, 'is_splits': 10,
@@ -369,22 +370,27 @@ def test_the_eval_summary_says_what_each_plus_minus_is():
 
 
 def test_the_bpd_command_ends_with_one_readable_line():
-  """After the JSON: bits/dim +- standard error, examples x repeats, how (ODE with its mean
-  NFE, or a flow's exact change of variables), the step and the result file."""
+  """After the JSON: the final evaluation's line (bits/dim +- standard error, on what, how:
+  the ODE with its mean NFE, or a flow's exact change of variables), the repeats, the step
+  and the result file."""
   code = ('import sys; sys.argv = ["launch.py"]; import launch; print(launch._bpd_summary('
           '{"bpd": 2.00431, "bpd_stderr": 0.01512, "num_examples": 297, "num_repeats": 5, '
-          '"split": "test", "held_out": True, "nfe_mean": 640.2, "checkpoint_step": 1700, '
-          '"solver": {"solver": "tsit5"}, "result_file": "w/eval/bpd_test_1700_ab_r5.json"}))')
+          '"split": "test", "tfds_split": "test", "held_out": True, "num_levels": 17, '
+          '"nfe_mean": 640.2, "checkpoint_step": 1700, "solver": {"solver": "tsit5"}, '
+          '"result_file": "w/eval/bpd_test_1700_ab_r5.json"}))')
   out = _run(code=code)
   assert out.returncode == 0, out.stderr
   assert out.stdout.strip() == (
-      'bits/dim 2.0043 +- 0.0151 on 297 test examples x 5 repeat(s) (probability-flow ODE, '
-      'mean NFE 640; step 1700) -> w/eval/bpd_test_1700_ab_r5.json')
+      'Test bits/dim (probability-flow ODE, 17 levels, 297 examples): 2.0043 +- 0.0151 '
+      '(standard error) (mean NFE 640); 5 repeat(s), step 1700 -> '
+      'w/eval/bpd_test_1700_ab_r5.json')
   flow = _run(code=code.replace('"solver": {"solver": "tsit5"}',
                                 '"solver": {"method": "change_of_variables"}')
-              .replace('"held_out": True', '"held_out": False'))
-  assert '297 test examples (the model trained on them) x 5 repeat(s) (exact change of ' \
-         'variables; ' in flow.stdout, flow.stdout
+              .replace('"held_out": True', '"held_out": False')
+              .replace('"tfds_split": "test"', '"tfds_split": "train[:1500]"'))
+  assert flow.stdout.startswith('Training-data (tfds train[:1500]) bits/dim (exact change of '
+                                'variables, 17 levels, 297 examples): 2.0043 +- 0.0151 '
+                                '(standard error); 5 repeat(s)'), flow.stdout
 
 
 def test_the_sample_command_says_how_many_score_evaluations_each_sample_took():
