@@ -355,8 +355,11 @@ def _train_and_evaluate(config, workdir: str, mesh, *, final_evaluation: bool,
   train_step = make_train_step(loss_fn, optimizer, schedule,
                                ema_rate=float(config.model.ema_rate),
                                ema_warmup=bool(training.get('ema_warmup', False)))
-  p_train = make_train_calls(train_step, mesh, n_jit, layout=layout,
-                             unroll=bool(training.get('unroll_jitted_steps', False)))
+  unroll = bool(training.get('unroll_jitted_steps', False))
+  p_train = make_train_calls(train_step, mesh, n_jit, layout=layout, unroll=unroll)
+  # The last call stops at n_iters when n_iters - step is no multiple of n_jit: calls of
+  # one compiled step (the unrolled program takes exactly n_jit batches).
+  p_last = p_train if not unroll else None
   p_eval = make_eval_call(make_eval_step(eval_loss_fn), mesh, layout=layout)
   snapshot_sampler = None
 
@@ -368,8 +371,12 @@ def _train_and_evaluate(config, workdir: str, mesh, *, final_evaluation: bool,
   other_s = 0.0       # since then: seconds in evaluation, checkpoints and snapshot samples
   try:
     while step < n_iters:
-      state, metrics = p_train(state, (next(train_iter) for _ in range(n_jit)))
-      previous, step = step, step + n_jit
+      count = min(n_jit, n_iters - step)
+      if count < n_jit and p_last is None:
+        p_last = make_train_calls(train_step, mesh, count, layout=layout)
+      calls = p_train if count == n_jit else p_last
+      state, metrics = calls(state, (next(train_iter) for _ in range(count)))
+      previous, step = step, step + count
       bad = ~(np.isfinite(metrics['loss']) & np.isfinite(metrics['grad_norm']))   # syncs
       if bad.any():
         first = previous + 1 + int(np.argmax(bad))

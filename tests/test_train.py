@@ -782,8 +782,9 @@ def test_snapshot_samples_and_eval_see_the_checkpointed_ema(tmp_path, monkeypatc
 
 
 def test_jitted_steps_as_calls_of_one_step_or_unrolled_train_alike(tmp_path, monkeypatch):
-  """n_jitted_steps 2: two calls of one compiled step (default) or one unrolled program."""
-  def config_for(unroll, n_iters=4):
+  """n_jitted_steps 2: two calls of one compiled step (default) or one unrolled program;
+  n_iters 5 ends at step 5 (the last call runs one step), not 6."""
+  def config_for(unroll, n_iters=5):
     config = small_toy_config(n_iters)
     config.training.n_jitted_steps = 2
     config.training.unroll_jitted_steps = unroll
@@ -799,15 +800,19 @@ def test_jitted_steps_as_calls_of_one_step_or_unrolled_train_alike(tmp_path, mon
   with monkeypatch.context() as patch:      # the default must not build the n-step program
     patch.setattr(train, 'make_multi_step', lambda *a: pytest.fail('unrolled by default'))
     looped = train.train_and_evaluate(config_for(False), str(tmp_path / 'looped'))
-  assert int(looped.step) == int(unrolled.step) == 4
+  assert int(looped.step) == int(unrolled.step) == 5
   _assert_trees_equal(looped.params, unrolled.params, exact=False)
   _assert_trees_equal(looped.ema_params, unrolled.ema_params, exact=False)
-  rows = io.read_metrics(str(tmp_path / 'looped'))
-  assert sum('loss' in row for row in rows) == 2        # one row per call of 2 steps
+  for run in ('looped', 'unrolled'):                    # one row per call: 2, 2 and 1 steps
+    assert [row['step'] for row in io.read_metrics(str(tmp_path / run)) if 'loss' in row] == [
+        2, 4, 5]
+  assert checkpoints.existing_steps(str(tmp_path / 'unrolled'))[-1] == 5
   # Unrolling changes no maths, so a run may resume with the other setting.
-  resumed = train.train_and_evaluate(config_for(True, n_iters=6), str(tmp_path / 'looped'),
+  resumed = train.train_and_evaluate(config_for(True, n_iters=8), str(tmp_path / 'looped'),
                                      extend=True)
-  assert int(resumed.step) == 6
+  assert int(resumed.step) == 8
+  assert [row['step'] for row in io.read_metrics(str(tmp_path / 'looped')) if 'loss' in row] == [
+      2, 4, 5, 7, 8]
 
 
 def test_the_printed_eta_says_it_counts_the_train_steps_only(tmp_path, capsys):
