@@ -125,6 +125,10 @@ def config_to_dict(config) -> dict:
   return json.loads(config.to_json())
 
 
+# Where launch.py import_checkpoint records a workdir's source (jobs/import_checkpoint.py).
+IMPORT_PROVENANCE_FILE = 'imported.json'
+
+
 def write_or_check_config(config, workdir: str, *, extend: bool = False) -> dict | None:
   """Checks a resumed run's config against <workdir>/config.json, then writes the current one.
 
@@ -143,9 +147,13 @@ def write_or_check_config(config, workdir: str, *, extend: bool = False) -> dict
     stored = config_to_dict(io.read_config_json(workdir))
     changed = _run_differences(stored, current)
     if changed:
+      imported = (f' To train an imported checkpoint with other settings, import it again '
+                  f'into a new --workdir with them (launch.py import_checkpoint --original '
+                  f'<file> --config <its config> --config.<key>=<value> ...).'
+                  if os.path.exists(os.path.join(workdir, IMPORT_PROVENANCE_FILE)) else '')
       raise ValueError(f'{workdir} holds a run with a different config '
                        f'({", ".join(changed[:8])}); resuming would not be exact. Use a new '
-                       f'--workdir.')
+                       f'--workdir.{imported}')
     old, new = _flatten(stored), _flatten(current)
     old_iters, new_iters = old.get('training.n_iters'), new.get('training.n_iters')
     if old_iters is not None and steps[-1] >= old_iters and new_iters > old_iters and not extend:

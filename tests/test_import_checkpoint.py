@@ -115,6 +115,22 @@ def test_score_sde_load_on_the_imported_workdir(imported):
   assert _relative(model.score_fn(expected['x'], expected['t']), expected['score']) < 1e-5
 
 
+def test_other_training_settings_on_an_imported_workdir_name_the_reimport(imported, tmp_path):
+  """A smaller batch for fine-tuning is refused like any config change (resume would not be
+  exact), and on an imported workdir the message says how: import again with it."""
+  workdir, _, _, _, config = imported
+  smaller = config.copy_and_resolve_references()
+  smaller.training.batch_size = 2
+  with pytest.raises(ValueError, match=r'different config \(training.batch_size: 4 -> 2\).*'
+                                       r'import it again into a new --workdir with them'):
+    experiment_lib.write_or_check_config(smaller, workdir)
+  trained = tmp_path / 'trained'                   # the same refusal on a trained workdir
+  shutil.copytree(workdir, trained)
+  os.remove(trained / 'imported.json')
+  with pytest.raises(ValueError, match=r'resuming would not be exact. Use a new --workdir.$'):
+    experiment_lib.write_or_check_config(smaller, str(trained))
+
+
 def _launch(*args, timeout=600):
   env = {**os.environ, 'JAX_PLATFORMS': 'cpu'}
   return subprocess.run([sys.executable, os.path.join(ROOT, 'launch.py'), *args],

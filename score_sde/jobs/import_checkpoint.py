@@ -37,7 +37,7 @@ from score_sde.convert import torch_refinenet
 from score_sde.convert import torch_state
 from score_sde.models import utils as model_utils
 
-PROVENANCE_FILE = 'imported.json'
+PROVENANCE_FILE = experiment_lib.IMPORT_PROVENANCE_FILE
 
 
 def read_original(path: str) -> original_lib.OriginalCheckpoint:
