@@ -214,7 +214,7 @@ def cmd_noise_scales(argv):
 
 
 def _require_workdir():
-  if FLAGS.workdir is None:
+  if not FLAGS.workdir:                 # not given, or given empty
     raise ValueError('this command needs --workdir=<experiment directory>, e.g. '
                      '--workdir=runs/digits.')
   return FLAGS.workdir
@@ -418,7 +418,11 @@ def _quality_summary(result: dict) -> str:
                if result.get(prefix + 'kid') is not None else '')
   line += (f'\n({kid_error}IS\'s +- is the standard deviation of the score over its '
            f'{splits} split(s), not an error of the mean)')
-  if n < FID_SAMPLES_FOR_COMPARISON:
+  if prefix:        # the digits metrics are this project's own: no paper protocol
+    line += (f'\nnote: {prefix}FID is biased upwards on few samples (it falls as the sample '
+             f'count grows): compare only {prefix}FIDs computed on as many samples ({n} '
+             f'here); KID is unbiased but noisier.')
+  elif n < FID_SAMPLES_FOR_COMPARISON:
     line += (f'\nnote: FID on {n} samples is biased upwards (it falls as the sample count '
              f'grows; papers use 10,000-50,000): compare only FIDs computed on as many '
              f'samples; KID is unbiased but noisier. IS is biased downwards on few samples '

@@ -42,6 +42,7 @@ def test_a_missing_or_foreign_workdir(tmp_path):
   _one_line_error(_run('bpd', f'--workdir={tmp_path}'),
                   r'has no config.json: it is not a score_sde workdir')
   _one_line_error(_run('sample'), r'needs --workdir=')
+  _one_line_error(_run('sample', '--workdir='), r'needs --workdir=')       # given empty
 
 
 def test_a_malformed_config_json(tmp_path):
@@ -351,6 +352,11 @@ def test_the_eval_summary_states_kid_units_and_warns_about_few_samples():
                      '"num_samples": 297}))')
   assert 'digits_KID 529.00 +- 104.70 (classifier features)' in digits.stdout, digits.stdout
   assert 'x 1e-3' not in digits.stdout
+  # the project's own metric: compared run to run, with no paper's sample count to name
+  assert ('note: digits_FID is biased upwards on few samples (it falls as the sample count '
+          'grows): compare only digits_FIDs computed on as many samples (297 here)'
+          in digits.stdout), digits.stdout
+  assert 'papers' not in digits.stdout and 'Salimans' not in digits.stdout
 
 
 def test_the_eval_summary_says_what_each_plus_minus_is():
