@@ -176,6 +176,16 @@ def unfinished_shards(sample_dir: str, manifest: dict) -> list[int]:
           if not os.path.exists(common.shard_path(sample_dir, s))]
 
 
+def sampling_jobs(workdir: str) -> dict[str, dict]:
+  """{folder: manifest} of the workdir's sampling jobs (the folders under
+  <workdir>/samples that hold a manifest), in name order."""
+  root = os.path.join(workdir, 'samples')
+  folders = [os.path.join(root, d) for d in (sorted(os.listdir(root)) if os.path.isdir(root)
+                                             else [])]
+  manifests = {folder: common.read_manifest(folder) for folder in folders}
+  return {folder: manifest for folder, manifest in manifests.items() if manifest is not None}
+
+
 def latest_sample_dir(workdir: str) -> str:
   """The newest finished sampling job of a workdir (newest by its manifest's time).
 
@@ -183,13 +193,11 @@ def latest_sample_dir(workdir: str) -> str:
   no job is finished, the error names the newest one and how to finish it.
   """
   root = os.path.join(workdir, 'samples')
-  manifests = {os.path.join(root, d): common.read_manifest(os.path.join(root, d))
-               for d in (sorted(os.listdir(root)) if os.path.isdir(root) else [])}
-  candidates = [d for d, manifest in manifests.items() if manifest is not None]
-  if not candidates:
+  manifests = sampling_jobs(workdir)
+  if not manifests:
     raise FileNotFoundError(f'{workdir} has no sampling job output; run launch.py sample '
                             f'--workdir {workdir} --num_samples N first.')
-  newest_first = sorted(candidates, reverse=True,
+  newest_first = sorted(manifests, reverse=True,
                         key=lambda d: os.path.getmtime(os.path.join(d, 'manifest.json')))
   for sample_dir in newest_first:
     if not unfinished_shards(sample_dir, manifests[sample_dir]):
@@ -201,9 +209,7 @@ def latest_sample_dir(workdir: str) -> str:
 
 def _sample_tags(workdir: str) -> str:
   """What to pass as --tag instead: the workdir's sampling jobs (folders with a manifest)."""
-  root = os.path.join(workdir, 'samples')
-  tags = [d for d in (sorted(os.listdir(root)) if os.path.isdir(root) else [])
-          if common.read_manifest(os.path.join(root, d)) is not None]
+  tags = [os.path.basename(folder) for folder in sampling_jobs(workdir)]
   if not tags:
     return f'{workdir} has no sampling job yet: run launch.py sample --workdir {workdir} first.'
   return (f'the sampling jobs of {workdir} (--tag): {", ".join(tags)}; or leave --tag out for '
