@@ -26,29 +26,30 @@ def _records(path: str):
     offset = end
 
 
+def _events(logdir: str):
+  """The events of every event file in `logdir`, in the order TensorBoard reads them."""
+  for name in sorted(os.listdir(logdir)):
+    if 'tfevents' in name:
+      for record in _records(os.path.join(logdir, name)):
+        yield event_pb2.Event.FromString(record)
+
+
+def _is_restart(event) -> bool:
+  return event.HasField('session_log') and event.session_log.status == event.session_log.START
+
+
 def visible_scalars(logdir: str) -> dict[str, list[tuple[int, float]]]:
   """{tag: [(step, value), ...]} in the order TensorBoard plots them."""
   scalars: dict[str, list[tuple[int, float]]] = {}
-  for name in sorted(os.listdir(logdir)):
-    if 'tfevents' not in name:
-      continue
-    for record in _records(os.path.join(logdir, name)):
-      event = event_pb2.Event.FromString(record)
-      if event.HasField('session_log') and event.session_log.status == event.session_log.START:
-        scalars = {tag: [(s, v) for s, v in points if s < event.step]
-                   for tag, points in scalars.items()}
-      for value in event.summary.value:
-        scalars.setdefault(value.tag, []).append((event.step, value.simple_value))
+  for event in _events(logdir):
+    if _is_restart(event):
+      scalars = {tag: [(s, v) for s, v in points if s < event.step]
+                 for tag, points in scalars.items()}
+    for value in event.summary.value:
+      scalars.setdefault(value.tag, []).append((event.step, value.simple_value))
   return scalars
 
 
 def restart_steps(logdir: str) -> list[int]:
   """The steps of the `SessionLog.START` events, in the order TensorBoard reads them."""
-  steps = []
-  for name in sorted(os.listdir(logdir)):
-    if 'tfevents' in name:
-      for record in _records(os.path.join(logdir, name)):
-        event = event_pb2.Event.FromString(record)
-        if event.HasField('session_log') and event.session_log.status == event.session_log.START:
-          steps.append(event.step)
-  return steps
+  return [event.step for event in _events(logdir) if _is_restart(event)]
